@@ -1,0 +1,71 @@
+# detnet's front door: `make lab` runs the closed loop on network namespaces,
+# `make test` runs every test. Both create .venv and install what they need.
+
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+PIP    := $(PY) -m pip
+STAMP  := $(VENV)/.installed
+PKGS   := native engine controller lab bench
+
+# Debian packages the tests, the lab and the benchmarks use (installed when root).
+APT_TEST  := iproute2 prometheus kubectl
+APT_BENCH := irtt sockperf
+
+.PHONY: all venv test lint typecheck unit lab bench bench-deps apt-test clean
+
+all: test
+
+$(STAMP): pyproject.toml setup.py native/_core.pyx
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip setuptools wheel
+	$(PIP) install -q -e '.[dev,plot]'
+	@$(PY) -c "import detnet.native as n; print('detnet.native backend:', n.BACKEND)"
+	@touch $@
+
+venv: $(STAMP)
+
+# mypy maps modules to folders; this link tree shows it the installed `detnet.*` layout.
+.typecheck/detnet: Makefile
+	@rm -rf .typecheck && mkdir -p $@
+	@for p in $(PKGS); do ln -s ../../$$p $@/$$p; done
+
+apt-test:
+	@missing=""; \
+	command -v tc >/dev/null || missing="$$missing iproute2"; \
+	command -v promtool >/dev/null || missing="$$missing prometheus"; \
+	command -v kubectl >/dev/null || missing="$$missing kubectl"; \
+	if [ -n "$$missing" ]; then \
+	  if [ "$$(id -u)" = 0 ]; then \
+	    echo "installing Debian packages:$$missing"; \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing >/dev/null; \
+	  else echo "not root: tests needing$$missing will skip"; fi; \
+	fi
+
+lint: $(STAMP) .typecheck/detnet
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/mypy
+
+typecheck: lint
+
+test: $(STAMP) apt-test lint
+	$(PY) -m pytest -q
+	DETNET_NO_EXTENSIONS=1 $(PY) -m pytest -q -m "not slow" tests/unit tests/integration
+
+lab: $(STAMP)
+	@if [ "$$(id -u)" = 0 ]; then $(VENV)/bin/detnet lab; \
+	else $(VENV)/bin/detnet lab --unshare; fi
+
+bench-deps: $(STAMP)
+	@missing=""; for p in $(APT_BENCH); do command -v $$p >/dev/null || missing="$$missing $$p"; done; \
+	if [ -n "$$missing" ]; then \
+	  if [ "$$(id -u)" = 0 ]; then apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing >/dev/null; \
+	  else echo "not root: cannot install$$missing; compare will report them as skipped"; fi; \
+	fi
+
+bench: bench-deps
+	$(VENV)/bin/detnet bench all --json bench-results.json
+
+clean:
+	rm -rf build .typecheck native/_core.c native/*.so .pytest_cache .mypy_cache .ruff_cache

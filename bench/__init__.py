@@ -1,0 +1,1 @@
+"""detnet.bench."""

@@ -1,0 +1,9 @@
+"""`detnet reflect` (placeholder while the command is being written)."""
+
+import argparse
+
+
+def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    """Add the `reflect` subcommand."""
+    p = sub.add_parser("reflect", help="(not yet written)")
+    p.set_defaults(func=lambda args: 1)

@@ -1,0 +1,1 @@
+"""Enforcement backends: they turn the policy's limits into real egress caps."""

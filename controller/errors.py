@@ -1,0 +1,32 @@
+"""The controller's error classes, and the set of errors the CLI reports as one line."""
+
+from __future__ import annotations
+
+from detnet.engine.errors import EngineError
+from detnet.native import PacketError
+
+
+class ControllerError(Exception):
+    """Base class of the controller's user-facing errors."""
+
+
+class ConfigError(ControllerError, ValueError):
+    """A config file that cannot be used; the message names the file, field and line."""
+
+
+class EnforcementError(ControllerError):
+    """An enforcer that cannot apply or read limits (API refused, interface missing...)."""
+
+
+class CommandError(ControllerError):
+    """A bad combination of command-line options, or a missing file or permission."""
+
+
+# Every error a user can cause; anything else is a bug and keeps its traceback.
+USER_ERRORS: tuple[type[BaseException], ...] = (
+    ControllerError,
+    EngineError,
+    PacketError,
+    FileNotFoundError,
+    PermissionError,
+)

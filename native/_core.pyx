@@ -1,0 +1,4 @@
+cdef int _placeholder = 0
+__all__ = ["PacketError"]
+class PacketError(ValueError):
+    pass
