@@ -10,8 +10,6 @@ from typing import Final
 import numpy as np
 import numpy.typing as npt
 
-__all__: list[str]
-
 # --- probe packet (docs/protocol.md) ------------------------------------------------
 MAGIC: Final[int]  # 0x44544E54, b"DTNT"
 VERSION: Final[int]  # 1
