@@ -1,0 +1,250 @@
+"""The control loop: the thin asyncio adapter around the policy.
+
+On its own cadence (absolute deadlines, so the period does not drift with the step's
+cost) it reads the engine's live windows, asks the enforcer for usage, calls
+``AsymmetricAimd.decide()`` and, when the desired limits differ from the applied ones,
+awaits ``Enforcer.apply()``. A failed apply is logged and counted and the next step
+applies again; the loop never stops on an enforcement error. Each decision is one log
+line (JSON with ``--log-format json``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import re
+import sys
+import time
+from collections.abc import Callable, Mapping
+from typing import Protocol, TextIO
+
+from detnet.controller.aimd import AsymmetricAimd, Decision
+from detnet.controller.enforce.base import Enforcer
+from detnet.controller.errors import EnforcementError
+from detnet.controller.metrics import ControllerMetrics
+from detnet.engine.stats import WindowStats
+
+log = logging.getLogger("detnet.controller.loop")
+_DIGITS = re.compile(r"[0-9]+(?:\.[0-9]+)?")
+
+
+class StatsSource(Protocol):
+    """What the loop needs of the engine: its live windows by target name."""
+
+    def stats(self) -> Mapping[str, WindowStats | None]:
+        """Current window statistics per target."""
+        ...
+
+
+class Clock(Protocol):
+    """Monotonic time and sleeping to a deadline (a fake in tests)."""
+
+    def now_ns(self) -> int:
+        """Monotonic nanoseconds."""
+        ...
+
+    async def sleep_until(self, deadline_ns: int) -> None:
+        """Return at or after ``deadline_ns``."""
+        ...
+
+
+class MonotonicClock:
+    """The real clock: ``time.monotonic_ns`` and ``asyncio.sleep``."""
+
+    def now_ns(self) -> int:
+        """Monotonic nanoseconds."""
+        return time.monotonic_ns()
+
+    async def sleep_until(self, deadline_ns: int) -> None:
+        """Sleep until the deadline (returns at once when it has passed)."""
+        delay = (deadline_ns - time.monotonic_ns()) / 1e9
+        await asyncio.sleep(max(0.0, delay))
+
+
+class DecisionLog:
+    """Writes one line per decision: a JSON object, or text.
+
+    Repeated holds with the same reasons are written once, so a quiet loop at 4 Hz does
+    not flood the log; every change, every failure and every new kind of reason is
+    written (a hold whose reasons differ only in their numbers is not)."""
+
+    def __init__(
+        self,
+        *,
+        fmt: str = "text",
+        stream: TextIO | None = None,
+        wall_clock: Callable[[], float] = time.time,
+    ) -> None:
+        if fmt not in ("text", "json"):
+            raise ValueError("log format must be text or json")
+        self.fmt = fmt
+        self.stream = stream or sys.stdout
+        self.wall_clock = wall_clock
+        self._last_hold: tuple[str, ...] | None = None
+
+    def decision(
+        self, decision: Decision, *, enforce_s: float | None, error: str | None = None
+    ) -> None:
+        """Log one decision (and how long enforcing it took, if it was enforced)."""
+        if decision.action == "hold" and error is None:
+            # Same reasons with other numbers (values, cooldown countdown): nothing new.
+            key = tuple(_DIGITS.sub("#", r) for r in decision.reasons)
+            if key == self._last_hold:
+                return
+            self._last_hold = key
+        else:
+            self._last_hold = None
+        if self.fmt == "json":
+            record: dict[str, object] = {
+                "ts": round(self.wall_clock(), 6),
+                "event": "decision",
+                "action": decision.action,
+                "reasons": list(decision.reasons),
+                "limits": dict(decision.limits),
+                "previous": dict(decision.previous),
+                "enforce_s": None if enforce_s is None else round(enforce_s, 6),
+            }
+            if error is not None:
+                record["error"] = error
+            line = json.dumps(record, separators=(",", ":"))
+        else:
+            stamp = time.strftime("%H:%M:%S", time.localtime(self.wall_clock()))
+            limits = " ".join(
+                f"{name}={decision.previous.get(name)}->{mbit}M"
+                if decision.previous.get(name) != mbit
+                else f"{name}={mbit}M"
+                for name, mbit in decision.limits.items()
+            )
+            line = f"{stamp} {decision.action:<8} {limits} | {'; '.join(decision.reasons)}"
+            if enforce_s is not None:
+                line += f" | enforced in {enforce_s * 1e3:.1f} ms"
+            if error is not None:
+                line += f" | ENFORCEMENT FAILED: {error}"
+        print(line, file=self.stream, flush=True)
+
+
+class ControlLoop:
+    """Engine -> policy -> enforcer, every ``interval_s``."""
+
+    def __init__(
+        self,
+        engine: StatsSource,
+        policy: AsymmetricAimd,
+        enforcer: Enforcer,
+        *,
+        interval_s: float = 0.25,
+        metrics: ControllerMetrics | None = None,
+        clock: Clock | None = None,
+        decision_log: DecisionLog | None = None,
+    ) -> None:
+        if interval_s <= 0:
+            raise ValueError("interval_s must be positive")
+        self.engine = engine
+        self.policy = policy
+        self.enforcer = enforcer
+        self.interval_ns = round(interval_s * 1e9)
+        self.metrics = metrics
+        self.clock: Clock = clock or MonotonicClock()
+        self.decision_log = decision_log
+        self.desired: dict[str, int] = {}  # what the policy wants
+        self.applied: dict[str, int] = {}  # what the enforcer last confirmed
+        self.started = False
+        self.steps = 0
+        self.enforcement_errors = 0
+        self.last_step_ns: int | None = None
+        self.last_decision: Decision | None = None
+        self._stop = asyncio.Event()
+
+    async def start(self) -> dict[str, int]:
+        """Start the enforcer and pick the start limits: recorded, else initial, else max.
+
+        The start limits are applied once, so every workload is under a known cap."""
+        recorded = await self.enforcer.start()
+        self.desired = self.policy.initial_limits(recorded)
+        if self.metrics is not None:
+            self.metrics.set_slos(self.policy.slos)
+        self.started = True
+        await self._enforce(self.desired)
+        return dict(self.desired)
+
+    async def step(self) -> Decision:
+        """One control step: decide, and apply when the limits differ from applied ones."""
+        t0 = time.perf_counter()
+        now_ns = self.clock.now_ns()
+        stats = self.engine.stats()
+        try:
+            usage = dict(await self.enforcer.usage())
+        except EnforcementError as exc:
+            # Without usage the policy cuts from the cap and raises only blind-safe caps.
+            log.warning("enforcer usage unavailable: %s", exc)
+            usage = {}
+        decision = self.policy.decide(now_ns=now_ns, stats=stats, limits=self.desired, usage=usage)
+        self.desired = dict(decision.limits)
+        step_s = time.perf_counter() - t0
+        enforce_s: float | None = None
+        error: str | None = None
+        if self.desired != self.applied:
+            enforce_s, error = await self._enforce(self.desired)
+        if self.metrics is not None:
+            self.metrics.record_decision(decision)
+            self.metrics.set_usage(usage)
+            self.metrics.loop_seconds.observe(step_s)
+        if self.decision_log is not None:
+            self.decision_log.decision(decision, enforce_s=enforce_s, error=error)
+        self.steps += 1
+        self.last_step_ns = now_ns
+        self.last_decision = decision
+        return decision
+
+    async def _enforce(self, limits: Mapping[str, int]) -> tuple[float | None, str | None]:
+        """Apply ``limits``; on failure log, count, and leave ``applied`` so we retry."""
+        t0 = time.perf_counter()
+        try:
+            await self.enforcer.apply(dict(limits))
+        except EnforcementError as exc:
+            self.enforcement_errors += 1
+            log.error("enforcement failed (retrying next step): %s", exc)
+            return time.perf_counter() - t0, str(exc)
+        elapsed = time.perf_counter() - t0
+        self.applied = dict(limits)
+        if self.metrics is not None:
+            self.metrics.enforcement_latency.labels(enforcer=self.enforcer.name).observe(elapsed)
+            self.metrics.set_limits(self.applied)
+        return elapsed, None
+
+    async def run(self, *, steps: int | None = None) -> None:
+        """Step on absolute deadlines until ``stop()`` (or ``steps`` steps); call start() first.
+
+        A step that overruns its slot skips the missed slots instead of bursting."""
+        if not self.started:
+            raise RuntimeError("call start() before run()")
+        deadline = self.clock.now_ns()
+        done = 0
+        while not self._stop.is_set() and (steps is None or done < steps):
+            await self.step()
+            done += 1
+            deadline += self.interval_ns
+            now = self.clock.now_ns()
+            if now >= deadline:
+                missed = (now - deadline) // self.interval_ns + 1
+                deadline += missed * self.interval_ns
+            sleeper = asyncio.ensure_future(self.clock.sleep_until(deadline))
+            stopper = asyncio.ensure_future(self._stop.wait())
+            try:
+                await asyncio.wait({sleeper, stopper}, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                for task in (sleeper, stopper):
+                    task.cancel()
+                await asyncio.gather(sleeper, stopper, return_exceptions=True)
+
+    def stop(self) -> None:
+        """Ask ``run()`` to return after the step in progress (an apply is not cut short)."""
+        self._stop.set()
+
+    def healthy(self, *, now_ns: int | None = None, tolerance: float = 5.0) -> bool:
+        """True when a step ran within ``tolerance`` intervals (the /healthz check)."""
+        if self.last_step_ns is None:
+            return False
+        now = self.clock.now_ns() if now_ns is None else now_ns
+        return now - self.last_step_ns <= tolerance * self.interval_ns

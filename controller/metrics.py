@@ -1,0 +1,121 @@
+"""The controller's Prometheus metrics (docs/metrics.md, "Controller"), on an injected
+registry. These are the program's own events and state, so they are plain instrumented
+Counters, Gauges and Histograms; the engine's windowed statistics have their own Collector.
+
+One ``ControllerMetrics`` per process: the control loop records decisions, limits, usage,
+SLO state and enforcement latency; enforcers record pods, API errors and leadership
+through the same object so every name is registered exactly once.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+from detnet.controller.aimd import Decision, Slo
+
+BYTES_PER_MBIT = 1_000_000 / 8
+# Enforcement spans one netlink call (~ms) to many API patches under a QPS limit (~s).
+_ENFORCE_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
+# One control step is a stats read and a policy call: tens of µs to a few ms.
+_STEP_BUCKETS = (25e-6, 50e-6, 100e-6, 250e-6, 500e-6, 0.001, 0.0025, 0.005, 0.01, 0.05, 0.25)
+
+
+class ControllerMetrics:
+    """Every controller metric, registered on ``registry``."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.registry = registry
+        self.limit = Gauge(
+            "detnet_egress_limit_bytes_per_second",
+            "Current egress limit of a best-effort workload",
+            ["workload"],
+            registry=registry,
+        )
+        self.usage = Gauge(
+            "detnet_egress_usage_bytes_per_second",
+            "Measured egress usage of a best-effort workload, where the enforcer can read it",
+            ["workload"],
+            registry=registry,
+        )
+        self.decisions = Counter(
+            "detnet_decisions", "Policy decisions by action", ["action"], registry=registry
+        )
+        self.slo_violated = Gauge(
+            "detnet_slo_violated",
+            "1 while the signal breaks its SLO",
+            ["target", "signal"],
+            registry=registry,
+        )
+        self.slo_threshold = Gauge(
+            "detnet_slo_threshold_seconds",
+            "The SLO of the time signals",
+            ["target", "signal"],
+            registry=registry,
+        )
+        self.slo_loss = Gauge(
+            "detnet_slo_max_loss_ratio", "The loss SLO", ["target"], registry=registry
+        )
+        self.enforcement_latency = Histogram(
+            "detnet_enforcement_latency_seconds",
+            "From decision to every pod (or interface) patched",
+            ["enforcer"],
+            buckets=_ENFORCE_BUCKETS,
+            registry=registry,
+        )
+        self.enforced_pods = Gauge(
+            "detnet_enforced_pods",
+            "Pods carrying the current limit",
+            ["workload"],
+            registry=registry,
+        )
+        self.api_errors = Counter(
+            "detnet_api_errors",
+            "Kubernetes API errors by HTTP status (connection for transport errors)",
+            ["code"],
+            registry=registry,
+        )
+        self.leader = Gauge(
+            "detnet_leader", "1 while this replica holds the lease", registry=registry
+        )
+        self.loop_seconds = Histogram(
+            "detnet_control_loop_seconds",
+            "Duration of one control step",
+            buckets=_STEP_BUCKETS,
+            registry=registry,
+        )
+        for action in ("decrease", "increase", "hold"):
+            self.decisions.labels(action=action)  # export zeros from the start
+
+    def set_slos(self, slos: Iterable[Slo]) -> None:
+        """Export the thresholds, and start every configured signal as not violated."""
+        for slo in slos:
+            for signal, threshold in slo.thresholds().items():
+                self.slo_violated.labels(target=slo.target, signal=signal).set(0)
+                if signal == "loss":
+                    self.slo_loss.labels(target=slo.target).set(threshold)
+                else:
+                    self.slo_threshold.labels(target=slo.target, signal=signal).set(threshold / 1e3)
+
+    def set_limits(self, limits: Mapping[str, int]) -> None:
+        """Export limits given in Mbit/s as bytes per second."""
+        for workload, mbit in limits.items():
+            self.limit.labels(workload=workload).set(mbit * BYTES_PER_MBIT)
+
+    def set_usage(self, usage: Mapping[str, float]) -> None:
+        """Export usage given in Mbit/s as bytes per second."""
+        for workload, mbit in usage.items():
+            self.usage.labels(workload=workload).set(mbit * BYTES_PER_MBIT)
+
+    def record_decision(self, decision: Decision) -> None:
+        """Count the decision and export each signal's SLO state."""
+        self.decisions.labels(action=decision.action).inc()
+        for state in decision.signals:
+            self.slo_violated.labels(target=state.target, signal=state.signal).set(
+                1 if state.violated else 0
+            )
+
+    def api_error(self, code: int | str) -> None:
+        """Count one Kubernetes API error (``"connection"`` for transport errors)."""
+        self.api_errors.labels(code=str(code)).inc()

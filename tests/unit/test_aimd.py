@@ -1,0 +1,404 @@
+"""The asymmetric AIMD policy: table-driven cases and hypothesis invariants."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from detnet.controller.aimd import AsymmetricAimd, PolicyParams, Slo
+from detnet.engine.stats import WindowStats
+
+S = 1_000_000_000  # ns per second
+MS = 1_000_000  # ns per ms
+
+
+def window(
+    target: str,
+    *,
+    jitter_ms: float | None = 0.1,
+    p99_ms: float | None = 1.0,
+    queue_ms: float | None = 0.1,
+    loss: float | None = 0.0,
+    sent: int = 100,
+) -> WindowStats:
+    """A WindowStats with the four SLO signals set (others plausible)."""
+    ns = lambda ms: None if ms is None else ms * MS  # noqa: E731
+    return WindowStats(
+        target=target,
+        protocol="udp",
+        timestamp_source="kernel",
+        sent=sent,
+        received=sent,
+        lost=0,
+        duplicates=0,
+        reordered=0,
+        loss_ratio=loss,
+        rtt_min_ns=0.1 * MS,
+        rtt_p50_ns=0.2 * MS,
+        rtt_p90_ns=0.3 * MS,
+        rtt_p99_ns=ns(p99_ms),
+        rtt_max_ns=ns(p99_ms),
+        jitter_iqr_ns=ns(jitter_ms),
+        jitter_rfc3550_ns=0.05 * MS,
+        ipdv_fwd_p50_ns=None,
+        ipdv_fwd_p99_ns=None,
+        ipdv_back_p50_ns=None,
+        ipdv_back_p99_ns=None,
+        base_rtt_ns=0.1 * MS,
+        queue_delay_ns=ns(queue_ms),
+    )
+
+
+PARAMS = PolicyParams(
+    decrease_factor=0.2,
+    decrease_cooldown_s=1.5,
+    increase_step=10,
+    increase_interval_s=5.0,
+    stable_fraction=0.5,
+    min_bandwidth=10,
+    max_bandwidth=1000,
+)
+SLOS = [
+    Slo(target="robot-control", max_jitter_ms=1.0, max_latency_ms=10.0, max_loss_ratio=0.01),
+    Slo(target="safety-scanner", max_latency_ms=20.0, max_queue_delay_ms=2.0),
+]
+WORKLOADS: dict[str, int | None] = {"telemetry": 100, "erp": None}
+
+
+def healthy() -> dict[str, WindowStats | None]:
+    return {"robot-control": window("robot-control"), "safety-scanner": window("safety-scanner")}
+
+
+def policy(**overrides: object) -> AsymmetricAimd:
+    params = PolicyParams(**{**PARAMS.__dict__, **overrides})
+    return AsymmetricAimd(params, SLOS, WORKLOADS)
+
+
+# --------------------------------------------------------------------- table cases
+
+
+@pytest.mark.parametrize(
+    ("name", "stats", "limits", "usage", "action", "expected", "reason"),
+    [
+        (
+            "jitter violation cuts every workload by 20%",
+            {**healthy(), "robot-control": window("robot-control", jitter_ms=2.31)},
+            {"telemetry": 100, "erp": 500},
+            {},
+            "decrease",
+            {"telemetry": 80, "erp": 400},
+            "robot-control jitter_iqr 2.31 ms > 1.00 ms",
+        ),
+        (
+            "p99 latency violation",
+            {**healthy(), "safety-scanner": window("safety-scanner", p99_ms=25.0)},
+            {"telemetry": 100, "erp": 100},
+            {},
+            "decrease",
+            {"telemetry": 80, "erp": 80},
+            "safety-scanner latency_p99 25.00 ms > 20.00 ms",
+        ),
+        (
+            "queue delay violation",
+            {**healthy(), "safety-scanner": window("safety-scanner", queue_ms=8.6)},
+            {"telemetry": 100, "erp": 100},
+            {},
+            "decrease",
+            {"telemetry": 80, "erp": 80},
+            "safety-scanner queue_delay 8.60 ms > 2.00 ms",
+        ),
+        (
+            "loss above the limit is a violation",
+            {**healthy(), "robot-control": window("robot-control", loss=0.05)},
+            {"telemetry": 100, "erp": 100},
+            {},
+            "decrease",
+            {"telemetry": 80, "erp": 80},
+            "robot-control loss_ratio 0.0500 > 0.0100",
+        ),
+        (
+            "cut from measured usage below the cap, so the first cut bites",
+            {**healthy(), "robot-control": window("robot-control", jitter_ms=3.0)},
+            {"telemetry": 1000, "erp": 1000},
+            {"telemetry": 200.0, "erp": 1000.0},
+            "decrease",
+            {"telemetry": 160, "erp": 800},
+            "robot-control jitter_iqr 3.00 ms > 1.00 ms",
+        ),
+        (
+            "a cut never goes below min_bandwidth",
+            {**healthy(), "robot-control": window("robot-control", jitter_ms=3.0)},
+            {"telemetry": 11, "erp": 100},
+            {},
+            "decrease",
+            {"telemetry": 10, "erp": 80},
+            "robot-control jitter_iqr",
+        ),
+        (
+            "violation with everything at the minimum holds",
+            {**healthy(), "robot-control": window("robot-control", jitter_ms=3.0)},
+            {"telemetry": 10, "erp": 10},
+            {},
+            "hold",
+            {"telemetry": 10, "erp": 10},
+            "every workload at min_bandwidth",
+        ),
+        (
+            "no data holds and says which app",
+            {"robot-control": None, "safety-scanner": window("safety-scanner")},
+            {"telemetry": 100, "erp": 100},
+            {},
+            "hold",
+            {"telemetry": 100, "erp": 100},
+            "robot-control no data",
+        ),
+        (
+            "an app missing from the stats is no data",
+            {"safety-scanner": window("safety-scanner")},
+            {"telemetry": 100, "erp": 100},
+            {},
+            "hold",
+            {"telemetry": 100, "erp": 100},
+            "robot-control no data",
+        ),
+        (
+            "below the SLO but above the stable fraction holds",
+            {**healthy(), "robot-control": window("robot-control", jitter_ms=0.8)},
+            {"telemetry": 100, "erp": 100},
+            {},
+            "hold",
+            {"telemetry": 100, "erp": 100},
+            "robot-control jitter_iqr 0.80 ms <= 1.00 ms (above 50% of the SLO)",
+        ),
+        (
+            "stable: first step only starts the dwell",
+            healthy(),
+            {"telemetry": 100, "erp": 100},
+            {},
+            "hold",
+            {"telemetry": 100, "erp": 100},
+            "dwell",
+        ),
+    ],
+)
+def test_table(
+    name: str,
+    stats: Mapping[str, WindowStats | None],
+    limits: dict[str, int],
+    usage: dict[str, float],
+    action: str,
+    expected: dict[str, int],
+    reason: str,
+) -> None:
+    d = policy().decide(now_ns=10 * S, stats=stats, limits=limits, usage=usage)
+    assert d.action == action, name
+    assert dict(d.limits) == expected, name
+    assert any(reason in r for r in d.reasons), (name, d.reasons)
+    assert dict(d.previous) == limits
+
+
+def test_unset_threshold_is_not_evaluated() -> None:
+    # robot-control has no queue-delay SLO: a huge queue delay there changes nothing.
+    p = policy()
+    stats = {**healthy(), "robot-control": window("robot-control", queue_ms=500.0)}
+    d = p.decide(now_ns=0, stats=stats, limits={"telemetry": 100, "erp": 100}, usage={})
+    assert d.action == "hold"
+    assert not d.violated
+    assert {(s.target, s.signal) for s in d.signals} == {
+        ("robot-control", "jitter"),
+        ("robot-control", "latency"),
+        ("robot-control", "loss"),
+        ("safety-scanner", "latency"),
+        ("safety-scanner", "queue_delay"),
+    }
+
+
+def test_cooldown_allows_one_cut_then_the_next() -> None:
+    p = policy()
+    bad = {**healthy(), "robot-control": window("robot-control", jitter_ms=5.0)}
+    limits = {"telemetry": 100, "erp": 100}
+    d1 = p.decide(now_ns=10 * S, stats=bad, limits=limits, usage={})
+    assert d1.action == "decrease"
+    d2 = p.decide(now_ns=10 * S + 1 * S, stats=bad, limits=d1.limits, usage={})
+    assert d2.action == "hold"
+    assert any("cooldown" in r for r in d2.reasons)
+    assert dict(d2.limits) == dict(d1.limits)
+    d3 = p.decide(now_ns=10 * S + 3 * S // 2, stats=bad, limits=d2.limits, usage={})
+    assert d3.action == "decrease"
+    assert dict(d3.limits) == {"telemetry": 64, "erp": 64}
+
+
+def test_increase_after_dwell_then_dwell_again() -> None:
+    p = policy()
+    limits = {"telemetry": 100, "erp": 100}
+    assert p.decide(now_ns=0, stats=healthy(), limits=limits, usage={}).action == "hold"
+    d = p.decide(now_ns=4 * S, stats=healthy(), limits=limits, usage={})
+    assert d.action == "hold"
+    d = p.decide(now_ns=5 * S, stats=healthy(), limits=limits, usage={})
+    assert d.action == "increase"
+    assert dict(d.limits) == {"telemetry": 110, "erp": 110}
+    # The dwell restarts after an increase.
+    d2 = p.decide(now_ns=6 * S, stats=healthy(), limits=d.limits, usage={})
+    assert d2.action == "hold"
+    d3 = p.decide(now_ns=10 * S, stats=healthy(), limits=d.limits, usage={})
+    assert d3.action == "increase"
+
+
+def test_no_data_restarts_the_dwell() -> None:
+    p = policy()
+    limits = {"telemetry": 100, "erp": 100}
+    p.decide(now_ns=0, stats=healthy(), limits=limits, usage={})
+    p.decide(now_ns=3 * S, stats={"safety-scanner": None}, limits=limits, usage={})
+    assert p.decide(now_ns=5 * S, stats=healthy(), limits=limits, usage={}).action == "hold"
+    assert p.decide(now_ns=10 * S, stats=healthy(), limits=limits, usage={}).action == "increase"
+
+
+def test_unused_cap_is_not_raised() -> None:
+    p = policy()
+    limits = {"telemetry": 100, "erp": 100}
+    usage = {"telemetry": 95.0, "erp": 20.0}
+    p.decide(now_ns=0, stats=healthy(), limits=limits, usage=usage)
+    d = p.decide(now_ns=5 * S, stats=healthy(), limits=limits, usage=usage)
+    assert d.action == "increase"
+    assert dict(d.limits) == {"telemetry": 110, "erp": 100}
+    assert any("erp" in r and "unused" in r for r in d.reasons)
+
+
+def test_all_idle_holds_with_reason() -> None:
+    p = policy()
+    limits = {"telemetry": 100, "erp": 100}
+    usage = {"telemetry": 1.0, "erp": 2.0}
+    p.decide(now_ns=0, stats=healthy(), limits=limits, usage=usage)
+    d = p.decide(now_ns=6 * S, stats=healthy(), limits=limits, usage=usage)
+    assert d.action == "hold"
+    assert "not raising unused caps: telemetry, erp" in d.reasons[0]
+
+
+def test_increase_clamps_to_max() -> None:
+    p = policy()
+    limits = {"telemetry": 995, "erp": 1000}
+    p.decide(now_ns=0, stats=healthy(), limits=limits, usage={})
+    d = p.decide(now_ns=5 * S, stats=healthy(), limits=limits, usage={})
+    assert dict(d.limits) == {"telemetry": 1000, "erp": 1000}
+    d = p.decide(now_ns=10 * S, stats=healthy(), limits=d.limits, usage={})
+    assert d.action == "hold"
+    assert d.reasons == ("every workload at max_bandwidth",)
+
+
+def test_initial_limits_prefer_recorded_then_initial_then_max() -> None:
+    p = policy()
+    assert p.initial_limits() == {"telemetry": 100, "erp": 1000}
+    assert p.initial_limits({"erp": 42, "other": 5}) == {"telemetry": 100, "erp": 42}
+    assert p.initial_limits({"telemetry": 5000}) == {"telemetry": 1000, "erp": 1000}
+
+
+def test_severity_multiplier_compounds_the_cut() -> None:
+    p = policy(severity_max_multiplier=5.0)
+    stats = {**healthy(), "robot-control": window("robot-control", jitter_ms=2.0)}
+    d = p.decide(now_ns=0, stats=stats, limits={"telemetry": 100, "erp": 1000}, usage={})
+    # 2x over the threshold: two 20 % cuts at once, 1 - 0.8**2 = 36 %.
+    assert dict(d.limits) == {"telemetry": 64, "erp": 640}
+
+
+def test_missing_limits_start_from_initial() -> None:
+    p = policy()
+    stats = {**healthy(), "robot-control": window("robot-control", jitter_ms=2.0)}
+    d = p.decide(now_ns=0, stats=stats, limits={}, usage={})
+    assert dict(d.previous) == {"telemetry": 100, "erp": 1000}
+    assert dict(d.limits) == {"telemetry": 80, "erp": 800}
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        {"decrease_factor": 0.0},
+        {"decrease_factor": 1.0},
+        {"min_bandwidth": 0},
+        {"min_bandwidth": 100, "max_bandwidth": 50},
+        {"increase_step": 0},
+        {"stable_fraction": 0.0},
+        {"decrease_cooldown_s": -1.0},
+        {"severity_max_multiplier": 0.5},
+    ],
+)
+def test_bad_params_are_refused(bad: dict[str, float]) -> None:
+    with pytest.raises(ValueError):  # noqa: PT011 - each case has its own message
+        PolicyParams(**bad)  # type: ignore[arg-type]
+
+
+# ------------------------------------------------------------------- invariants
+
+signal_values = st.one_of(st.none(), st.floats(min_value=0.0, max_value=50.0))
+step = st.fixed_dictionaries(
+    {
+        "dt_ms": st.integers(min_value=0, max_value=3000),
+        "jitter": signal_values,
+        "p99": signal_values,
+        "queue": signal_values,
+        "loss": st.one_of(st.none(), st.floats(min_value=0.0, max_value=1.0)),
+        "missing": st.booleans(),
+        "usage": st.one_of(st.none(), st.floats(min_value=0.0, max_value=2000.0)),
+    }
+)
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    steps=st.lists(step, min_size=1, max_size=40),
+    start=st.integers(min_value=1, max_value=5000),
+    severity=st.sampled_from([1.0, 5.0]),
+)
+def test_invariants(steps: list[dict[str, object]], start: int, severity: float) -> None:
+    params = PolicyParams(min_bandwidth=10, max_bandwidth=1000, severity_max_multiplier=severity)
+    p = AsymmetricAimd(params, SLOS, {"telemetry": None, "erp": 50})
+    limits = {"telemetry": start, "erp": start}
+    now = 0
+    last_cut: int | None = None
+    stable_since: int | None = None
+    for s in steps:
+        now += int(s["dt_ms"]) * MS  # type: ignore[call-overload]
+        rc = window(
+            "robot-control",
+            jitter_ms=s["jitter"],  # type: ignore[arg-type]
+            p99_ms=s["p99"],  # type: ignore[arg-type]
+            queue_ms=s["queue"],  # type: ignore[arg-type]
+            loss=s["loss"],  # type: ignore[arg-type]
+        )
+        stats = {"robot-control": None if s["missing"] else rc}
+        stats["safety-scanner"] = window("safety-scanner")
+        usage = {} if s["usage"] is None else {"telemetry": float(s["usage"])}  # type: ignore[arg-type]
+        d = p.decide(now_ns=now, stats=stats, limits=limits, usage=usage)
+        # Always whole Mbit/s within [min, max] (the start may be outside: it gets clamped
+        # only when it changes, so check the decided limits of changed workloads).
+        for name, mbit in d.limits.items():
+            if mbit != limits[name]:
+                assert params.min_bandwidth <= mbit <= params.max_bandwidth
+                assert isinstance(mbit, int)
+        assert d.reasons, "every decision says why"
+        if d.violated:
+            assert d.action != "increase"
+            assert all(d.limits[n] <= limits[n] for n in limits)
+            stable_since = None
+        if d.action == "decrease":
+            assert last_cut is None or now - last_cut >= round(params.decrease_cooldown_s * S)
+            assert all(d.limits[n] <= limits[n] for n in limits)
+            last_cut = now
+        all_stable = (not d.no_data) and all(x.stable for x in d.signals)
+        if not all_stable:
+            stable_since = None
+        elif stable_since is None:
+            stable_since = now
+        if d.action == "increase":
+            assert all_stable
+            assert not d.violated
+            assert not d.no_data
+            assert stable_since is not None
+            assert now - stable_since >= round(params.increase_interval_s * S)
+            assert all(d.limits[n] >= limits[n] for n in limits)
+            stable_since = now
+        if d.action == "hold":
+            assert dict(d.limits) == limits
+        limits = dict(d.limits)

@@ -1,0 +1,216 @@
+"""The control loop with a fake clock, a fake stats source and DryRunEnforcer."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import json
+from collections.abc import Mapping
+
+from prometheus_client import CollectorRegistry
+
+from detnet.controller.aimd import AsymmetricAimd, PolicyParams, Slo
+from detnet.controller.enforce.base import DryRunEnforcer
+from detnet.controller.errors import EnforcementError
+from detnet.controller.loop import ControlLoop, DecisionLog
+from detnet.controller.metrics import ControllerMetrics
+from detnet.engine.stats import WindowStats
+from tests.unit.test_aimd import window
+
+S = 1_000_000_000
+
+
+class FakeClock:
+    """Time moves only when the loop sleeps: each sleep jumps to its deadline."""
+
+    def __init__(self) -> None:
+        self.now = 1_000 * S
+        self.sleeps: list[int] = []
+
+    def now_ns(self) -> int:
+        return self.now
+
+    async def sleep_until(self, deadline_ns: int) -> None:
+        self.sleeps.append(deadline_ns)
+        self.now = max(self.now, deadline_ns)
+        await asyncio.sleep(0)
+
+
+class FakeEngine:
+    def __init__(self) -> None:
+        self.windows: dict[str, WindowStats | None] = {"robot-control": None}
+
+    def stats(self) -> Mapping[str, WindowStats | None]:
+        return dict(self.windows)
+
+
+class FlakyEnforcer(DryRunEnforcer):
+    """DryRunEnforcer whose apply fails a given number of times."""
+
+    def __init__(self, failures: int, recorded: Mapping[str, int] | None = None) -> None:
+        super().__init__()
+        self.failures = failures
+        self.calls = 0
+        self.recorded = dict(recorded or {})
+
+    async def start(self) -> Mapping[str, int]:
+        return self.recorded
+
+    async def apply(self, limits: Mapping[str, int]) -> None:
+        self.calls += 1
+        if self.failures > 0:
+            self.failures -= 1
+            raise EnforcementError("API refused the patch (500)")
+        await super().apply(limits)
+
+
+def make(
+    enforcer: DryRunEnforcer | None = None,
+) -> tuple[ControlLoop, FakeEngine, FakeClock, DryRunEnforcer, io.StringIO, ControllerMetrics]:
+    params = PolicyParams(decrease_cooldown_s=1.0, increase_interval_s=2.0)
+    policy = AsymmetricAimd(
+        params, [Slo(target="robot-control", max_jitter_ms=1.0)], {"telemetry": 100, "erp": None}
+    )
+    engine, clock = FakeEngine(), FakeClock()
+    enforcer = enforcer or DryRunEnforcer()
+    out = io.StringIO()
+    metrics = ControllerMetrics(CollectorRegistry())
+    loop = ControlLoop(
+        engine,
+        policy,
+        enforcer,
+        interval_s=0.25,
+        metrics=metrics,
+        clock=clock,
+        decision_log=DecisionLog(fmt="json", stream=out, wall_clock=lambda: 1700000000.5),
+    )
+    return loop, engine, clock, enforcer, out, metrics
+
+
+def records(out: io.StringIO) -> list[dict[str, object]]:
+    return [json.loads(line) for line in out.getvalue().splitlines()]
+
+
+async def test_start_applies_initial_limits_and_resumes_recorded() -> None:
+    loop, _, _, enforcer, _, metrics = make(FlakyEnforcer(0, recorded={"erp": 40}))
+    assert await loop.start() == {"telemetry": 100, "erp": 40}
+    assert enforcer.applied == {"telemetry": 100, "erp": 40}
+    value = metrics.registry.get_sample_value(
+        "detnet_egress_limit_bytes_per_second", {"workload": "erp"}
+    )
+    assert value == 40 * 125_000
+
+
+async def test_no_data_holds_then_violation_cuts_and_logs() -> None:
+    loop, engine, _, enforcer, out, metrics = make()
+    await loop.start()
+    d = await loop.step()
+    assert d.action == "hold"
+    engine.windows["robot-control"] = window("robot-control", jitter_ms=2.31)
+    d = await loop.step()
+    assert d.action == "decrease"
+    assert enforcer.applied == {"telemetry": 80, "erp": 800}
+    recs = records(out)
+    assert recs[-1]["event"] == "decision"
+    assert recs[-1]["action"] == "decrease"
+    assert recs[-1]["limits"] == {"telemetry": 80, "erp": 800}
+    assert recs[-1]["previous"] == {"telemetry": 100, "erp": 1000}
+    assert recs[-1]["ts"] == 1700000000.5
+    assert isinstance(recs[-1]["enforce_s"], float)
+    assert "robot-control jitter_iqr 2.31 ms > 1.00 ms" in recs[-1]["reasons"]  # type: ignore[operator]
+    reg = metrics.registry
+    assert reg.get_sample_value("detnet_decisions_total", {"action": "decrease"}) == 1
+    assert reg.get_sample_value("detnet_decisions_total", {"action": "hold"}) == 1
+    sig = {"target": "robot-control", "signal": "jitter"}
+    assert reg.get_sample_value("detnet_slo_violated", sig) == 1
+    assert reg.get_sample_value("detnet_slo_threshold_seconds", sig) == 0.001
+    count = reg.get_sample_value(
+        "detnet_enforcement_latency_seconds_count", {"enforcer": "dry-run"}
+    )
+    assert count == 2  # start + the cut
+    assert reg.get_sample_value("detnet_control_loop_seconds_count") == 2
+
+
+async def test_repeated_holds_are_logged_once() -> None:
+    loop, _, _, _, out, _ = make()
+    await loop.start()
+    for _ in range(5):
+        await loop.step()
+    assert len(records(out)) == 1
+
+
+async def test_enforcement_error_is_logged_and_retried_next_step() -> None:
+    flaky = FlakyEnforcer(0)
+    loop, engine, clock, _, out, _ = make(flaky)
+    await loop.start()
+    flaky.failures = 1
+    engine.windows["robot-control"] = window("robot-control", jitter_ms=5.0)
+    d = await loop.step()
+    assert d.action == "decrease"
+    assert loop.enforcement_errors == 1
+    assert flaky.applied == {"telemetry": 100, "erp": 1000}  # nothing applied yet
+    assert records(out)[-1]["error"] == "API refused the patch (500)"
+    clock.now += S // 4
+    d = await loop.step()  # within the cooldown: holds, but re-applies the cut
+    assert d.action == "hold"
+    assert flaky.applied == {"telemetry": 80, "erp": 800}
+    assert loop.applied == loop.desired
+
+
+async def test_run_keeps_absolute_deadlines_and_stops() -> None:
+    loop, _, clock, _, _, _ = make()
+    await loop.start()
+    t0 = clock.now
+    await loop.run(steps=4)
+    assert clock.sleeps == [t0 + k * S // 4 for k in range(1, 5)]
+    assert loop.steps == 4
+    assert loop.healthy()
+    assert not loop.healthy(now_ns=clock.now + 10 * S)
+
+
+async def test_run_skips_missed_slots() -> None:
+    loop, _, clock, _, _, _ = make()
+    await loop.start()
+    t0 = clock.now
+    real_step = loop.step
+
+    async def slow_step():
+        clock.now += S  # a step that takes four intervals
+        return await real_step()
+
+    loop.step = slow_step  # type: ignore[method-assign]
+    await loop.run(steps=2)
+    # After a 1 s step the next deadline is the next slot after now, not a burst.
+    assert clock.sleeps[0] == t0 + S + S // 4
+
+
+async def test_stop_ends_run() -> None:
+    loop, _, _, _, _, _ = make()
+    await loop.start()
+
+    class BlockingClock:
+        def now_ns(self) -> int:
+            return 0
+
+        async def sleep_until(self, deadline_ns: int) -> None:
+            await asyncio.Event().wait()  # never returns by itself
+
+    loop.clock = BlockingClock()
+    task = asyncio.create_task(loop.run())
+    await asyncio.sleep(0.01)
+    assert loop.steps == 1
+    loop.stop()
+    await asyncio.wait_for(task, timeout=5)
+
+
+async def test_text_log() -> None:
+    out = io.StringIO()
+    loop, engine, _, _, _, _ = make()
+    loop.decision_log = DecisionLog(fmt="text", stream=out)
+    await loop.start()
+    engine.windows["robot-control"] = window("robot-control", jitter_ms=5.0)
+    await loop.step()
+    line = out.getvalue().strip()
+    assert "decrease" in line
+    assert "telemetry=100->80M" in line
+    assert "robot-control jitter_iqr 5.00 ms > 1.00 ms" in line
