@@ -204,6 +204,8 @@ class ControlLoop:
             await self.enforcer.apply(dict(limits))
         except EnforcementError as exc:
             self.enforcement_errors += 1
+            if self.metrics is not None:
+                self.metrics.enforcement_errors.labels(enforcer=self.enforcer.name).inc()
             log.error("enforcement failed (retrying next step): %s", exc)
             return time.perf_counter() - t0, str(exc)
         elapsed = time.perf_counter() - t0

@@ -64,6 +64,12 @@ class ControllerMetrics:
             buckets=_ENFORCE_BUCKETS,
             registry=registry,
         )
+        self.enforcement_errors = Counter(
+            "detnet_enforcement_errors",
+            "Limits that could not be applied (retried at the next control step)",
+            ["enforcer"],
+            registry=registry,
+        )
         self.enforced_pods = Gauge(
             "detnet_enforced_pods",
             "Pods carrying the current limit",

@@ -141,13 +141,17 @@ async def test_repeated_holds_are_logged_once() -> None:
 
 async def test_enforcement_error_is_logged_and_retried_next_step() -> None:
     flaky = FlakyEnforcer(0)
-    loop, engine, clock, _, out, _ = make(flaky)
+    loop, engine, clock, _, out, metrics = make(flaky)
     await loop.start()
     flaky.failures = 1
     engine.windows["robot-control"] = window("robot-control", jitter_ms=5.0)
     d = await loop.step()
     assert d.action == "decrease"
     assert loop.enforcement_errors == 1
+    errors = metrics.registry.get_sample_value(
+        "detnet_enforcement_errors_total", {"enforcer": flaky.name}
+    )
+    assert errors == 1
     assert flaky.applied == {"telemetry": 100, "erp": 1000}  # nothing applied yet
     assert records(out)[-1]["error"] == "API refused the patch (500)"
     clock.now += S // 4
