@@ -1,0 +1,179 @@
+"""Lease leader election: two candidates against the API server emulation."""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+import pytest
+from kubernetes_asyncio import client
+
+from detnet.controller.leader import LeaseElector
+from detnet.lab.apiserver import ApiServerEmulator
+
+NS = "detnet-system"
+# Short periods keep the test quick; the ratios are the defaults' (15/10/2).
+TIMING: Any = {"lease_duration_s": 1.5, "renew_deadline_s": 1.0, "retry_period_s": 0.1}
+
+
+@pytest.fixture
+async def api() -> AsyncIterator[ApiServerEmulator]:
+    async with ApiServerEmulator() as server:
+        yield server
+
+
+@pytest.fixture(autouse=True)
+async def _no_leftover_tasks() -> AsyncIterator[None]:
+    yield
+    me = asyncio.current_task()
+    left = [t for t in asyncio.all_tasks() if t is not me and not t.done()]
+    assert not left, f"tasks left behind: {left}"
+
+
+async def wait_for(predicate: Callable[[], bool], within: float) -> bool:
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + within
+    while loop.time() < deadline:
+        if predicate():
+            return True
+        await asyncio.sleep(0.02)
+    return predicate()
+
+
+class Worker:
+    """The work a leader runs: counts how often it ran and records overlap."""
+
+    def __init__(self, name: str, running: set[str], overlaps: list[set[str]]) -> None:
+        self.name, self.running, self.overlaps = name, running, overlaps
+        self.started = 0
+        self.cancelled = 0
+
+    async def __call__(self) -> None:
+        self.started += 1
+        self.running.add(self.name)
+        if len(self.running) > 1:
+            self.overlaps.append(set(self.running))
+        try:
+            await asyncio.Event().wait()
+        except asyncio.CancelledError:
+            self.cancelled += 1
+            raise
+        finally:
+            self.running.discard(self.name)
+
+
+async def test_only_the_leader_works_and_the_other_takes_over_on_release(api) -> None:
+    running: set[str] = set()
+    overlaps: list[set[str]] = []
+    async with client.ApiClient(api.client_configuration()) as ac:
+        electors = {
+            name: LeaseElector(api_client=ac, namespace=NS, name="detnet", identity=name, **TIMING)
+            for name in ("a", "b")
+        }
+        changes: list[tuple[str, bool]] = []
+
+        def record(name: str, leading: bool) -> None:
+            changes.append((name, leading))
+
+        for name, el in electors.items():
+            el.on_change(functools.partial(record, name))
+        workers = {name: Worker(name, running, overlaps) for name in electors}
+        tasks = {n: asyncio.create_task(e.run(workers[n])) for n, e in electors.items()}
+        try:
+            assert await wait_for(lambda: len(running) == 1, 2.0)
+            await asyncio.sleep(0.5)  # several renew periods: still exactly one leader
+            assert len(running) == 1
+            first = next(iter(running))
+            second = "b" if first == "a" else "a"
+            assert electors[first].is_leader
+            assert not electors[second].is_leader
+            lease = api.lease(NS, "detnet")
+            assert lease is not None
+            assert lease["spec"]["holderIdentity"] == first
+
+            await electors[first].release()
+            await tasks[first]
+            assert workers[first].cancelled == 1
+            # Released, not expired: the standby takes over well before a lease duration.
+            assert await wait_for(lambda: running == {second}, 0.8)
+            assert electors[second].is_leader
+            assert not electors[first].is_leader
+            lease = api.lease(NS, "detnet")
+            assert lease is not None
+            assert lease["spec"]["holderIdentity"] == second
+            assert lease["spec"]["leaseTransitions"] == 1
+        finally:
+            for el in electors.values():
+                await el.release()
+            await asyncio.gather(*tasks.values())
+        assert overlaps == []
+        assert (first, True) in changes
+        assert (first, False) in changes
+        assert (second, True) in changes
+        assert api.lease(NS, "detnet")["spec"]["holderIdentity"] is None
+
+
+async def test_standby_takes_over_when_the_leader_stops_renewing(api) -> None:
+    running: set[str] = set()
+    overlaps: list[set[str]] = []
+    async with client.ApiClient(api.client_configuration()) as ac:
+        a = LeaseElector(api_client=ac, namespace=NS, name="detnet", identity="a", **TIMING)
+        task_a = asyncio.create_task(a.run(Worker("a", running, overlaps)))
+        assert await wait_for(lambda: a.is_leader, 2.0)
+        b = LeaseElector(api_client=ac, namespace=NS, name="detnet", identity="b", **TIMING)
+        task_b = asyncio.create_task(b.run(Worker("b", running, overlaps)))
+        try:
+            assert await wait_for(lambda: len(running) == 1 and not b.is_leader, 1.0)
+            # a crashes while the API refuses writes: its lease is not released, so b
+            # must wait for it to expire (observed locally), then take over.
+            api.fail("update /apis/coordination.k8s.io/v1/*/leases/detnet", 500, times=1000)
+            task_a.cancel()
+            await asyncio.gather(task_a, return_exceptions=True)
+            assert not a.is_leader
+            assert running == set()
+            assert api.lease(NS, "detnet")["spec"]["holderIdentity"] == "a"
+            api.clear_faults()
+            assert await wait_for(lambda: b.is_leader, 3.0)
+            assert running == {"b"}
+        finally:
+            await b.release()
+            await asyncio.gather(task_b)
+        assert overlaps == []
+
+
+async def test_work_that_returns_ends_run_and_releases(api) -> None:
+    done: list[bool] = []
+
+    async def work() -> None:
+        done.append(True)
+
+    async with client.ApiClient(api.client_configuration()) as ac:
+        el = LeaseElector(api_client=ac, namespace=NS, name="once", identity="x", **TIMING)
+        await asyncio.wait_for(el.run(work), 5)
+    assert done == [True]
+    assert api.lease(NS, "once")["spec"]["holderIdentity"] is None
+
+
+async def test_work_errors_propagate(api) -> None:
+    async def work() -> None:
+        raise RuntimeError("boom")
+
+    async with client.ApiClient(api.client_configuration()) as ac:
+        el = LeaseElector(api_client=ac, namespace=NS, name="err", identity="x", **TIMING)
+        with pytest.raises(RuntimeError, match="boom"):
+            await asyncio.wait_for(el.run(work), 5)
+    assert not el.is_leader
+
+
+def test_bad_timing_is_refused() -> None:
+    with pytest.raises(ValueError, match="lease_duration_s > renew_deadline_s"):
+        LeaseElector(
+            api_client=None,  # type: ignore[arg-type]
+            namespace=NS,
+            name="x",
+            identity="a",
+            lease_duration_s=5,
+            renew_deadline_s=5,
+        )
