@@ -15,7 +15,7 @@ MAGIC: Final[int]  # 0x44544E54, b"DTNT"
 VERSION: Final[int]  # 1
 HEADER_SIZE: Final[int]  # 48
 HMAC_SIZE: Final[int]  # 16 (HMAC-SHA256 truncated)
-MIN_SIZE: Final[int]  # HEADER_SIZE
+MIN_SIZE: Final[int]  # HEADER_SIZE (HEADER_SIZE + HMAC_SIZE when keyed)
 MAX_SIZE: Final[int]  # 9000
 FLAG_REPLY: Final[int]  # 0x01: set by the reflector
 FLAG_HMAC: Final[int]  # 0x02: an HMAC trailer ends the packet
@@ -26,6 +26,9 @@ TS_KERNEL: Final[int]  # 1: kernel software RX (and TX when kernel_tx_ns != 0)
 
 class PacketError(ValueError):
     """A datagram that is not a valid detnet probe (says why)."""
+
+class HmacError(PacketError):
+    """A probe whose HMAC is wrong, missing while a key is set, or present without a key."""
 
 class Probe:
     """A decoded probe packet (request or reply)."""
@@ -82,6 +85,8 @@ class ProbeSocket:
     add_reader would stop for good).
     """
 
+    session: int
+    size: int
     kernel_rx: bool
     kernel_tx: bool
     invalid: int  # datagrams received that were not valid replies of this session
@@ -113,6 +118,7 @@ class Reflector:
     reflector RX (kernel) and TX, and answers with sendmmsg: never more bytes than came in.
     """
 
+    kernel_rx: bool
     received: int
     replied: int
     invalid: int

@@ -1,0 +1,205 @@
+"""The probe packet codec of whichever backend is loaded (make test runs both)."""
+
+from __future__ import annotations
+
+import os
+import struct
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from detnet import native
+
+KEY = b"shared secret"
+
+
+def test_backend_matches_environment() -> None:
+    # A broken extension build must fail CI instead of silently testing the fallback twice.
+    expected = "python" if os.environ.get("DETNET_NO_EXTENSIONS") else "cython"
+    assert expected == native.BACKEND
+
+
+def test_header_layout_is_network_byte_order() -> None:
+    data = native.encode_probe(session=0x01020304, seq=5, tx_ns=6, size=64)
+    assert data[:4] == b"DTNT"
+    assert struct.unpack_from("!IBBHIIQQQQ", data) == (
+        0x44544E54,
+        1,
+        0,
+        64,
+        0x01020304,
+        0,
+        5,
+        6,
+        0,
+        0,
+    )
+    assert data[48:] == bytes(16)
+
+
+@pytest.mark.parametrize("size", [native.MIN_SIZE, 64, 1500, native.MAX_SIZE])
+def test_round_trip(size: int) -> None:
+    data = native.encode_probe(session=7, seq=2**64 - 1, tx_ns=123456789, size=size)
+    assert len(data) == size
+    probe = native.decode_probe(data)
+    assert (probe.session, probe.seq, probe.tx_ns, probe.size) == (7, 2**64 - 1, 123456789, size)
+    assert not probe.is_reply
+    assert (probe.refl_rx_ns, probe.refl_tx_ns) == (0, 0)
+
+
+def test_round_trip_with_hmac() -> None:
+    data = native.encode_probe(session=1, seq=2, tx_ns=3, size=80, key=KEY)
+    probe = native.decode_probe(data, key=KEY)
+    assert probe.flags == native.FLAG_HMAC
+    assert probe.size == 80
+
+
+def test_reply_has_same_size_flag_and_stamps() -> None:
+    req = native.encode_probe(session=9, seq=4, tx_ns=100, size=200)
+    reply = native.make_reply(req, rx_ns=150, tx_ns=160)
+    assert len(reply) == len(req)
+    probe = native.decode_probe(reply)
+    assert probe.is_reply
+    assert (probe.seq, probe.session, probe.tx_ns) == (4, 9, 100)
+    assert (probe.refl_rx_ns, probe.refl_tx_ns) == (150, 160)
+
+
+def test_reply_does_not_echo_payload() -> None:
+    req = bytearray(native.encode_probe(session=9, seq=4, tx_ns=100, size=100))
+    req[60:70] = b"x" * 10
+    reply = native.make_reply(bytes(req), rx_ns=1, tx_ns=2)
+    assert reply[48:] == bytes(52)
+
+
+def test_keyed_reply_verifies() -> None:
+    req = native.encode_probe(session=1, seq=1, tx_ns=1, size=64, key=KEY)
+    reply = native.make_reply(req, rx_ns=2, tx_ns=3, key=KEY)
+    assert native.decode_probe(reply, key=KEY).is_reply
+    with pytest.raises(native.HmacError):
+        native.decode_probe(reply, key=b"other key")
+
+
+def _mutate(data: bytes, offset: int, value: bytes) -> bytes:
+    return data[:offset] + value + data[offset + len(value) :]
+
+
+GOOD = native.encode_probe(session=1, seq=1, tx_ns=1, size=64)
+
+
+@pytest.mark.parametrize(
+    ("data", "reason"),
+    [
+        (GOOD[:47], "shorter"),
+        (b"", "shorter"),
+        (_mutate(GOOD, 0, b"XTNT"), "magic"),
+        (_mutate(GOOD, 4, b"\x02"), "version"),
+        (_mutate(GOOD, 5, b"\x04"), "flag"),
+        (_mutate(GOOD, 5, b"\x80"), "flag"),
+        (_mutate(GOOD, 6, struct.pack("!H", 65)), "length"),
+        (GOOD + b"\0", "length"),
+        (_mutate(GOOD, 12, b"\0\0\0\1"), "reserved"),
+        (
+            _mutate(native.encode_probe(session=1, seq=1, tx_ns=1, size=9000), 6, b"\x23\x29")
+            + b"\0",
+            "longer",
+        ),
+        (_mutate(_mutate(GOOD[:50], 5, b"\x02"), 6, struct.pack("!H", 50)), "HMAC packet"),
+    ],
+)
+def test_invalid_packets_are_rejected_with_reason(data: bytes, reason: str) -> None:
+    with pytest.raises(native.PacketError, match=reason):
+        native.decode_probe(data)
+    with pytest.raises(native.PacketError):
+        native.make_reply(data, rx_ns=1, tx_ns=2)
+
+
+def test_hmac_failures() -> None:
+    keyed = native.encode_probe(session=1, seq=1, tx_ns=1, size=64, key=KEY)
+    with pytest.raises(native.HmacError, match="no key"):
+        native.decode_probe(keyed)
+    with pytest.raises(native.HmacError, match="no HMAC"):
+        native.decode_probe(GOOD, key=KEY)
+    tampered = _mutate(keyed, 16, b"\x09")
+    with pytest.raises(native.HmacError, match="does not match"):
+        native.decode_probe(tampered, key=KEY)
+    bad_mac = keyed[:-1] + bytes([keyed[-1] ^ 1])
+    with pytest.raises(native.HmacError):
+        native.make_reply(bad_mac, rx_ns=1, tx_ns=2, key=KEY)
+
+
+def test_make_reply_refuses_replies_and_stamped_requests() -> None:
+    reply = native.make_reply(GOOD, rx_ns=1, tx_ns=2)
+    with pytest.raises(native.PacketError, match="reply"):
+        native.make_reply(reply, rx_ns=1, tx_ns=2)
+    stamped = native.encode_probe(session=1, seq=1, tx_ns=1, refl_rx_ns=5)
+    with pytest.raises(native.PacketError, match="reflector timestamps"):
+        native.make_reply(stamped, rx_ns=1, tx_ns=2)
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"size": 47},
+        {"size": 9001},
+        {"size": 63, "key": KEY},
+        {"session": 2**32},
+        {"seq": -1},
+        {"tx_ns": 2**64},
+        {"flags": native.FLAG_HMAC},
+        {"key": b""},
+    ],
+)
+def test_encode_rejects_bad_arguments(kwargs: dict[str, object]) -> None:
+    args: dict[str, object] = {"session": 1, "seq": 1, "tx_ns": 1, **kwargs}
+    with pytest.raises(ValueError):  # noqa: PT011 - the message varies per argument
+        native.encode_probe(**args)  # type: ignore[arg-type]
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.binary(max_size=200))
+def test_fuzz_random_bytes_raise_only_packet_error(data: bytes) -> None:
+    with pytest.raises(native.PacketError):
+        native.decode_probe(data)
+    with pytest.raises(native.PacketError):
+        native.make_reply(data, rx_ns=1, tx_ns=2, key=KEY)
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.integers(0, 47), st.integers(0, 255), st.booleans())
+def test_fuzz_header_mutations(offset: int, value: int, keyed: bool) -> None:
+    key = KEY if keyed else None
+    data = native.encode_probe(session=3, seq=4, tx_ns=5, size=64, key=key)
+    mutated = _mutate(data, offset, bytes([value]))
+    try:
+        reply = native.make_reply(mutated, rx_ns=1, tx_ns=2, key=key)
+    except native.PacketError:
+        return
+    # Only harmless changes (same bytes, or session/seq/tx_ns of an unkeyed probe) pass.
+    assert len(reply) == len(mutated)
+    assert mutated == data or (not keyed and (8 <= offset < 12 or 16 <= offset < 32))
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    session=st.integers(0, 2**32 - 1),
+    seq=st.integers(0, 2**64 - 1),
+    tx_ns=st.integers(0, 2**64 - 1),
+    size=st.integers(native.MIN_SIZE + native.HMAC_SIZE, 2000),
+    keyed=st.booleans(),
+)
+def test_fuzz_round_trip(session: int, seq: int, tx_ns: int, size: int, keyed: bool) -> None:
+    key = KEY if keyed else None
+    probe = native.decode_probe(
+        native.encode_probe(session=session, seq=seq, tx_ns=tx_ns, size=size, key=key), key=key
+    )
+    assert (probe.session, probe.seq, probe.tx_ns, probe.size) == (session, seq, tx_ns, size)
+
+
+def test_clocks() -> None:
+    assert abs(native.realtime_ns() - native.realtime_ns()) < 10**9
+    a = native.monotonic_ns()
+    assert native.monotonic_ns() >= a
+    assert native.clock_read_cost_ns(100) > 0
+    with pytest.raises(ValueError, match="positive"):
+        native.clock_read_cost_ns(0)
