@@ -17,6 +17,7 @@ from detnet.engine.errors import TargetError
 Protocol = Literal["udp", "tcp"]
 TcpMode = Literal["connect", "echo"]
 
+MAX_BATCH = 1024
 MIN_INTERVAL_NS = 100_000  # 0.1 ms: below this the scheduler only measures itself
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
 
@@ -35,6 +36,7 @@ class Target:
     size: int = 64
     key: bytes | None = field(default=None, repr=False)
     poisson: bool = False
+    batch: int = 1  # probes sent per deadline (one sendmmsg), for high probe rates
 
     def __post_init__(self) -> None:
         if not _NAME_RE.match(self.name):
@@ -49,6 +51,12 @@ class Target:
             raise TargetError(f"target {self.name}: mode must be connect or echo")
         if self.interval_ns < MIN_INTERVAL_NS:
             raise TargetError(f"target {self.name}: interval must be at least 0.1 ms")
+        if not 1 <= self.batch <= MAX_BATCH:
+            raise TargetError(f"target {self.name}: batch must be 1..{MAX_BATCH}")
+        if self.batch > 1 and self.protocol == "tcp" and self.mode == "connect":
+            raise TargetError(f"target {self.name}: batch applies to udp and tcp echo only")
+        if not 0 < self.size <= 9000:
+            raise TargetError(f"target {self.name}: size {self.size} is not in 1..9000 bytes")
         if self.timeout_ns <= 0:
             raise TargetError(f"target {self.name}: timeout must be positive")
 

@@ -1,0 +1,135 @@
+"""`detnet probe` as a user runs it, against an in-process loopback reflector."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sys
+import urllib.request
+
+import numpy as np
+import pytest
+
+from detnet.engine.reflector import ReflectorConfig, ReflectorServer
+
+DETNET = [sys.executable, "-m", "detnet.controller.cli"]
+
+
+@pytest.fixture
+async def reflector():
+    refl = ReflectorServer(ReflectorConfig(udp=("127.0.0.1", 0), tcp=("127.0.0.1", 0)))
+    await refl.start()
+    try:
+        yield refl
+    finally:
+        await refl.close()
+
+
+async def _detnet(*args: str, limit_s: float = 30) -> tuple[int, str, str]:
+    proc = await asyncio.create_subprocess_exec(
+        *DETNET, *args, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE
+    )
+    try:
+        out, err = await asyncio.wait_for(proc.communicate(), limit_s)
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+    assert proc.returncode is not None
+    return proc.returncode, out.decode(), err.decode()
+
+
+async def test_stream_and_json_summary_agree(reflector):
+    up = reflector.udp_address[1]
+    rc, out, err = await _detnet(
+        "probe",
+        "--target", f"robot=udp://127.0.0.1:{up}",
+        "--target", "gone=udp://127.0.0.1:9",
+        "--interval", "2ms", "--timeout", "50ms",
+        "--window", "10s", "--duration", "1s", "--stream", "--json",
+    )  # fmt: skip
+    assert rc == 0, err
+    lines = out.strip().splitlines()
+    summary = json.loads(lines[-1])
+    records = [json.loads(line) for line in lines[:-1]]
+    assert set(records[0]) == {
+        "target", "seq", "sent_ns", "rtt_ns", "user_rtt_ns", "fwd_ns", "back_ns", "lost",
+        "timestamp_source",
+    }  # fmt: skip
+    assert summary["backend"] in ("cython", "python")
+    for name, t in summary["targets"].items():
+        mine = [r for r in records if r["target"] == name]
+        rtt = np.array([r["rtt_ns"] for r in mine if not r["lost"]], dtype=np.float64)
+        assert t["sent"] == len(mine)
+        assert t["lost"] == sum(r["lost"] for r in mine)
+        assert t["received"] == len(rtt)
+        if len(rtt):
+            q1, q3 = np.percentile(rtt, [25, 75])
+            assert t["jitter_iqr_ns"] == q3 - q1
+            assert t["rtt_ns"]["p99"] == np.percentile(rtt, 99)
+            assert t["rtt_ns"]["min"] == rtt.min()
+    assert summary["targets"]["robot"]["lost"] == 0
+    assert summary["targets"]["robot"]["sent"] > 100
+    assert summary["targets"]["gone"]["lost"] == summary["targets"]["gone"]["sent"] > 0
+
+
+async def test_metrics_endpoint_while_probing(reflector):
+    up = reflector.udp_address[1]
+    proc = await asyncio.create_subprocess_exec(
+        *DETNET, "probe", "--target", f"robot=udp://127.0.0.1:{up}", "--interval", "5ms",
+        "--duration", "3s", "--metrics", "127.0.0.1:0",
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    try:
+        assert proc.stderr is not None
+        line = (await asyncio.wait_for(proc.stderr.readline(), 20)).decode()
+        url = line.split("metrics on ", 1)[1].strip()
+        await asyncio.sleep(0.3)
+        body = await asyncio.to_thread(lambda: urllib.request.urlopen(url, timeout=5).read())
+        text = body.decode()
+        assert 'detnet_probes_sent_total{protocol="udp",target="robot"}' in text
+        assert "detnet_probe_rtt_seconds_bucket" in text
+        await asyncio.wait_for(proc.communicate(), 20)
+        assert proc.returncode == 0
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+
+
+async def test_sigterm_ends_the_run_and_still_prints_the_summary(reflector):
+    up = reflector.udp_address[1]
+    proc = await asyncio.create_subprocess_exec(
+        *DETNET, "probe", "--target", f"robot=udp://127.0.0.1:{up}", "--interval", "5ms",
+        "--json", stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    try:
+        await asyncio.sleep(1.5)
+        proc.terminate()
+        out, err = await asyncio.wait_for(proc.communicate(), 20)
+        assert proc.returncode == 0, err.decode()
+        assert json.loads(out)["targets"]["robot"]["sent"] > 0
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        ([], "at least one --target"),
+        (["--target", "x=udp://no-such-host.invalid:1", "--duration", "1s"], "cannot resolve"),
+        (["--target", "x=ftp://h:1"], "scheme"),
+        (["--target", "x=udp://127.0.0.1:9", "--interval", "fast"], "interval"),
+        (["--target", "x=udp://127.0.0.1:9", "--window", "0"], "window"),
+        (["--target", "x=udp://127.0.0.1:9", "--hmac-key-file", "/nonexistent/k"], "hmac"),
+        (["--target", "x=udp://127.0.0.1:9", "--metrics", "nope"], "HOST:PORT"),
+    ],
+)
+async def test_bad_input_is_one_line_exit_2(args, message):
+    rc, _out, err = await _detnet("probe", *args)
+    assert rc == 2
+    assert len(err.strip().splitlines()) == 1, err
+    assert message in err
+    assert "Traceback" not in err
