@@ -89,6 +89,7 @@ FLAG_REPLY = C_REPLY
 FLAG_HMAC = C_HMACF
 TS_USER = 0
 TS_KERNEL = 1
+RCVBUF_BYTES = 4 << 20  # a probe socket's receive buffer (capped by net.core.rmem_max)
 
 SENT_DTYPE = np.dtype([("seq", "u8"), ("user_tx_ns", "i8"), ("kernel_tx_ns", "i8")])
 REPLY_DTYPE = np.dtype(
@@ -549,6 +550,9 @@ cdef class ProbeSocket:
         sock = _socket.socket(family, _socket.SOCK_DGRAM)
         try:
             sock.setblocking(False)
+            # A batch of replies can outgrow the default buffer (~200 KiB of skbs) before
+            # the loop drains it: losses that would be ours, not the network's.
+            sock.setsockopt(_socket.SOL_SOCKET, _socket.SO_RCVBUF, RCVBUF_BYTES)
             if bind is not None:
                 sock.bind(bind)
             sock.connect(addr)

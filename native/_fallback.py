@@ -55,6 +55,7 @@ FLAG_REPLY = 0x01
 FLAG_HMAC = 0x02
 _KNOWN_FLAGS = FLAG_REPLY | FLAG_HMAC
 TS_USER = 0
+RCVBUF_BYTES = 4 << 20  # a probe socket's receive buffer (capped by net.core.rmem_max)
 TS_KERNEL = 1
 
 _HEADER = struct.Struct("!IBBHIIQQQQ")
@@ -327,6 +328,9 @@ class ProbeSocket:
         self._sock = socket.socket(family, socket.SOCK_DGRAM)
         try:
             self._sock.setblocking(False)
+            # A batch of replies can outgrow the default buffer (~200 KiB of skbs) before
+            # the loop drains it: losses that would be ours, not the network's.
+            self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, RCVBUF_BYTES)
             if bind is not None:
                 self._sock.bind(bind)
             self._sock.connect(addr)
