@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
-import os
 import select
 import socket
 import subprocess
@@ -60,7 +59,7 @@ class _Child:
 
     def __init__(self, backend: str) -> None:
         self.proc = subprocess.Popen(
-            [sys.executable, os.path.abspath(__file__), "--child-reflector", backend],
+            [sys.executable, "-m", "detnet.bench.native", "--child-reflector", backend],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             text=True,
@@ -185,18 +184,19 @@ def run() -> list[Result]:
     return results
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Run the benchmark and print the table."""
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--child-reflector", choices=sorted(BACKENDS), help=argparse.SUPPRESS)
-    parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
-    args = parser.parse_args(argv)
-    if args.child_reflector:
-        return _child_reflector(args.child_reflector)
+def reflector_throughput(backend: str) -> float:
+    """Replies per CPU-second of a reflector process of ``backend``."""
+    modules = {name: importlib.import_module(mod) for name, mod in BACKENDS.items()}
+    return _throughput(backend, modules["cython"])[0]
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Flags of ``detnet bench native`` (none beyond --json)."""
+
+
+def main(args: argparse.Namespace) -> dict[str, object]:
+    """Run the benchmark, print the table, return the report."""
     results = run()
-    if args.json:
-        print(json.dumps([r.__dict__ for r in results], indent=2))
-        return 0
     head = (
         f"{'backend':8} {'refl pkt/s/CPU':>15} {'CPU ns/probe':>13} {'net p50 us':>11} "
         f"{'net p99 us':>11} {'net spread':>11} {'user p50 us':>12} {'user p99 us':>12} "
@@ -214,8 +214,17 @@ def main(argv: list[str] | None = None) -> int:
     if "cython" in by and "python" in by:
         ratio = by["cython"].pps_per_cpu / max(by["python"].pps_per_cpu, 1e-9)
         print(f"\nCython reflector: {ratio:.1f}x the fallback's packets per CPU-second")
-    return 0
+    return {"backends": {r.backend: r.__dict__ for r in results}}
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    cli = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    cli.add_argument("--child-reflector", choices=sorted(BACKENDS), help=argparse.SUPPRESS)
+    cli.add_argument("--json", metavar="FILE", help="write the report as JSON")
+    ns = cli.parse_args()
+    if ns.child_reflector:
+        sys.exit(_child_reflector(ns.child_reflector))
+    report = main(ns)
+    if ns.json:
+        with open(ns.json, "w") as f:
+            json.dump(report, f, indent=2)
