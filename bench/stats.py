@@ -15,16 +15,19 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
-import socket
-import subprocess
-import sys
 import time
 import timeit
 from typing import Any
 
 import numpy as np
 
+from detnet.bench.common import (
+    BenchError,
+    background,
+    detnet_command,
+    free_udp_port,
+    write_json,
+)
 from detnet.engine.ring import FLAG_RECEIVED, RttRing
 from detnet.engine.stats import iqr, window_stats
 
@@ -82,12 +85,6 @@ def bench_iqr(windows: tuple[int, ...] = WINDOWS) -> list[dict[str, Any]]:
     return rows
 
 
-def _free_udp_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 async def _engine_cpu(port: int, *, interval_ns: int, seconds: float) -> dict[str, Any]:
     from detnet.engine.core import ProbeEngine
     from detnet.engine.targets import parse_target
@@ -121,27 +118,14 @@ def bench_engine_cpu(seconds: float = 5.0) -> list[dict[str, Any]]:
     """Engine CPU at 100 probes/s over two targets, and at 100/s per target."""
     from detnet.engine import runloop
 
-    port = _free_udp_port()
-    refl = subprocess.Popen(
-        [sys.executable, "-m", "detnet.controller.cli", "reflect", "--udp", f"127.0.0.1:{port}",
-         "--stats-interval", "0"],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )  # fmt: skip
-    try:
-        time.sleep(1.0)  # let the reflector bind
+    port = free_udp_port()
+    reflect = [*detnet_command(), "reflect", "--udp", f"127.0.0.1:{port}", "--stats-interval", "0"]
+    with background(reflect, ready_after_s=1.0):
         rows = []
         for label, interval in (("100/s over 2 targets", 20_000_000), ("100/s per target", 10**7)):
             row = runloop.run(_engine_cpu(port, interval_ns=interval, seconds=seconds))
             rows.append({"load": label, **row})
         return rows
-    finally:
-        refl.terminate()
-        try:
-            refl.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            refl.kill()
-            refl.wait()
 
 
 def run_stats(seconds: float = 5.0) -> dict[str, Any]:
@@ -149,12 +133,15 @@ def run_stats(seconds: float = 5.0) -> dict[str, Any]:
     return {"iqr": bench_iqr(), "engine_cpu": bench_engine_cpu(seconds)}
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Print the tables (and write JSON with --json FILE)."""
-    ap = argparse.ArgumentParser(description=__doc__)
-    ap.add_argument("--json", metavar="FILE")
-    ap.add_argument("--seconds", type=float, default=5.0, help="CPU measurement per load")
-    args = ap.parse_args(argv)
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Flags of ``detnet bench stats``."""
+    parser.add_argument("--seconds", type=float, default=5.0, help="CPU measurement per load")
+
+
+def main(args: argparse.Namespace) -> dict[str, Any]:
+    """Print the tables; return the report."""
+    if args.seconds <= 0:
+        raise BenchError("--seconds must be positive")
     res = run_stats(args.seconds)
     print(
         f"{'window':>7} {'sorted() us':>12} {'numpy us':>10} {'speedup':>8} {'WindowStats us':>15}"
@@ -171,11 +158,14 @@ def main(argv: list[str] | None = None) -> int:
             f"{r['load']:<22} {r['probes_per_s']:>9.1f} {r['cpu_percent_of_core']:>12.2f} "
             f"{r['cpu_us_per_probe']:>9.1f}"
         )
-    if args.json:
-        with open(args.json, "w", encoding="utf-8") as f:
-            json.dump(res, f, indent=2)
-    return 0
+    return res
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    cli = argparse.ArgumentParser(description=__doc__)
+    add_arguments(cli)
+    cli.add_argument("--json", metavar="FILE")
+    ns = cli.parse_args()
+    report = main(ns)
+    if ns.json:
+        write_json(ns.json, report)

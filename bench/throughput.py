@@ -14,20 +14,14 @@ import argparse
 import asyncio
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
+from typing import Any
 
-from detnet.bench.common import BenchError, background, detnet_command, table
+from detnet.bench.common import BenchError, background, detnet_command, free_udp_port, table
 
 BACKENDS = {"cython": {}, "python": {"DETNET_NO_EXTENSIONS": "1"}}
-
-
-def _free_udp_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _pin(cpu: int) -> None:
@@ -35,7 +29,7 @@ def _pin(cpu: int) -> None:
         os.sched_setaffinity(0, {cpu})
 
 
-async def _drive_engine(port: int, *, seconds: float, batch: int) -> dict[str, float]:
+async def _drive_engine(port: int, *, seconds: float, batch: int) -> dict[str, Any]:
     from detnet.engine import runloop  # noqa: F401  (uvloop policy, as in production)
     from detnet.engine.core import ProbeEngine
     from detnet.engine.targets import Target
@@ -60,7 +54,7 @@ async def _drive_engine(port: int, *, seconds: float, batch: int) -> dict[str, f
         "sent": after.sent - before.sent,
         "received": after.received - before.received,
         "cpu_s": cpu1 - cpu0,
-        "backend": engine.backend,  # type: ignore[dict-item]
+        "backend": engine.backend,
     }
 
 
@@ -73,9 +67,9 @@ def _child_engine(port: int, seconds: float, batch: int) -> None:
     print(json.dumps(result), flush=True)
 
 
-def engine_throughput(backend: str, *, seconds: float, batch: int) -> dict[str, float]:
+def engine_throughput(backend: str, *, seconds: float, batch: int) -> dict[str, Any]:
     """Probes completed per CPU-second of an engine process on one core."""
-    port = _free_udp_port()
+    port = free_udp_port()
     env = {**os.environ, **BACKENDS[backend]}
     reflector = [
         "taskset", "-c", "1", *detnet_command(), "reflect", "--udp", f"127.0.0.1:{port}",
