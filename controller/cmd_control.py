@@ -285,9 +285,11 @@ class _Controller:
 
         cfg = self.plan.config
         conf = await load_client_configuration()
+        identity = os.environ.get("POD_NAME") or f"{socket.gethostname()}-{os.getpid()}"
         api = client.ApiClient(conf)
+        # The API server's audit log (and the tests) can tell the replicas' requests apart.
+        api.user_agent = f"detnet/{identity}"
         try:
-            identity = os.environ.get("POD_NAME") or f"{socket.gethostname()}-{os.getpid()}"
             elector = LeaseElector(
                 api_client=api,
                 namespace=cfg.kubernetes.lease_namespace,

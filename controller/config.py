@@ -20,6 +20,7 @@ import difflib
 import ipaddress
 import json
 import math
+import os
 import re
 import socket
 from collections.abc import Callable, Mapping
@@ -683,6 +684,20 @@ def _targets(doc: _Doc, r: Any, value: Any) -> tuple[BestEffortTarget, ...]:
     return tuple(out)
 
 
+def _lease_namespace_default(doc: _Doc) -> str:
+    """The controller's own namespace when it runs in a pod (``POD_NAMESPACE``, set by the
+    Deployment through the downward API), else ``kube-system``."""
+    ns = os.environ.get("POD_NAMESPACE", "").strip()
+    if not ns:
+        return "kube-system"
+    if not _DNS_NAME.match(ns):
+        raise doc.error(
+            "kubernetes.lease_namespace",
+            f"not set, and POD_NAMESPACE={_show(ns)} is not a namespace name; set it explicitly",
+        )
+    return ns
+
+
 def _parse(doc: _Doc) -> Config:
     r = _readers(doc)
     top = _Section(doc, "", doc.root, _TOP_KEYS)
@@ -773,7 +788,7 @@ def _parse(doc: _Doc) -> Config:
         concurrency=ks.get("concurrency", r.positive_int, 8),
         release_on_exit=ks.get("release_on_exit", r.boolean, False),
         lease_name=ks.get("lease_name", r.string, "detnet-controller"),
-        lease_namespace=ks.get("lease_namespace", r.string, "kube-system"),
+        lease_namespace=ks.get("lease_namespace", r.string, None) or _lease_namespace_default(doc),
     )
     ms = _Section(doc, "metrics", top.data.get("metrics") or {}, ("listen",))
     listen = ms.get("listen", r.listen, "0.0.0.0:9108")

@@ -89,6 +89,8 @@ class RecordedRequest:
     query: Mapping[str, str]
     content_type: str
     body: Any  # parsed JSON, or None
+    at: float = 0.0  # wall-clock time.time() of arrival: comparable with other processes' logs
+    user_agent: str = ""  # tells the clients of several processes apart
 
 
 @dataclass
@@ -577,6 +579,7 @@ class ApiServerEmulator:
     # --- HTTP ------------------------------------------------------------------
 
     async def _handle(self, request: web.Request) -> web.StreamResponse:
+        arrived = time.time()
         try:
             body: Any = None
             raw = await request.read()
@@ -597,6 +600,8 @@ class ApiServerEmulator:
                     query=dict(request.query),
                     content_type=request.headers.get("Content-Type", ""),
                     body=body,
+                    at=arrived,
+                    user_agent=request.headers.get("User-Agent", ""),
                 )
             )
             fault = self._take_fault(f"{verb} {request.path}")
@@ -769,9 +774,14 @@ class ApiServerEmulator:
     ) -> None:
         while not self._closing:
             wake.clear()
-            for ev in list(self._log):
+            # The log is in resourceVersion order: walk back to the first unseen event
+            # instead of scanning the whole history on every wake (O(new), not O(history)).
+            fresh: list[_WatchEvent] = []
+            for ev in reversed(self._log):
                 if ev.rv <= since:
-                    continue
+                    break
+                fresh.append(ev)
+            for ev in reversed(fresh):
                 since = ev.rv
                 r, n, _ = ev.key
                 labels = ev.obj["metadata"].get("labels") or {}

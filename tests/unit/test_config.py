@@ -297,3 +297,20 @@ def test_exponent_floats_are_numbers() -> None:
     ].max_jitter_ms == pytest.approx(0.001)
     msg = bad(GOOD.replace("max_jitter_ms: 1.0", 'max_jitter_ms: "1e-3"'))
     assert msg.endswith('must be a positive number, got "1e-3"')
+
+
+def test_lease_namespace_defaults_to_pod_namespace(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("POD_NAMESPACE", raising=False)
+    assert parse_config(GOOD).kubernetes.lease_namespace == "kube-system"
+    monkeypatch.setenv("POD_NAMESPACE", "detnet-system")
+    assert parse_config(GOOD).kubernetes.lease_namespace == "detnet-system"
+    assert parse_config(GOOD).to_dict()["kubernetes"]["lease_namespace"] == "detnet-system"
+    # An explicit value wins over the downward API's.
+    explicit = GOOD + "kubernetes:\n  lease_namespace: ops\n"
+    assert parse_config(explicit).kubernetes.lease_namespace == "ops"
+
+
+def test_bad_pod_namespace_is_a_config_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("POD_NAMESPACE", "Not_A_Namespace")
+    with pytest.raises(ConfigError, match=r"kubernetes\.lease_namespace: not set, and POD_NAME"):
+        parse_config(GOOD)
