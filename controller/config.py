@@ -123,7 +123,7 @@ class KubernetesSettings:
     """How the Kubernetes enforcer talks to the API server."""
 
     mode: KubernetesMode = "annotation"
-    qps: float = 20.0
+    qps: float = 100.0
     concurrency: int = 8
     release_on_exit: bool = False
     lease_name: str = "detnet-controller"
@@ -784,7 +784,7 @@ def _parse(doc: _Doc) -> Config:
         raise ks.err("mode", f"must be annotation or template, got {_show(mode)}")
     kubernetes = KubernetesSettings(
         mode=mode,  # type: ignore[arg-type]
-        qps=ks.get("qps", r.positive, 20.0),
+        qps=ks.get("qps", r.positive, 100.0),
         concurrency=ks.get("concurrency", r.positive_int, 8),
         release_on_exit=ks.get("release_on_exit", r.boolean, False),
         lease_name=ks.get("lease_name", r.string, "detnet-controller"),
