@@ -82,11 +82,14 @@ def detnet_stream(
         "--interval", f"{interval_us}us", "--duration", f"{WARMUP_S + duration_s}s",
         "--size", str(PROBE_SIZE), "--stream",
     ]  # fmt: skip
-    proc = subprocess.Popen(
-        cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=None if env is None else env
-    )
-    cpu = _steady_cpu(proc, rate=rate, duration_s=duration_s)
-    records = [json.loads(line) for line in _finish(proc, "detnet probe").splitlines() if line]
+    # The stream goes to a file: a pipe nobody reads until the end would fill and block
+    # the prober mid-run.
+    with tempfile.TemporaryFile() as out:
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.PIPE, env=env)
+        cpu = _steady_cpu(proc, rate=rate, duration_s=duration_s)
+        _finish(proc, "detnet probe")
+        out.seek(0)
+        records = [json.loads(line) for line in out if line.strip()]
     if not records:
         raise BenchError("detnet probe streamed no records")
     first = min(r["sent_ns"] for r in records)
