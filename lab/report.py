@@ -1,0 +1,304 @@
+"""The lab's figures, computed from recorded samples: sans-I/O, so tests feed it synthetic runs.
+
+Input per run: every critical probe (app, time since the run started, RTT or lost), the
+best-effort goodput per second, and the controller's decisions. Output: the report the
+issue specifies (``build_report``), a text table (``format_table``) and per-second series
+for the live view and the plot (``series``).
+
+Definitions (docs/lab.md):
+
+- a *window* is one second; an app is *within SLO* in a window when it has probes there and
+  each configured SLO holds: IQR jitter, p99 RTT (``max_latency_ms``), queueing delay (p90
+  RTT minus the base RTT, the app's minimum RTT in the quiet phase), loss ratio;
+- *time to protect*: seconds from congestion start to the start of the first one-second
+  window (sliding in 0.1 s steps) in which every app is within SLO; None if none is;
+- *SLO attainment*: share of whole one-second windows from congestion start + time to
+  protect until congestion end in which every app is within SLO (from congestion start
+  when time to protect is None);
+- *best-effort utilisation*: mean best-effort goodput over the same span, divided by the
+  spare capacity (bottleneck minus the critical load).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+PHASES = ("quiet", "congestion", "recovery")
+_SLIDE_S = 0.1
+_FIGURES = ("rtt_p50_ms", "rtt_p99_ms", "jitter_iqr_ms", "queue_delay_ms", "loss_ratio")
+
+
+@dataclass(frozen=True, kw_only=True)
+class AppSlo:
+    """A critical app's thresholds; None means not evaluated."""
+
+    name: str
+    max_jitter_ms: float | None = None
+    max_latency_ms: float | None = None
+    max_queue_delay_ms: float | None = None
+    max_loss_ratio: float | None = None
+
+
+@dataclass(frozen=True, kw_only=True)
+class Timeline:
+    """Phase durations in seconds; a run starts at 0 with the quiet phase."""
+
+    quiet_s: float
+    congestion_s: float
+    recovery_s: float
+
+    def bounds(self, phase: str) -> tuple[float, float]:
+        """[start, end) of ``phase`` in seconds since the run started."""
+        q, c = self.quiet_s, self.quiet_s + self.congestion_s
+        return {"quiet": (0.0, q), "congestion": (q, c), "recovery": (c, c + self.recovery_s)}[
+            phase
+        ]
+
+    @property
+    def total_s(self) -> float:
+        """Length of one run."""
+        return self.quiet_s + self.congestion_s + self.recovery_s
+
+
+@dataclass(frozen=True, kw_only=True)
+class RunData:
+    """What one run recorded. Times are seconds since the run started.
+
+    ``probes`` maps an app to (t, rtt_ms) pairs, rtt NaN when the probe was lost;
+    ``goodput`` holds (t_end, Mbit/s) per one-second sink report, best-effort apps summed;
+    ``limits`` holds (t, total Mbit/s of the best-effort caps) after each decision."""
+
+    probes: Mapping[str, Sequence[tuple[float, float]]]
+    goodput: Sequence[tuple[float, float]] = ()
+    decisions: Sequence[Mapping[str, Any]] = ()
+    limits: Sequence[tuple[float, float]] = ()
+    arrays: dict[str, np.ndarray] = field(default_factory=dict, repr=False, compare=False)
+
+    def samples(self, app: str) -> np.ndarray:
+        """(n, 2) array of (t, rtt_ms) for ``app``, sorted by time."""
+        if app not in self.arrays:
+            a = np.asarray(self.probes.get(app, ()), dtype=float).reshape(-1, 2)
+            self.arrays[app] = a[np.argsort(a[:, 0], kind="stable")]
+        return self.arrays[app]
+
+
+@dataclass(frozen=True, kw_only=True)
+class AppStats:
+    """Figures for one app over some span; None where there is no data."""
+
+    rtt_p50_ms: float | None
+    rtt_p99_ms: float | None
+    jitter_iqr_ms: float | None
+    queue_delay_ms: float | None
+    loss_ratio: float | None
+
+    def as_dict(self) -> dict[str, float | None]:
+        """The JSON form."""
+        return {k: getattr(self, k) for k in _FIGURES}
+
+
+def app_stats(rtt_ms: np.ndarray, *, base_ms: float | None) -> AppStats:
+    """Figures over ``rtt_ms`` (NaN = lost probe); queueing delay is p90 minus ``base_ms``."""
+    if rtt_ms.size == 0:
+        return AppStats(
+            rtt_p50_ms=None,
+            rtt_p99_ms=None,
+            jitter_iqr_ms=None,
+            queue_delay_ms=None,
+            loss_ratio=None,
+        )
+    got = rtt_ms[~np.isnan(rtt_ms)]
+    loss = 1.0 - got.size / rtt_ms.size
+    if got.size == 0:
+        return AppStats(
+            rtt_p50_ms=None,
+            rtt_p99_ms=None,
+            jitter_iqr_ms=None,
+            queue_delay_ms=None,
+            loss_ratio=loss,
+        )
+    q25, p50, q75, p90, p99 = np.percentile(got, [25, 50, 75, 90, 99])
+    return AppStats(
+        rtt_p50_ms=float(p50),
+        rtt_p99_ms=float(p99),
+        jitter_iqr_ms=float(q75 - q25),
+        queue_delay_ms=None if base_ms is None else max(0.0, float(p90) - base_ms),
+        loss_ratio=loss,
+    )
+
+
+def within_slo(stats: AppStats, slo: AppSlo) -> bool:
+    """True when every configured SLO holds; a span without replies never qualifies."""
+    if stats.rtt_p50_ms is None:
+        return False
+    checks = (
+        (stats.jitter_iqr_ms, slo.max_jitter_ms),
+        (stats.rtt_p99_ms, slo.max_latency_ms),
+        (stats.queue_delay_ms, slo.max_queue_delay_ms),
+        (stats.loss_ratio, slo.max_loss_ratio),
+    )
+    return all(limit is None or (value is not None and value <= limit) for value, limit in checks)
+
+
+def _span(samples: np.ndarray, start: float, end: float) -> np.ndarray:
+    lo, hi = np.searchsorted(samples[:, 0], [start, end], side="left")
+    return samples[lo:hi, 1]
+
+
+def base_rtts(run: RunData, slos: Sequence[AppSlo], timeline: Timeline) -> dict[str, float | None]:
+    """Each app's base RTT: its minimum in the quiet phase (else over the whole run)."""
+    out: dict[str, float | None] = {}
+    for slo in slos:
+        s = run.samples(slo.name)
+        quiet = _span(s, *timeline.bounds("quiet"))
+        for candidate in (quiet, s[:, 1]):
+            got = candidate[~np.isnan(candidate)]
+            if got.size:
+                out[slo.name] = float(got.min())
+                break
+        else:
+            out[slo.name] = None
+    return out
+
+
+def _all_within(
+    run: RunData, slos: Sequence[AppSlo], base: Mapping[str, float | None], start: float, end: float
+) -> bool:
+    return all(
+        within_slo(app_stats(_span(run.samples(s.name), start, end), base_ms=base[s.name]), s)
+        for s in slos
+    )
+
+
+def _mean_goodput(run: RunData, start: float, end: float) -> float | None:
+    # a sink report at t_end covers [t_end - 1, t_end): count only reports wholly inside
+    # the span, so a phase never borrows a neighbour's traffic
+    vals = [mbps for t_end, mbps in run.goodput if t_end - 1.0 >= start and t_end <= end]
+    return float(np.mean(vals)) if vals else None
+
+
+def summarise_run(
+    run: RunData,
+    *,
+    slos: Sequence[AppSlo],
+    timeline: Timeline,
+    bottleneck_mbps: float,
+    critical_mbps: float = 0.0,
+) -> dict[str, Any]:
+    """One RUN of the report: time to protect, SLO attainment, utilisation, phases."""
+    base = base_rtts(run, slos, timeline)
+    c_start, c_end = timeline.bounds("congestion")
+    ttp: float | None = None
+    for k in range(max(0, math.floor((c_end - c_start - 1.0) / _SLIDE_S + 1e-9) + 1)):
+        if _all_within(run, slos, base, c_start + k * _SLIDE_S, c_start + k * _SLIDE_S + 1.0):
+            ttp = round(k * _SLIDE_S, 3)
+            break
+    from_s = c_start + (ttp or 0.0)
+    n_windows = math.floor(c_end - from_s + 1e-9)
+    good = sum(_all_within(run, slos, base, from_s + i, from_s + i + 1.0) for i in range(n_windows))
+    attainment = good / n_windows if n_windows > 0 else None
+    spare = bottleneck_mbps - critical_mbps
+    be = _mean_goodput(run, from_s, c_end)
+    phases: dict[str, Any] = {}
+    for phase in PHASES:
+        start, end = timeline.bounds(phase)
+        phases[phase] = {
+            "apps": {
+                s.name: app_stats(
+                    _span(run.samples(s.name), start, end), base_ms=base[s.name]
+                ).as_dict()
+                for s in slos
+            },
+            "best_effort_mbps": _mean_goodput(run, start, end),
+        }
+    return {
+        "time_to_protect_s": ttp,
+        "slo_attainment": attainment,
+        "best_effort_utilisation": None if be is None or spare <= 0 else be / spare,
+        "phases": phases,
+        "decisions": [dict(d) for d in run.decisions],
+    }
+
+
+def build_report(
+    config: Mapping[str, Any], runs: Mapping[str, Mapping[str, Any]]
+) -> dict[str, Any]:
+    """The ``--json`` document: ``{"config": ..., "runs": {RUN NAME: RUN}}``."""
+    return {"config": dict(config), "runs": {name: dict(run) for name, run in runs.items()}}
+
+
+# ---------------------------------------------------------------------------- views
+
+
+def series(run: RunData, app: str, *, step_s: float = 1.0) -> dict[str, np.ndarray]:
+    """Per-window series of ``app``: window end t, p50 and IQR (ms), for plots and live view."""
+    s = run.samples(app)
+    if not s.size:
+        empty = np.empty(0)
+        return {"t": empty, "p50": empty, "iqr": empty}
+    ends = np.arange(step_s, s[-1, 0] + step_s, step_s)
+    p50, iqr = [], []
+    for end in ends:
+        stats = app_stats(_span(s, end - step_s, end), base_ms=None)
+        p50.append(np.nan if stats.rtt_p50_ms is None else stats.rtt_p50_ms)
+        iqr.append(np.nan if stats.jitter_iqr_ms is None else stats.jitter_iqr_ms)
+    return {"t": ends, "p50": np.asarray(p50), "iqr": np.asarray(iqr)}
+
+
+def _fmt(value: float | None, spec: str = ".2f") -> str:
+    return "-" if value is None else format(value, spec)
+
+
+def format_table(report: Mapping[str, Any]) -> str:
+    """The end-of-run report as aligned text."""
+    lines: list[str] = []
+    header = (
+        f"{'run':<19}{'phase':<11}{'app':<17}{'p50 ms':>8}{'p99 ms':>8}{'IQR ms':>8}"
+        f"{'queue ms':>9}{'loss':>7}{'BE Mbit/s':>10}"
+    )
+    lines.append(header)
+    lines.append("-" * len(header))
+    for run_name, run in report["runs"].items():
+        for phase in PHASES:
+            p = run["phases"][phase]
+            first = True
+            for app, st in p["apps"].items():
+                loss = _fmt(None if st["loss_ratio"] is None else 100 * st["loss_ratio"], ".1f")
+                be = _fmt(p["best_effort_mbps"], ".1f") if first else ""
+                lines.append(
+                    f"{run_name if first and phase == 'quiet' else '':<19}"
+                    f"{phase if first else '':<11}{app:<17}"
+                    f"{_fmt(st['rtt_p50_ms']):>8}{_fmt(st['rtt_p99_ms']):>8}"
+                    f"{_fmt(st['jitter_iqr_ms']):>8}{_fmt(st['queue_delay_ms']):>9}"
+                    f"{loss + '%':>7}"
+                    f"{be:>10}"
+                )
+                first = False
+        ttp, att, util = (
+            run["time_to_protect_s"],
+            run["slo_attainment"],
+            run["best_effort_utilisation"],
+        )
+        lines.append(
+            f"{'':<19}time to protect {_fmt(ttp, '.1f')} s, SLO attainment "
+            f"{_fmt(None if att is None else 100 * att, '.0f')}%, best-effort utilisation "
+            f"{_fmt(None if util is None else 100 * util, '.0f')}%, "
+            f"{len(run['decisions'])} decisions"
+        )
+        lines.append("")
+    return "\n".join(lines).rstrip() + "\n"
+
+
+def decisions_total_limits(decisions: Iterable[Mapping[str, Any]]) -> list[tuple[float, float]]:
+    """(t, sum of limits) after each decision that carries ``t_s`` and ``limits``."""
+    out = []
+    for d in decisions:
+        limits = d.get("limits")
+        if isinstance(limits, Mapping) and "t_s" in d:
+            out.append((float(d["t_s"]), float(sum(float(v) for v in limits.values()))))
+    return out

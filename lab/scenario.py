@@ -1,0 +1,512 @@
+"""The lab scenario: quiet, congestion, recovery; once without the controller, once with it.
+
+Both runs share the topology and the timeline. The critical apps' endpoints (``detnet
+reflect``) and the sink run throughout; each run starts its measuring process in the
+probe namespace (``detnet probe`` without the controller, ``detnet control --enforcer tc``
+with it; both stream every probe as a JSON line), waits until every app answers, then:
+quiet for ``quiet_s``, best-effort senders for ``congestion_s`` (launched ahead and told
+the start time, so traffic begins on the second), and ``recovery_s`` after they stop.
+
+Nothing here imports the controller: it runs the ``detnet`` CLI as subprocesses, with a
+config file generated in the controller's own form (docs/config.md).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import IO, Any
+
+import yaml
+
+from detnet.lab.errors import LabError
+from detnet.lab.report import AppSlo, RunData, Timeline, build_report, summarise_run
+from detnet.lab.topology import BEST_EFFORT, POD_DEVICE, Topology
+
+UDP_PORT = 7000
+TCP_PORT = 7001
+SINK_PORT = 5001
+METRICS_PORT = 9108
+_DETNET = [sys.executable, "-m", "detnet.controller"]
+_TRAFFIC = [sys.executable, "-m", "detnet.lab.traffic"]
+_PROBE_BYTES = 64 + 8 + 20 + 14  # payload + UDP + IPv4 + Ethernet, for the critical load
+
+
+@dataclass(frozen=True, kw_only=True)
+class LabSettings:
+    """Everything a lab run can be told; defaults make a ~1 minute run that meets the SLOs."""
+
+    quiet_s: float = 5.0
+    congestion_s: float = 20.0
+    recovery_s: float = 5.0
+    bottleneck_mbps: float = 100.0
+    buffer_ms: float = 30.0
+    steady_flows: int = 2  # erp-dashboard
+    bursty_flows: int = 4  # telemetry-upload
+    upload_bytes: int = 1_500_000  # per telemetry upload: bursts, then silence
+    upload_period_s: float = 1.0
+    # robot-control (UDP) and safety-scanner (TCP connect) SLOs and probe cadence
+    robot_jitter_ms: float = 1.0
+    robot_latency_ms: float = 5.0
+    robot_queue_delay_ms: float = 2.0
+    scanner_jitter_ms: float = 2.0
+    scanner_latency_ms: float = 10.0
+    max_loss_ratio: float = 0.02
+    probe_interval_s: float = 0.01
+    window_s: float = 1.0
+    control_interval_s: float = 0.1
+    # the asymmetric AIMD policy
+    decrease_factor: float = 0.25
+    # a cooldown of the window plus a bit: the next cut sees only post-cut samples
+    decrease_cooldown_s: float = 1.5
+    increase_step: int = 2  # per target: two targets add 4 Mbit/s at a time
+    increase_interval_s: float = 10.0
+    stable_fraction: float = 0.5
+    # a guaranteed floor per best-effort target (2 x 40 = 80 % of the uplink): the
+    # policy cuts from measured usage, which at the onset of a burst covers a partly idle
+    # control interval and undershoots; the floor keeps such a cut from starving them
+    min_bandwidth: int = 40
+    max_bandwidth: int = 100
+
+    def __post_init__(self) -> None:
+        for name in ("quiet_s", "congestion_s", "recovery_s", "bottleneck_mbps", "buffer_ms"):
+            if not getattr(self, name) > 0:
+                raise LabError(f"{name.replace('_', ' ')} must be positive")
+        if self.congestion_s < 2.0:
+            raise LabError("the congestion phase needs at least 2 s to measure anything")
+        if self.steady_flows < 1 or self.bursty_flows < 1 or self.upload_bytes < 1:
+            raise LabError("flows and upload size must be at least 1")
+
+    @property
+    def timeline(self) -> Timeline:
+        """The phase durations."""
+        return Timeline(
+            quiet_s=self.quiet_s, congestion_s=self.congestion_s, recovery_s=self.recovery_s
+        )
+
+    def slos(self) -> list[AppSlo]:
+        """The critical apps' SLOs, as the report evaluates them."""
+        return [
+            AppSlo(
+                name="robot-control",
+                max_jitter_ms=self.robot_jitter_ms,
+                max_latency_ms=self.robot_latency_ms,
+                max_queue_delay_ms=self.robot_queue_delay_ms,
+                max_loss_ratio=self.max_loss_ratio,
+            ),
+            AppSlo(
+                name="safety-scanner",
+                max_jitter_ms=self.scanner_jitter_ms,
+                max_latency_ms=self.scanner_latency_ms,
+                max_loss_ratio=self.max_loss_ratio,
+            ),
+        ]
+
+    @property
+    def critical_mbps(self) -> float:
+        """What the probes themselves send through the bottleneck (replies), Mbit/s."""
+        return 2 * _PROBE_BYTES * 8 / self.probe_interval_s / 1e6
+
+
+def controller_config(settings: LabSettings, topology: Topology) -> dict[str, Any]:
+    """The ``detnet control``/``detnet probe`` config for this lab, in the controller's form."""
+    s = settings
+    return {
+        "critical_apps": [
+            {
+                "name": "robot-control",
+                "host": topology.address("robot-control"),
+                "port": UDP_PORT,
+                "protocol": "udp",
+                "max_jitter_ms": s.robot_jitter_ms,
+                "max_latency_ms": s.robot_latency_ms,
+                "max_queue_delay_ms": s.robot_queue_delay_ms,
+                "max_loss_ratio": s.max_loss_ratio,
+                "priority": 100,
+            },
+            {
+                "name": "safety-scanner",
+                "host": topology.address("safety-scanner"),
+                "port": TCP_PORT,
+                "protocol": "tcp",
+                "mode": "connect",
+                "max_jitter_ms": s.scanner_jitter_ms,
+                "max_latency_ms": s.scanner_latency_ms,
+                "max_loss_ratio": s.max_loss_ratio,
+                "priority": 90,
+            },
+        ],
+        "best_effort_targets": [
+            {"name": app, "tc": {"device": POD_DEVICE, "netns": topology.ns(app)}}
+            for app in BEST_EFFORT
+        ],
+        "control": {
+            "probe_interval": f"{s.probe_interval_s * 1000:g}ms",
+            "control_interval": f"{s.control_interval_s * 1000:g}ms",
+            "window": f"{s.window_s * 1000:g}ms",
+        },
+        "policy": {
+            "decrease_factor": s.decrease_factor,
+            "decrease_cooldown": f"{s.decrease_cooldown_s * 1000:g}ms",
+            "increase_step": s.increase_step,
+            "increase_interval": f"{s.increase_interval_s * 1000:g}ms",
+            "stable_fraction": s.stable_fraction,
+            "min_bandwidth": s.min_bandwidth,
+            "max_bandwidth": s.max_bandwidth,
+        },
+        "metrics": {"listen": f"{topology.address('probe')}:{METRICS_PORT}"},
+    }
+
+
+# ------------------------------------------------------------------------ recording
+
+
+class _Recorder:
+    """Collects one run's probes (from the stream file), goodput and decisions."""
+
+    def __init__(self, stream: Path, ip_to_app: Mapping[str, str]) -> None:
+        self.stream = stream
+        self.ip_to_app = ip_to_app
+        self.t0 = 0.0  # unix time of the run's start
+        self.probes: dict[str, list[tuple[float, float]]] = {}
+        self.goodput: list[tuple[float, float]] = []
+        self.goodput_by_app: dict[str, float] = {}
+        self.decisions: list[dict[str, Any]] = []
+        self.limits: list[tuple[float, float]] = []
+        self._offset = 0
+        self._partial = b""
+        self._mono_to_unix = time.time() - time.monotonic()
+        self._lock = threading.Lock()
+
+    def read_stream(self) -> int:
+        """Parse probe lines appended since the last call; return how many."""
+        try:
+            with self.stream.open("rb") as f:
+                f.seek(self._offset)
+                data = f.read()
+        except FileNotFoundError:
+            return 0
+        self._offset += len(data)
+        data, self._partial = self._partial + data, b""
+        lines = data.split(b"\n")
+        self._partial = lines.pop()  # an incomplete last line waits for the next read
+        n = 0
+        for line in lines:
+            if not line.strip():
+                continue
+            try:
+                rec = json.loads(line)
+                sent_ns = int(rec["sent_ns"])
+                name = str(rec["target"])
+            except (ValueError, KeyError, TypeError):
+                continue  # a line that is not a probe record (a stats line, a warning)
+            # sent_ns is CLOCK_REALTIME or CLOCK_MONOTONIC: tell them apart by magnitude
+            sent_s = sent_ns / 1e9
+            if abs(sent_s - time.time()) > 86_400:
+                sent_s += self._mono_to_unix
+            rtt = rec.get("rtt_ns")
+            if rtt is None:
+                rtt = rec.get("user_rtt_ns")
+            rtt_ms = math.nan if rec.get("lost") or rtt is None else float(rtt) / 1e6
+            self.probes.setdefault(name, []).append((sent_s - self.t0, rtt_ms))
+            n += 1
+        return n
+
+    def sink_line(self, line: bytes) -> None:
+        """A line of the sink's per-second report."""
+        try:
+            rec = json.loads(line)
+            ts = float(rec["ts"])
+            counts = rec["bytes"]
+        except (ValueError, KeyError, TypeError):
+            return
+        with self._lock:
+            per_app = {app: counts.get(ip, 0) * 8 / 1e6 for ip, app in self.ip_to_app.items()}
+            self.goodput_by_app = per_app
+            self.goodput.append((ts - self.t0, sum(per_app.values())))
+
+    def control_line(self, line: bytes) -> None:
+        """A line of ``detnet control``'s stdout; decisions are kept."""
+        try:
+            rec = json.loads(line)
+        except ValueError:
+            return
+        if not isinstance(rec, dict) or rec.get("event") != "decision":
+            return
+        ts = rec.get("ts")
+        t = float(ts) if isinstance(ts, int | float) else time.time()
+        rec["t_s"] = round(t - self.t0, 3)
+        limits = rec.get("limits")
+        with self._lock:
+            self.decisions.append(rec)
+            if isinstance(limits, dict):
+                self.limits.append((t - self.t0, float(sum(limits.values()))))
+
+    def run_data(self) -> RunData:
+        """What was recorded, for the report."""
+        with self._lock:
+            return RunData(
+                probes={k: list(v) for k, v in self.probes.items()},
+                goodput=list(self.goodput),
+                decisions=list(self.decisions),
+                limits=list(self.limits),
+            )
+
+
+def _pump(stream: IO[bytes] | None, handle: Callable[[bytes], None]) -> threading.Thread:
+    """Feed each line of a child's stdout to ``handle`` on a daemon thread."""
+
+    def loop() -> None:
+        assert stream is not None
+        for line in stream:
+            handle(line)
+
+    t = threading.Thread(target=loop, daemon=True)
+    t.start()
+    return t
+
+
+# ---------------------------------------------------------------------------- runs
+
+View = Callable[[str, float, str, _Recorder], None]
+
+
+def run_lab(
+    settings: LabSettings, *, view: View | None = None, log: Callable[[str], None] = print
+) -> dict[str, Any]:
+    """Build the topology, run both scenarios, tear down; return the report (JSON form)."""
+    with (
+        Topology(bottleneck_mbps=settings.bottleneck_mbps, buffer_ms=settings.buffer_ms) as topo,
+        tempfile.TemporaryDirectory(prefix="detnet-lab-") as tmp,
+    ):
+        cfg = controller_config(settings, topo)
+        cfg_path = Path(tmp) / "lab.yaml"
+        cfg_path.write_text(yaml.safe_dump(cfg, sort_keys=False))
+        log(
+            f"lab: namespaces {topo.prefix}*, bottleneck {settings.bottleneck_mbps:g} Mbit/s, "
+            f"buffer {settings.buffer_ms:g} ms"
+        )
+        forward = _Forward()
+        sink = _start_endpoints(topo)
+        _pump(sink.stdout, forward)
+        runs: dict[str, Any] = {}
+        for name in ("without_controller", "with_controller"):
+            log(f"lab: run {name.replace('_', ' ')} ({settings.timeline.total_s:g} s)")
+            data = _one_run(
+                settings,
+                topo,
+                cfg_path=cfg_path,
+                controlled=name == "with_controller",
+                tmp=Path(tmp),
+                name=name,
+                view=view,
+                forward=forward,
+            )
+            runs[name] = summarise_run(
+                data,
+                slos=settings.slos(),
+                timeline=settings.timeline,
+                bottleneck_mbps=settings.bottleneck_mbps,
+                critical_mbps=settings.critical_mbps,
+            )
+            runs[name]["_data"] = data  # for the plot; dropped from the JSON by the caller
+        return build_report({"lab": asdict(settings), "controller": cfg}, runs)
+
+
+def _start_endpoints(topo: Topology) -> subprocess.Popen[bytes]:
+    topo.spawn(
+        "robot-control",
+        [*_DETNET, "reflect", "--udp", f"0.0.0.0:{UDP_PORT}", "--stats-interval", "0"],
+    )
+    topo.spawn(
+        "safety-scanner",
+        [*_DETNET, "reflect", "--tcp", f"0.0.0.0:{TCP_PORT}", "--stats-interval", "0"],
+    )
+    sink = topo.spawn(
+        "sink", [*_TRAFFIC, "sink", "--listen", f"0.0.0.0:{SINK_PORT}"], stdout=subprocess.PIPE
+    )
+    topo.wait_for_port("robot-control", UDP_PORT, proto="udp")
+    topo.wait_for_port("safety-scanner", TCP_PORT)
+    topo.wait_for_port("sink", SINK_PORT)
+    return sink
+
+
+def _one_run(
+    settings: LabSettings,
+    topo: Topology,
+    *,
+    cfg_path: Path,
+    controlled: bool,
+    tmp: Path,
+    name: str,
+    view: View | None,
+    forward: _Forward,
+) -> RunData:
+    for app in BEST_EFFORT:  # each run starts unshaped
+        subprocess.run(
+            ["tc", "-n", topo.ns(app), "qdisc", "del", "dev", POD_DEVICE, "root"],
+            capture_output=True,
+            check=False,
+        )
+    stream = tmp / f"{name}.jsonl"
+    ip_to_app = {topo.address(app): app for app in BEST_EFFORT}
+    rec = _Recorder(stream, ip_to_app)
+    out: Any = subprocess.PIPE if controlled else subprocess.DEVNULL
+    if controlled:
+        argv = [
+            *_DETNET,
+            "control",
+            "--config",
+            str(cfg_path),
+            "--enforcer",
+            "tc",
+            "--log-format",
+            "json",
+            "--stream",
+            str(stream),
+        ]
+    elif _probe_takes_config():  # `detnet probe --stream` writes the records to stdout
+        argv = [*_DETNET, "probe", "--config", str(cfg_path), "--stream"]
+        out = stream.open("wb")
+    else:  # the same engine and measurements, deciding but enforcing nothing
+        argv = [
+            *_DETNET,
+            "control",
+            "--config",
+            str(cfg_path),
+            "--dry-run",
+            "--log-format",
+            "json",
+            "--stream",
+            str(stream),
+        ]
+    try:
+        measurer = topo.spawn("probe", argv, stdout=out)
+    finally:
+        if not isinstance(out, int):
+            out.close()  # the child holds its own copy
+    if controlled:
+        _pump(measurer.stdout, rec.control_line)
+    try:
+        _wait_warm(rec, measurer, what=argv[3], timeout_s=15.0)
+        rec.t0 = time.time() + 1.0  # one more second so the window holds quiet samples only
+        rec.probes.clear()
+        tl = settings.timeline
+        c_start, c_end = tl.bounds("congestion")
+        senders: list[subprocess.Popen[bytes]] = []
+        launched = False
+        stopped = False
+        forward.rec = rec
+        while (now := time.time() - rec.t0) < tl.total_s:
+            if not launched and now >= c_start - 1.5:
+                at = f"{rec.t0 + c_start:.6f}"
+                senders.append(
+                    topo.spawn(
+                        "erp-dashboard",
+                        [
+                            *_TRAFFIC,
+                            "send",
+                            "--to",
+                            f"{topo.address('sink')}:{SINK_PORT}",
+                            "--mode",
+                            "steady",
+                            "--flows",
+                            str(settings.steady_flows),
+                            "--start-at",
+                            at,
+                        ],
+                    )
+                )
+                senders.append(
+                    topo.spawn(
+                        "telemetry-upload",
+                        [
+                            *_TRAFFIC,
+                            "send",
+                            "--to",
+                            f"{topo.address('sink')}:{SINK_PORT}",
+                            "--mode",
+                            "bursty",
+                            "--flows",
+                            str(settings.bursty_flows),
+                            "--upload-bytes",
+                            str(settings.upload_bytes),
+                            "--period",
+                            str(settings.upload_period_s),
+                            "--start-at",
+                            at,
+                        ],
+                    )
+                )
+                launched = True
+            if launched and not stopped and now >= c_end:
+                for proc in senders:
+                    topo.stop(proc, timeout_s=2.0)
+                stopped = True
+            if measurer.poll() is not None:
+                raise LabError(
+                    f"`detnet {'control' if controlled else 'probe'}` exited with status "
+                    f"{measurer.returncode} during the {name.replace('_', ' ')} run"
+                )
+            rec.read_stream()
+            if view is not None:
+                phase = "quiet" if now < c_start else "congestion" if now < c_end else "recovery"
+                view(name, now, phase, rec)
+            time.sleep(0.25)
+        for proc in senders:
+            topo.stop(proc, timeout_s=2.0)
+    finally:
+        forward.rec = None
+        topo.stop(measurer, timeout_s=10.0)
+    rec.read_stream()
+    return rec.run_data()
+
+
+def _probe_takes_config() -> bool:
+    """Whether this ``detnet probe`` reads a config file and streams probes."""
+    out = subprocess.run(
+        [*_DETNET, "probe", "--help"], capture_output=True, text=True, check=False, timeout=30
+    ).stdout
+    return "--config" in out and "--stream" in out and "--stream FILE" not in out
+
+
+def _wait_warm(
+    rec: _Recorder, measurer: subprocess.Popen[bytes], *, what: str, timeout_s: float
+) -> None:
+    """Wait until every critical app has answered a probe."""
+    deadline = time.monotonic() + timeout_s
+    rec.t0 = time.time()
+    while time.monotonic() < deadline:
+        if measurer.poll() is not None:
+            raise LabError(
+                f"`detnet {what}` exited with status "
+                f"{measurer.returncode} before probing started (see its message above)"
+            )
+        rec.read_stream()
+        answered = {
+            app for app, samples in rec.probes.items() if any(not math.isnan(r) for _, r in samples)
+        }
+        if {"robot-control", "safety-scanner"} <= answered:
+            return
+        time.sleep(0.1)
+    raise LabError(f"the critical apps did not answer probes within {timeout_s:g} s")
+
+
+class _Forward:
+    """Routes the sink's per-second reports (read for the whole lab) to the current run."""
+
+    def __init__(self) -> None:
+        self.rec: _Recorder | None = None
+
+    def __call__(self, line: bytes) -> None:
+        rec = self.rec
+        if rec is not None:
+            rec.sink_line(line)
