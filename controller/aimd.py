@@ -25,6 +25,7 @@ Rules (DESIGN.md, "Facts the design rests on: Control"):
 from __future__ import annotations
 
 import math
+from collections import deque
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Literal
@@ -59,6 +60,10 @@ class PolicyParams:
     # The prototype's severity multiplier: a violation k times over its threshold cuts as
     # if k cuts happened at once, k capped here. 1.0 turns it off.
     severity_max_multiplier: float = 1.0
+    # Usage is judged by its peak over this horizon: a rate read over one control step at
+    # the onset of a burst covers a mostly idle interval and would make the cut far deeper
+    # than the 20% intended (and a cap look unused right before it fills).
+    usage_window_s: float = 1.0
 
     def __post_init__(self) -> None:
         if not 0.0 < self.decrease_factor < 1.0:
@@ -73,6 +78,8 @@ class PolicyParams:
             raise ValueError("cooldown and dwell must not be negative")
         if self.severity_max_multiplier < 1.0:
             raise ValueError("severity_max_multiplier must be at least 1")
+        if self.usage_window_s < 0:
+            raise ValueError("usage_window must not be negative")
 
     def clamp(self, mbit: float) -> int:
         """Whole Mbit/s within [min_bandwidth, max_bandwidth]."""
@@ -178,6 +185,9 @@ class AsymmetricAimd:
         self.workloads = dict(workloads)
         self._last_cut_ns: int | None = None
         self._stable_since_ns: int | None = None
+        self._usage_seen: dict[str, deque[tuple[int, float]]] = {
+            name: deque() for name in self.workloads
+        }
 
     def initial_limits(self, recorded: Mapping[str, int] | None = None) -> dict[str, int]:
         """Start limits: what an enforcer recorded, else initial_bandwidth, else the maximum."""
@@ -243,6 +253,7 @@ class AsymmetricAimd:
         previous = {name: int(limits.get(name, start[name])) for name in self.workloads}
         states, no_data = self.evaluate(stats)
         violations = [s for s in states if s.violated]
+        usage = self._peak_usage(now_ns, usage)
 
         def result(action: Action, new: Mapping[str, int], reasons: list[str]) -> Decision:
             return Decision(
@@ -315,6 +326,20 @@ class AsymmetricAimd:
         if idle:
             reasons.append(f"not raising unused caps: {', '.join(idle)}")
         return result("increase", new, reasons)
+
+    def _peak_usage(self, now_ns: int, usage: Mapping[str, float]) -> dict[str, float]:
+        """Remember this step's usage; return each workload's peak over usage_window."""
+        horizon = _ns(self.params.usage_window_s)
+        peaks: dict[str, float] = {}
+        for name, seen in self._usage_seen.items():
+            used = usage.get(name)
+            if used is not None:
+                seen.append((now_ns, used))
+            while seen and now_ns - seen[0][0] > horizon:
+                seen.popleft()
+            if seen:
+                peaks[name] = max(value for _, value in seen)
+        return peaks
 
     def _cut_factor(self, violations: Sequence[SignalState]) -> float:
         """decrease_factor, compounded by severity when the multiplier is on."""

@@ -255,6 +255,7 @@ class Config:
                 "min_bandwidth": p.min_bandwidth,
                 "max_bandwidth": p.max_bandwidth,
                 "severity_max_multiplier": p.severity_max_multiplier,
+                "usage_window": _fmt_s(p.usage_window_s),
             },
             "kubernetes": {
                 "mode": k.mode,
@@ -560,6 +561,7 @@ _POLICY_KEYS = (
     "min_bandwidth",
     "max_bandwidth",
     "severity_max_multiplier",
+    "usage_window",
 )
 _K8S_KEYS = ("mode", "qps", "concurrency", "release_on_exit", "lease_name", "lease_namespace")
 
@@ -763,6 +765,7 @@ def _parse(doc: _Doc) -> Config:
         min_bandwidth=min_bw,
         max_bandwidth=max_bw,
         severity_max_multiplier=severity,
+        usage_window_s=pol.get("usage_window", r.duration, 1.0),
     )
     probe_interval = ctl.get("probe_interval", r.duration, 0.01)
     if probe_interval < 1e-4:

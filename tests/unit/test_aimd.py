@@ -267,6 +267,28 @@ def test_unused_cap_is_not_raised() -> None:
     assert any("erp" in r and "unused" in r for r in d.reasons)
 
 
+def test_cut_starts_from_peak_usage_over_the_usage_window() -> None:
+    # At the onset of a burst one control step sees mostly idle time: the cut must start
+    # from what the workload sent over the last second, not from that low reading.
+    p = policy(usage_window_s=1.0)
+    limits = {"telemetry": 100, "erp": 100}
+    p.decide(now_ns=10 * S, stats=healthy(), limits=limits, usage={"telemetry": 60.0, "erp": 50.0})
+    bad = {**healthy(), "robot-control": window("robot-control", jitter_ms=5.0)}
+    rising = {"telemetry": 12.0, "erp": 9.0}
+    d = p.decide(now_ns=10 * S + S // 2, stats=bad, limits=limits, usage=rising)
+    assert d.action == "decrease"
+    assert dict(d.limits) == {"telemetry": 48, "erp": 40}
+
+
+def test_usage_older_than_the_window_is_forgotten() -> None:
+    p = policy(usage_window_s=1.0)
+    limits = {"telemetry": 100, "erp": 100}
+    p.decide(now_ns=10 * S, stats=healthy(), limits=limits, usage={"telemetry": 60.0, "erp": 50.0})
+    bad = {**healthy(), "robot-control": window("robot-control", jitter_ms=5.0)}
+    d = p.decide(now_ns=12 * S, stats=bad, limits=limits, usage={"telemetry": 30.0, "erp": 25.0})
+    assert dict(d.limits) == {"telemetry": 24, "erp": 20}
+
+
 def test_all_idle_holds_with_reason() -> None:
     p = policy()
     limits = {"telemetry": 100, "erp": 100}
