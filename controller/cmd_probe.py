@@ -16,10 +16,11 @@ import contextlib
 import json
 import re
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, TextIO
 
+from detnet.controller.config import ControlSettings, load_config
 from detnet.controller.errors import CommandError
 from detnet.engine import runloop
 from detnet.engine.core import ProbeEngine
@@ -82,7 +83,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.add_argument("--window", help="statistics window: a time (10s) or a sample count (1000)")
     p.add_argument("--duration", help="stop after this long (default: until SIGINT/SIGTERM)")
     p.add_argument("--timeout", help="a probe with no reply by then is lost (default 1s)")
-    p.add_argument("--size", type=int, default=64, help="probe packet size in bytes (64)")
+    p.add_argument("--size", type=int, help="probe packet size in bytes (64, or the config's)")
     p.add_argument("--batch", type=int, default=1, help="probes per deadline (UDP, TCP echo)")
     p.add_argument("--poisson", action="store_true", help="Poisson spacing of the probes")
     p.add_argument("--hmac-key-file", metavar="FILE", help="shared secret for probe HMACs")
@@ -121,52 +122,31 @@ def build_targets(args: argparse.Namespace) -> tuple[list[Target], Window]:
     }
     targets: list[Target] = []
     if args.config:
-        targets += _config_targets(args.config, interval, timeout, common)
+        cfg = load_config(args.config)
+        # The config's own targets, with what the flags set on top of them.
+        flags: dict[str, Any] = {k: v for k, v in common.items() if k != "size"}
+        if args.size is not None:
+            flags["size"] = args.size
+        if interval:
+            flags["interval_ns"] = interval
+        if timeout:
+            flags["timeout_ns"] = timeout
+        targets += [replace(t, **flags) for t in cfg.targets(resolve=False)]
         if window is None:
-            window = _config_window(args.config)
+            window = _config_window(cfg.control)
     for spec in args.target:
         targets.append(
             parse_target(
                 spec,
                 interval_ns=interval or 10_000_000,
                 timeout_ns=timeout or 1_000_000_000,
-                **common,
+                **{**common, "size": args.size or 64},
             )
         )
     return targets, window or Window(10 * 10**9, None)
 
 
-def _config_targets(
-    path: str, interval: int | None, timeout: int | None, common: dict[str, Any]
-) -> list[Target]:
-    from detnet.controller.config import load_config
-
-    cfg = load_config(path)
-    out = []
-    for app in cfg.critical_apps:
-        host = app.host or app.service
-        if not host:
-            raise CommandError(f"{path}: critical app {app.name} has neither host nor service")
-        app_interval = app.interval_s or cfg.control.probe_interval_s
-        out.append(
-            Target(
-                name=app.name,
-                protocol=app.protocol,
-                host=host,
-                port=app.port,
-                mode=app.mode,
-                interval_ns=interval or round(app_interval * 1e9),
-                timeout_ns=timeout or round(cfg.control.probe_timeout_s * 1e9),
-                **{**common, "size": app.size if common["size"] == 64 else common["size"]},
-            )
-        )
-    return out
-
-
-def _config_window(path: str) -> Window | None:
-    from detnet.controller.config import load_config
-
-    control = load_config(path).control
+def _config_window(control: ControlSettings) -> Window | None:
     if control.window_samples:
         return Window(None, control.window_samples)
     if control.window_s:

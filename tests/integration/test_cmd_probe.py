@@ -133,3 +133,33 @@ async def test_bad_input_is_one_line_exit_2(args, message):
     assert len(err.strip().splitlines()) == 1, err
     assert message in err
     assert "Traceback" not in err
+
+
+async def test_config_supplies_targets_and_flags_override_them(reflector, tmp_path):
+    up, tp = reflector.udp_address[1], reflector.tcp_address[1]
+    cfg = tmp_path / "detnet.yaml"
+    cfg.write_text(
+        f"""
+critical_apps:
+  - {{name: robot-control, host: 127.0.0.1, port: {up}, protocol: UDP, max_jitter_ms: 1}}
+  - {{name: safety-scanner, host: 127.0.0.1, port: {tp}, protocol: TCP, mode: echo,
+      max_latency_ms: 10, size: 128}}
+best_effort_targets:
+  - {{deployment: telemetry-upload, namespace: factory}}
+control: {{probe_interval: 50ms}}
+"""
+    )
+    rc, out, err = await _detnet(
+        "probe", "--config", str(cfg), "--interval", "5ms", "--duration", "1s",
+        "--stream", "--json",
+    )  # fmt: skip
+    assert rc == 0, err
+    lines = out.strip().splitlines()
+    summary = json.loads(lines[-1])
+    assert set(summary["targets"]) == {"robot-control", "safety-scanner"}
+    assert summary["targets"]["safety-scanner"]["protocol"] == "tcp"
+    records = [json.loads(line) for line in lines[:-1]]
+    robot = [r for r in records if r["target"] == "robot-control"]
+    # --interval 5ms wins over the config's 50ms: about 200 probes in 1 s, not 20.
+    assert len(robot) > 60
+    assert all(not r["lost"] for r in robot)
