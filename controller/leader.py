@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 import random
 import time
@@ -30,7 +29,14 @@ import aiohttp
 from kubernetes_asyncio import client
 from kubernetes_asyncio.client.exceptions import ApiException
 
-from detnet.controller.retry import ApiErrorHook, Conflict, KubernetesApiError, NotFound, classify
+from detnet.controller.retry import (
+    ApiErrorHook,
+    Conflict,
+    KubernetesApiError,
+    NotFound,
+    classify,
+    read_json,
+)
 
 log = logging.getLogger(__name__)
 
@@ -189,22 +195,12 @@ class LeaseElector:
         """One API call, raw JSON; raises our classified errors (no retry: the election's
         own period is the retry)."""
         try:
-            resp = await op()
-            try:
-                data = await resp.read()
-                if not 200 <= resp.status <= 299:
-                    exc = ApiException(status=resp.status, reason=resp.reason)
-                    exc.body, exc.headers = data, resp.headers
-                    raise exc
-            finally:
-                resp.release()
+            return await read_json(await op(), what=what)
         except (ApiException, aiohttp.ClientError, OSError) as exc:
             err = classify(exc, what=what)
             if self._on_api_error is not None:
                 self._on_api_error(err.code)
             raise err from exc
-        result: dict[str, Any] = json.loads(data)
-        return result
 
     def _spec(self, *, acquire: bool, transitions: int) -> dict[str, Any]:
         now = _micro_time()

@@ -107,6 +107,28 @@ def _status_message(exc: ApiException) -> str:
     return str(message or exc.reason or "no message")
 
 
+async def read_json(resp: aiohttp.ClientResponse, *, what: str) -> dict[str, Any]:
+    """The JSON object of a raw (``_preload_content=False``) API response.
+
+    We skip kubernetes-asyncio's model round trip, so a non-2xx status is raised here as
+    the ApiException the client would have raised (``classify`` handles both alike)."""
+    try:
+        data = await resp.read()
+        if not 200 <= resp.status <= 299:
+            exc = ApiException(status=resp.status, reason=resp.reason)
+            exc.body, exc.headers = data, resp.headers
+            raise exc
+    finally:
+        resp.release()
+    try:
+        obj = json.loads(data)
+    except ValueError as exc:
+        raise EnforcementError(f"{what}: the API server sent invalid JSON") from exc
+    if not isinstance(obj, dict):
+        raise EnforcementError(f"{what}: the API server sent {type(obj).__name__}, not an object")
+    return obj
+
+
 def classify(exc: BaseException, *, what: str) -> KubernetesApiError:
     """Our error for ``exc`` raised while doing ``what`` (e.g. "patch pod be/web-0")."""
     if isinstance(exc, KubernetesApiError):

@@ -38,6 +38,7 @@ from detnet.controller.retry import (
     RetryPolicy,
     call_with_retry,
     classify,
+    read_json,
 )
 
 log = logging.getLogger(__name__)
@@ -327,22 +328,7 @@ class KubernetesEnforcer:
 
         async def attempt() -> JsonObj:
             await self._bucket.acquire()
-            resp = await op()
-            try:
-                data = await resp.read()
-                if not 200 <= resp.status <= 299:
-                    exc = ApiException(status=resp.status, reason=resp.reason)
-                    exc.body, exc.headers = data, resp.headers
-                    raise exc
-            finally:
-                resp.release()
-            try:
-                obj = json.loads(data)
-            except ValueError as exc:
-                raise EnforcementError(f"{what}: the API server sent invalid JSON") from exc
-            if not isinstance(obj, dict):
-                raise EnforcementError(f"{what}: the API server sent {type(obj).__name__}")
-            return obj
+            return await read_json(await op(), what=what)
 
         return await call_with_retry(
             attempt, what=what, policy=self._retry, on_api_error=self._on_api_error
