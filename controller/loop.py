@@ -84,9 +84,17 @@ class DecisionLog:
         self._last_hold: tuple[str, ...] | None = None
 
     def decision(
-        self, decision: Decision, *, enforce_s: float | None, error: str | None = None
+        self,
+        decision: Decision,
+        *,
+        enforce_s: float | None,
+        error: str | None = None,
+        at: float | None = None,
     ) -> None:
-        """Log one decision (and how long enforcing it took, if it was enforced)."""
+        """Log one decision (and how long enforcing it took, if it was enforced).
+
+        ``at`` is the wall-clock time the decision was taken (default: now); the line is
+        written after enforcement, so "ts" would otherwise include the apply time."""
         if decision.action == "hold" and error is None:
             # Same reasons with other numbers (values, cooldown countdown): nothing new.
             key = tuple(_DIGITS.sub("#", r) for r in decision.reasons)
@@ -97,7 +105,7 @@ class DecisionLog:
             self._last_hold = None
         if self.fmt == "json":
             record: dict[str, object] = {
-                "ts": round(self.wall_clock(), 6),
+                "ts": round(at if at is not None else self.wall_clock(), 6),
                 "event": "decision",
                 "action": decision.action,
                 "reasons": list(decision.reasons),
@@ -109,7 +117,8 @@ class DecisionLog:
                 record["error"] = error
             line = json.dumps(record, separators=(",", ":"))
         else:
-            stamp = time.strftime("%H:%M:%S", time.localtime(self.wall_clock()))
+            when = at if at is not None else self.wall_clock()
+            stamp = time.strftime("%H:%M:%S", time.localtime(when))
             limits = " ".join(
                 f"{name}={decision.previous.get(name)}->{mbit}M"
                 if decision.previous.get(name) != mbit
@@ -180,6 +189,7 @@ class ControlLoop:
             log.warning("enforcer usage unavailable: %s", exc)
             usage = {}
         decision = self.policy.decide(now_ns=now_ns, stats=stats, limits=self.desired, usage=usage)
+        decided_at = self.decision_log.wall_clock() if self.decision_log is not None else None
         self.desired = dict(decision.limits)
         step_s = time.perf_counter() - t0
         enforce_s: float | None = None
@@ -191,7 +201,7 @@ class ControlLoop:
             self.metrics.set_usage(usage)
             self.metrics.loop_seconds.observe(step_s)
         if self.decision_log is not None:
-            self.decision_log.decision(decision, enforce_s=enforce_s, error=error)
+            self.decision_log.decision(decision, enforce_s=enforce_s, error=error, at=decided_at)
         self.steps += 1
         self.last_step_ns = now_ns
         self.last_decision = decision

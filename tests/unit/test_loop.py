@@ -218,3 +218,22 @@ async def test_text_log() -> None:
     assert "decrease" in line
     assert "telemetry=100->80M" in line
     assert "robot-control jitter_iqr 5.00 ms > 1.00 ms" in line
+
+
+async def test_logged_ts_is_when_the_policy_decided_not_when_apply_returned() -> None:
+    wall = [1700000000.0]
+
+    class SlowEnforcer(DryRunEnforcer):
+        async def apply(self, limits: Mapping[str, int]) -> None:
+            wall[0] += 0.7  # the apply takes 0.7 s of wall time
+            await super().apply(limits)
+
+    loop, engine, _, _, out, _ = make(SlowEnforcer())
+    assert loop.decision_log is not None
+    loop.decision_log.wall_clock = lambda: wall[0]
+    await loop.start()
+    engine.windows["robot-control"] = window("robot-control", jitter_ms=5.0)
+    decided_at = wall[0]
+    d = await loop.step()
+    assert d.action == "decrease"
+    assert records(out)[-1]["ts"] == decided_at
