@@ -14,7 +14,10 @@ Rules (DESIGN.md, "Facts the design rests on: Control"):
 - On any violation every workload is cut by ``decrease_factor`` at most once per
   ``decrease_cooldown`` (the actuation delay: a second cut before the first took effect
   over-cuts). The cut starts from the measured usage when it is known and below the cap,
-  so the first cut bites even when the cap was far above the traffic.
+  so the first cut bites even when the cap was far above the traffic. Usage is the peak
+  of the readings over ``usage_window``; a reading that jumped well above the earlier
+  peak straddles the start of a burst, so the cut waits one step for a real one (once
+  per episode).
 - Limits grow by ``increase_step`` only after every app has been stable for
   ``increase_interval`` (the dwell, restarted after each increase), and only for
   workloads using their cap (usage >= 90 % of it, or unknown usage): a cap nobody uses
@@ -44,6 +47,9 @@ SIGNAL_LABELS: dict[Signal, str] = {
     "loss": "loss_ratio",
 }
 USING_CAP_FRACTION = 0.9  # usage at or above this share of its cap counts as "using it"
+# A reading this many times the previous peak is a workload still ramping up: the rate it
+# shows covers partly idle time, so a cut computed from it would be far too deep.
+RAMP_RATIO = 1.5
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -185,6 +191,7 @@ class AsymmetricAimd:
         self.workloads = dict(workloads)
         self._last_cut_ns: int | None = None
         self._stable_since_ns: int | None = None
+        self._deferred_cut = False  # one step's wait for a ramping usage, per episode
         self._usage_seen: dict[str, deque[tuple[int, float]]] = {
             name: deque() for name in self.workloads
         }
@@ -274,6 +281,15 @@ class AsymmetricAimd:
             ):
                 left = (_ns(p.decrease_cooldown_s) - (now_ns - self._last_cut_ns)) / 1e9
                 return result("hold", previous, [*reasons, f"cooldown: next cut in {left:.2f} s"])
+            ramping = self._ramping(previous)
+            if ramping and not self._deferred_cut:
+                self._deferred_cut = True
+                return result(
+                    "hold",
+                    previous,
+                    [*reasons, f"usage still climbing ({', '.join(ramping)}): cut next step"],
+                )
+            self._deferred_cut = False
             factor = self._cut_factor(violations)
             new: dict[str, int] = {}
             for name, cap in previous.items():
@@ -285,6 +301,7 @@ class AsymmetricAimd:
             self._last_cut_ns = now_ns
             return result("decrease", new, [*reasons, f"cut {factor:.0%}"])
 
+        self._deferred_cut = False
         if no_data:
             # Never increase blind; and a gap in the evidence restarts the dwell.
             self._stable_since_ns = None
@@ -340,6 +357,19 @@ class AsymmetricAimd:
             if seen:
                 peaks[name] = max(value for _, value in seen)
         return peaks
+
+    def _ramping(self, caps: Mapping[str, int]) -> list[str]:
+        """Workloads whose latest usage reading jumped well above their earlier peak
+        (and is still below the cap): the reading straddles the start of a burst."""
+        out = []
+        for name, seen in self._usage_seen.items():
+            if len(seen) < 2:
+                continue
+            latest = seen[-1][1]
+            before = max(value for _, value in list(seen)[:-1])
+            if latest > RAMP_RATIO * before and latest < USING_CAP_FRACTION * caps[name]:
+                out.append(f"{name} {before:.0f} -> {latest:.0f} Mbit/s")
+        return out
 
     def _cut_factor(self, violations: Sequence[SignalState]) -> float:
         """decrease_factor, compounded by severity when the multiplier is on."""

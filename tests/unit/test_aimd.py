@@ -280,6 +280,34 @@ def test_cut_starts_from_peak_usage_over_the_usage_window() -> None:
     assert dict(d.limits) == {"telemetry": 48, "erp": 40}
 
 
+def test_cut_waits_one_step_while_usage_is_still_climbing() -> None:
+    p = policy(usage_window_s=1.0)
+    limits = {"telemetry": 100, "erp": 100}
+    bad = {**healthy(), "robot-control": window("robot-control", jitter_ms=5.0)}
+    p.decide(now_ns=10 * S, stats=healthy(), limits=limits, usage={"telemetry": 2.0, "erp": 1.0})
+    # 100 ms into a burst the reading covers mostly idle time: hold for a real reading.
+    t = 10 * S + S // 10
+    d1 = p.decide(now_ns=t, stats=bad, limits=limits, usage={"telemetry": 30.0, "erp": 20.0})
+    assert d1.action == "hold"
+    assert any("usage still climbing (telemetry 2 -> 30 Mbit/s" in r for r in d1.reasons)
+    # Still climbing at the next step: it does not wait twice.
+    t += S // 10
+    d2 = p.decide(now_ns=t, stats=bad, limits=limits, usage={"telemetry": 60.0, "erp": 45.0})
+    assert d2.action == "decrease"
+    assert dict(d2.limits) == {"telemetry": 48, "erp": 36}
+
+
+def test_flat_usage_is_cut_at_once() -> None:
+    p = policy(usage_window_s=1.0)
+    limits = {"telemetry": 100, "erp": 100}
+    bad = {**healthy(), "robot-control": window("robot-control", jitter_ms=5.0)}
+    p.decide(now_ns=10 * S, stats=healthy(), limits=limits, usage={"telemetry": 60.0, "erp": 45.0})
+    d = p.decide(
+        now_ns=10 * S + S // 10, stats=bad, limits=limits, usage={"telemetry": 61.0, "erp": 44.0}
+    )
+    assert d.action == "decrease"
+
+
 def test_usage_older_than_the_window_is_forgotten() -> None:
     p = policy(usage_window_s=1.0)
     limits = {"telemetry": 100, "erp": 100}
