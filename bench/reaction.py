@@ -1,6 +1,11 @@
 """``detnet bench reaction``: how fast a decision reaches the workloads.
 
-Kubernetes part (this file, for now): the Kubernetes enforcer's time to patch N pods
+Lab part (needs root): shortened ``detnet lab`` runs; from each, the time to protect (from
+congestion start until the critical traffic is back within its SLO) and the tc enforcer's
+latency, the control loop's own timing of each ``apply()`` (netlink tbf changes on every
+best-effort pod's interface).
+
+Kubernetes part: the Kubernetes enforcer's time to patch N pods
 (10, 100, 1000 by default) against the API server emulation (``detnet.lab.apiserver``,
 real REST over HTTP on 127.0.0.1). For each N, a fresh emulator holds two best-effort
 Deployments sharing the N Running pods, already annotated with the start limit; the real
@@ -13,13 +18,11 @@ by 20 %; the decision cooldown is an hour, so there is exactly one cut. We read:
 - ``server_span_s``: from the first to the last pod PATCH of the cut as the emulator
   received them, a cross-check that every pod was patched.
 
-Each N runs twice: with the config's default client-side limits (``qps`` 20,
+Each N runs twice: with the config's default client-side limits (``qps`` 100, burst 50,
 ``concurrency`` 8), and with the QPS limit lifted (``qps`` 1e9, same concurrency), so the
 token bucket's share of the time is visible. The emulator runs in this process, so on a
 small machine it competes with the controller for CPU: read the unlimited figures as
 "the client and emulator together", not as a real API server's capacity.
-
-The lab part (time to protect, tc enforcement latency) is added separately.
 """
 
 from __future__ import annotations
@@ -30,12 +33,15 @@ import contextlib
 import json
 import os
 import signal
+import subprocess
 import tempfile
 import textwrap
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 from detnet.bench.common import BenchError, detnet_command, table, write_json
 from detnet.engine.reflector import ReflectorConfig, ReflectorServer
@@ -48,7 +54,7 @@ START_MBPS = 100
 CUT_MBPS = 80  # the default decrease_factor 0.2 applied to START_MBPS
 DEFAULT_COUNTS = (10, 100, 1000)
 # (label, qps, concurrency): the config defaults, and the same without the QPS limit.
-LIMITS: tuple[tuple[str, float, int], ...] = (("default", 20.0, 8), ("unlimited", 1e9, 8))
+LIMITS: tuple[tuple[str, float, int], ...] = (("default", 100.0, 8), ("unlimited", 1e9, 8))
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -271,11 +277,60 @@ def render(report: dict[str, Any]) -> str:
         for r in report["runs"]
     ]
     head = (
-        "reaction, Kubernetes part only (the lab part is not in this run): time to patch "
+        "reaction, Kubernetes part: time to patch "
         f"N pods ({report['cut']}) against the API server emulation"
     )
     cols = ["pods", "client limit", "apply ms", "pods/s", "server span ms"]
     return head + "\n" + table(cols, rows)
+
+
+def lab_reaction(*, runs: int) -> dict[str, Any]:
+    """Time to protect and tc enforcement latency over ``runs`` shortened lab runs."""
+    if os.geteuid() != 0:
+        raise BenchError("the lab part needs root (network namespaces); run as root")
+    protect: list[float | None] = []
+    enforce_ms: list[float] = []
+    for _ in range(runs):
+        with tempfile.TemporaryDirectory() as tmp:
+            out = Path(tmp) / "lab.json"
+            cmd = [*detnet_command(), "lab", "--quiet", "3", "--congestion", "12",
+                   "--recovery", "2", "--json", str(out)]  # fmt: skip
+            done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+            if done.returncode != 0:
+                raise BenchError(f"detnet lab failed: {done.stderr.strip()[-400:]}")
+            run = json.loads(out.read_text())["runs"]["with_controller"]
+        protect.append(run["time_to_protect_s"])
+        enforce_ms += [
+            d["enforce_s"] * 1000.0 for d in run["decisions"] if d.get("enforce_s") is not None
+        ]
+    if not enforce_ms:
+        raise BenchError("the lab runs made no enforced decision")
+    a = np.asarray(enforce_ms)
+    return {
+        "runs": runs,
+        "time_to_protect_s": protect,
+        "tc_enforce_ms": {
+            "n": int(a.size),
+            "p50": float(np.percentile(a, 50)),
+            "p99": float(np.percentile(a, 99)),
+            "max": float(a.max()),
+        },
+    }
+
+
+def render_lab(report: dict[str, Any]) -> str:
+    """The lab part's table."""
+    tc = report["tc_enforce_ms"]
+    protect = ", ".join("never" if t is None else f"{t:.1f}" for t in report["time_to_protect_s"])
+    rows = [
+        ["time to protect (s), per run", protect],
+        [
+            "tc enforcement p50 / p99 / max (ms)",
+            f"{tc['p50']:.2f} / {tc['p99']:.2f} / {tc['max']:.2f}",
+        ],
+        ["enforced decisions", tc["n"]],
+    ]
+    return f"reaction, lab part ({report['runs']} shortened lab runs)\n" + table(["", ""], rows)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -285,17 +340,31 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=",".join(map(str, DEFAULT_COUNTS)),
         help="pod counts to time, comma-separated (default %(default)s)",
     )
+    parser.add_argument("--lab-runs", type=int, default=2, help="shortened lab runs (2)")
+    parser.add_argument(
+        "--parts", default="lab,kubernetes", help="lab and/or kubernetes (default both)"
+    )
 
 
 def main(args: argparse.Namespace) -> dict[str, Any]:
-    """Run, print, and return the report (Kubernetes part only for now)."""
+    """Run, print, and return the report."""
     try:
         counts = tuple(int(c) for c in str(args.counts).split(",") if c.strip())
     except ValueError as exc:
         raise BenchError(f"--counts must be comma-separated integers, got {args.counts!r}") from exc
+    parts = {p.strip() for p in str(args.parts).split(",") if p.strip()}
+    if not parts or parts - {"lab", "kubernetes"}:
+        raise BenchError("--parts takes lab and/or kubernetes")
+    if args.lab_runs < 1:
+        raise BenchError("--lab-runs must be at least 1")
     started = time.monotonic()
-    report = {"kubernetes": kubernetes_patch_times(counts)}
-    print(render(report["kubernetes"]))
+    report: dict[str, Any] = {}
+    if "lab" in parts:
+        report["lab"] = lab_reaction(runs=args.lab_runs)
+        print(render_lab(report["lab"]))
+    if "kubernetes" in parts:
+        report["kubernetes"] = kubernetes_patch_times(counts)
+        print(render(report["kubernetes"]))
     print(f"(ran {time.monotonic() - started:.0f} s)")
     return report
 
