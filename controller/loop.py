@@ -181,6 +181,9 @@ class ControlLoop:
         """One control step: decide, and apply when the limits differ from applied ones."""
         t0 = time.perf_counter()
         now_ns = self.clock.now_ns()
+        # The wall-clock twin of now_ns: the logged "ts" is the policy's own time, so the
+        # log shows cooldowns and dwells exactly as the policy counted them.
+        decided_at = self.decision_log.wall_clock() if self.decision_log is not None else None
         stats = self.engine.stats()
         try:
             usage = dict(await self.enforcer.usage())
@@ -189,7 +192,6 @@ class ControlLoop:
             log.warning("enforcer usage unavailable: %s", exc)
             usage = {}
         decision = self.policy.decide(now_ns=now_ns, stats=stats, limits=self.desired, usage=usage)
-        decided_at = self.decision_log.wall_clock() if self.decision_log is not None else None
         self.desired = dict(decision.limits)
         step_s = time.perf_counter() - t0
         enforce_s: float | None = None
