@@ -14,10 +14,11 @@ Rules (DESIGN.md, "Facts the design rests on: Control"):
 - On any violation every workload is cut by ``decrease_factor`` at most once per
   ``decrease_cooldown`` (the actuation delay: a second cut before the first took effect
   over-cuts). The cut starts from the measured usage when it is known and below the cap,
-  so the first cut bites even when the cap was far above the traffic. Usage is the peak
-  of the readings over ``usage_window``; a reading that jumped well above the earlier
-  peak straddles the start of a burst, so the cut waits one step for a real one (once
-  per episode).
+  so the first cut bites even when the cap was far above the traffic. Usage is the mean
+  of the readings over ``usage_window`` (a peak would count a burst's slow-start
+  overshoot as the workload's rate); a reading far above the earlier peak marks the start
+  of a burst, so the mean restarts after it and a cut waits until the new readings cover
+  30 % of the window (0.3 s by default): one 100 ms sample is not a rate.
 - Limits grow by ``increase_step`` only after every app has been stable for
   ``increase_interval`` (the dwell, restarted after each increase), and only for
   workloads using their cap (usage >= 90 % of it, or unknown usage): a cap nobody uses
@@ -47,9 +48,12 @@ SIGNAL_LABELS: dict[Signal, str] = {
     "loss": "loss_ratio",
 }
 USING_CAP_FRACTION = 0.9  # usage at or above this share of its cap counts as "using it"
-# A reading this many times the previous peak is a workload still ramping up: the rate it
-# shows covers partly idle time, so a cut computed from it would be far too deep.
+# A reading this many times the previous peak is a workload ramping up: the rate it shows
+# covers partly idle time, and the next few swing with slow start and bursts.
 RAMP_RATIO = 1.5
+# After a ramp, a cut waits until the readings since cover this share of usage_window, so
+# it starts from a mean rate rather than one 100 ms sample (0.3 s by default).
+RAMP_SETTLE_FRACTION = 0.3
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -66,9 +70,8 @@ class PolicyParams:
     # The prototype's severity multiplier: a violation k times over its threshold cuts as
     # if k cuts happened at once, k capped here. 1.0 turns it off.
     severity_max_multiplier: float = 1.0
-    # Usage is judged by its peak over this horizon: a rate read over one control step at
-    # the onset of a burst covers a mostly idle interval and would make the cut far deeper
-    # than the 20% intended (and a cap look unused right before it fills).
+    # Usage is the mean of the readings over this horizon: one control step's reading is
+    # noisy for bursty workloads, and a cut from it would land far from the 20% intended.
     usage_window_s: float = 1.0
 
     def __post_init__(self) -> None:
@@ -191,7 +194,7 @@ class AsymmetricAimd:
         self.workloads = dict(workloads)
         self._last_cut_ns: int | None = None
         self._stable_since_ns: int | None = None
-        self._deferred_cut = False  # one step's wait for a ramping usage, per episode
+        self._ramp_ns: dict[str, int] = {}  # when each workload last ramped up
         self._usage_seen: dict[str, deque[tuple[int, float]]] = {
             name: deque() for name in self.workloads
         }
@@ -260,7 +263,7 @@ class AsymmetricAimd:
         previous = {name: int(limits.get(name, start[name])) for name in self.workloads}
         states, no_data = self.evaluate(stats)
         violations = [s for s in states if s.violated]
-        usage = self._peak_usage(now_ns, usage)
+        usage, ramping = self._usage_estimate(now_ns, usage, previous)
 
         def result(action: Action, new: Mapping[str, int], reasons: list[str]) -> Decision:
             return Decision(
@@ -281,15 +284,10 @@ class AsymmetricAimd:
             ):
                 left = (_ns(p.decrease_cooldown_s) - (now_ns - self._last_cut_ns)) / 1e9
                 return result("hold", previous, [*reasons, f"cooldown: next cut in {left:.2f} s"])
-            ramping = self._ramping(previous)
-            if ramping and not self._deferred_cut:
-                self._deferred_cut = True
+            if ramping:
                 return result(
-                    "hold",
-                    previous,
-                    [*reasons, f"usage still climbing ({', '.join(ramping)}): cut next step"],
+                    "hold", previous, [*reasons, f"usage ramping up ({', '.join(ramping)})"]
                 )
-            self._deferred_cut = False
             factor = self._cut_factor(violations)
             new: dict[str, int] = {}
             for name, cap in previous.items():
@@ -301,7 +299,6 @@ class AsymmetricAimd:
             self._last_cut_ns = now_ns
             return result("decrease", new, [*reasons, f"cut {factor:.0%}"])
 
-        self._deferred_cut = False
         if no_data:
             # Never increase blind; and a gap in the evidence restarts the dwell.
             self._stable_since_ns = None
@@ -344,32 +341,42 @@ class AsymmetricAimd:
             reasons.append(f"not raising unused caps: {', '.join(idle)}")
         return result("increase", new, reasons)
 
-    def _peak_usage(self, now_ns: int, usage: Mapping[str, float]) -> dict[str, float]:
-        """Remember this step's usage; return each workload's peak over usage_window."""
-        horizon = _ns(self.params.usage_window_s)
-        peaks: dict[str, float] = {}
+    def _usage_estimate(
+        self, now_ns: int, usage: Mapping[str, float], caps: Mapping[str, int]
+    ) -> tuple[dict[str, float], list[str]]:
+        """Remember this step's readings; return each workload's mean rate over the usage
+        window, and the workloads that ramped up too recently for their mean to count.
+
+        A reading far above the earlier peak marks the start of a burst: it covers partly
+        idle time, so it and everything before it leave the mean, which restarts."""
+        window = _ns(self.params.usage_window_s)
+        settle = round(window * RAMP_SETTLE_FRACTION)
+        means: dict[str, float] = {}
+        ramping: list[str] = []
         for name, seen in self._usage_seen.items():
             used = usage.get(name)
+            ramped = self._ramp_ns.get(name)
+            settling = ramped is not None and now_ns - ramped < settle
             if used is not None:
+                before = max((value for _, value in seen), default=None)
                 seen.append((now_ns, used))
-            while seen and now_ns - seen[0][0] > horizon:
+                if (
+                    not settling  # a ramp's own growth must not postpone the cut forever
+                    and before is not None
+                    and used >= 1.0  # Mbit/s: not an idle workload's noise
+                    and used > RAMP_RATIO * before
+                    and used < USING_CAP_FRACTION * caps[name]
+                ):
+                    seen.clear()
+                    self._ramp_ns[name] = now_ns
+            while seen and now_ns - seen[0][0] > window:
                 seen.popleft()
             if seen:
-                peaks[name] = max(value for _, value in seen)
-        return peaks
-
-    def _ramping(self, caps: Mapping[str, int]) -> list[str]:
-        """Workloads whose latest usage reading jumped well above their earlier peak
-        (and is still below the cap): the reading straddles the start of a burst."""
-        out = []
-        for name, seen in self._usage_seen.items():
-            if len(seen) < 2:
-                continue
-            latest = seen[-1][1]
-            before = max(value for _, value in list(seen)[:-1])
-            if latest > RAMP_RATIO * before and latest < USING_CAP_FRACTION * caps[name]:
-                out.append(f"{name} {before:.0f} -> {latest:.0f} Mbit/s")
-        return out
+                means[name] = sum(value for _, value in seen) / len(seen)
+            ramped = self._ramp_ns.get(name)
+            if ramped is not None and now_ns - ramped < settle:
+                ramping.append(f"{name} for {(now_ns - ramped) / 1e9:.1f} s")
+        return means, ramping
 
     def _cut_factor(self, violations: Sequence[SignalState]) -> float:
         """decrease_factor, compounded by severity when the multiplier is on."""

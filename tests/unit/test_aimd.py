@@ -267,34 +267,36 @@ def test_unused_cap_is_not_raised() -> None:
     assert any("erp" in r and "unused" in r for r in d.reasons)
 
 
-def test_cut_starts_from_peak_usage_over_the_usage_window() -> None:
-    # At the onset of a burst one control step sees mostly idle time: the cut must start
-    # from what the workload sent over the last second, not from that low reading.
+def test_cut_starts_from_mean_usage_over_the_usage_window() -> None:
+    # A bursty workload's single readings swing; the cut starts from its mean rate.
     p = policy(usage_window_s=1.0)
     limits = {"telemetry": 100, "erp": 100}
-    p.decide(now_ns=10 * S, stats=healthy(), limits=limits, usage={"telemetry": 60.0, "erp": 50.0})
+    p.decide(now_ns=10 * S, stats=healthy(), limits=limits, usage={"telemetry": 70.0, "erp": 50.0})
     bad = {**healthy(), "robot-control": window("robot-control", jitter_ms=5.0)}
-    rising = {"telemetry": 12.0, "erp": 9.0}
-    d = p.decide(now_ns=10 * S + S // 2, stats=bad, limits=limits, usage=rising)
+    lull = {"telemetry": 50.0, "erp": 40.0}
+    d = p.decide(now_ns=10 * S + S // 2, stats=bad, limits=limits, usage=lull)
     assert d.action == "decrease"
-    assert dict(d.limits) == {"telemetry": 48, "erp": 40}
+    assert dict(d.limits) == {"telemetry": 48, "erp": 36}
 
 
-def test_cut_waits_one_step_while_usage_is_still_climbing() -> None:
+def test_cut_waits_for_a_mean_rate_after_a_ramp() -> None:
     p = policy(usage_window_s=1.0)
     limits = {"telemetry": 100, "erp": 100}
     bad = {**healthy(), "robot-control": window("robot-control", jitter_ms=5.0)}
     p.decide(now_ns=10 * S, stats=healthy(), limits=limits, usage={"telemetry": 2.0, "erp": 1.0})
-    # 100 ms into a burst the reading covers mostly idle time: hold for a real reading.
-    t = 10 * S + S // 10
-    d1 = p.decide(now_ns=t, stats=bad, limits=limits, usage={"telemetry": 30.0, "erp": 20.0})
-    assert d1.action == "hold"
-    assert any("usage still climbing (telemetry 2 -> 30 Mbit/s" in r for r in d1.reasons)
-    # Still climbing at the next step: it does not wait twice.
-    t += S // 10
-    d2 = p.decide(now_ns=t, stats=bad, limits=limits, usage={"telemetry": 60.0, "erp": 45.0})
-    assert d2.action == "decrease"
-    assert dict(d2.limits) == {"telemetry": 48, "erp": 36}
+    # The burst starts: the first reading covers partly idle time, the next ones swing.
+    readings = [(30.0, 20.0), (80.0, 20.0), (40.0, 50.0), (60.0, 40.0)]
+    t = 10 * S
+    decisions = []
+    for tel, erp in readings:
+        t += S // 10
+        decisions.append(
+            p.decide(now_ns=t, stats=bad, limits=limits, usage={"telemetry": tel, "erp": erp})
+        )
+    assert [d.action for d in decisions] == ["hold", "hold", "hold", "decrease"]
+    assert any("usage ramping up (telemetry for 0.0 s" in r for r in decisions[0].reasons)
+    # From the mean of the readings after the ramp: telemetry 60, erp 36.7.
+    assert dict(decisions[-1].limits) == {"telemetry": 48, "erp": 29}
 
 
 def test_flat_usage_is_cut_at_once() -> None:
