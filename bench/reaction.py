@@ -137,19 +137,6 @@ def _config(*, udp_port: int, qps: float, concurrency: int) -> str:
     )
 
 
-def _kubeconfig(url: str) -> str:
-    return textwrap.dedent(
-        f"""\
-        apiVersion: v1
-        kind: Config
-        clusters: [{{name: emulator, cluster: {{server: "{url}"}}}}]
-        users: [{{name: bench, user: {{token: not-a-secret}}}}]
-        contexts: [{{name: emulator, context: {{cluster: emulator, user: bench}}}}]
-        current-context: emulator
-        """
-    )
-
-
 def _populate(api: ApiServerEmulator, n: int) -> None:
     """Two Deployments sharing ``n`` Running pods that already carry the start limit, so
     the controller's start patches nothing and the cut is the only pod write."""
@@ -177,7 +164,7 @@ async def _patch_run(n: int, *, label: str, qps: float, concurrency: int) -> Pat
                 cfg.write_text(
                     _config(udp_port=reflector.udp_address[1], qps=qps, concurrency=concurrency)
                 )
-                kubeconfig.write_text(_kubeconfig(api.url))
+                kubeconfig.write_text(api.kubeconfig(user="bench"))
                 # The QPS bucket allows a burst of 50, then qps per second; give it room.
                 limit_s = 60.0 + 2 * n / min(qps, 1000.0)
                 cut = await _run_controller(cfg, kubeconfig, limit_s=limit_s)

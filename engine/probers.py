@@ -115,6 +115,10 @@ class Prober:
         self.session = random.getrandbits(32)
         self._base = BaseRttTracker()
         self._base_lock = threading.Lock()
+        self._setup()
+
+    def _setup(self) -> None:
+        """What a kind of prober adds to the common state (sockets, buffers)."""
 
     # --- what the engine calls ----------------------------------------------------------
     async def open(self) -> None:
@@ -360,25 +364,10 @@ class Prober:
 class UdpProber(Prober):
     """UDP probes against a ``detnet reflect --udp`` reflector, via the native core."""
 
-    def __init__(
-        self,
-        target: Target,
-        *,
-        address: str,
-        capacity: int,
-        tracker_capacity: int,
-        on_sample: SampleCallback | None = None,
-    ) -> None:
-        super().__init__(
-            target,
-            address=address,
-            capacity=capacity,
-            tracker_capacity=tracker_capacity,
-            on_sample=on_sample,
-        )
+    def _setup(self) -> None:
         self._sock: native.ProbeSocket | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._sent = np.zeros(max(target.batch, 1), native.SENT_DTYPE)
+        self._sent = np.zeros(max(self.target.batch, 1), native.SENT_DTYPE)
         self._replies = np.zeros(RECV_BATCH, native.REPLY_DTYPE)
         self.recv_errors = 0
 
@@ -474,22 +463,7 @@ class UdpProber(Prober):
 class TcpConnectProber(Prober):
     """Handshake latency: one non-blocking connect per probe, kernel TCP_INFO RTT."""
 
-    def __init__(
-        self,
-        target: Target,
-        *,
-        address: str,
-        capacity: int,
-        tracker_capacity: int,
-        on_sample: SampleCallback | None = None,
-    ) -> None:
-        super().__init__(
-            target,
-            address=address,
-            capacity=capacity,
-            tracker_capacity=tracker_capacity,
-            on_sample=on_sample,
-        )
+    def _setup(self) -> None:
         self._tasks: set[asyncio.Task[None]] = set()
         self._family = socket.AF_INET6 if ":" in self.address else socket.AF_INET
         self.timestamp_source = "kernel"
@@ -551,22 +525,7 @@ class TcpEchoProber(Prober):
     kernel RX stamp to a stream reader), the reflector's stamps split the directions.
     """
 
-    def __init__(
-        self,
-        target: Target,
-        *,
-        address: str,
-        capacity: int,
-        tracker_capacity: int,
-        on_sample: SampleCallback | None = None,
-    ) -> None:
-        super().__init__(
-            target,
-            address=address,
-            capacity=capacity,
-            tracker_capacity=tracker_capacity,
-            on_sample=on_sample,
-        )
+    def _setup(self) -> None:
         self._writer: asyncio.StreamWriter | None = None
         self._reader_task: asyncio.Task[None] | None = None
         self._reconnect: asyncio.Task[None] | None = None

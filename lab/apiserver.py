@@ -357,6 +357,17 @@ class ApiServerEmulator:
         conf = Configuration(host=self.url)
         return conf
 
+    def kubeconfig(self, *, user: str = "detnet") -> str:
+        """A kubeconfig document pointing at this server, for another process."""
+        return (
+            "apiVersion: v1\n"
+            "kind: Config\n"
+            f'clusters: [{{name: emulator, cluster: {{server: "{self.url}"}}}}]\n'
+            f"users: [{{name: {user}, user: {{token: not-a-secret}}}}]\n"
+            f"contexts: [{{name: emulator, context: {{cluster: emulator, user: {user}}}}}]\n"
+            "current-context: emulator\n"
+        )
+
     # --- test API ----------------------------------------------------------------
 
     def fail(

@@ -3,9 +3,11 @@ tasks or network namespaces behind."""
 
 from __future__ import annotations
 
+import asyncio
 import os
 import shutil
 import subprocess
+from collections.abc import AsyncIterator
 
 import pytest
 
@@ -37,3 +39,12 @@ def _no_leftover_netns() -> object:
     yield
     left = _netns() - before
     assert not left, f"test left network namespaces behind: {sorted(left)}"
+
+
+@pytest.fixture
+async def no_leftover_tasks() -> AsyncIterator[None]:
+    """Fail an async test that leaves asyncio tasks running (opt in with usefixtures)."""
+    yield
+    me = asyncio.current_task()
+    left = [t for t in asyncio.all_tasks() if t is not me and not t.done()]
+    assert not left, f"tasks left behind: {left}"

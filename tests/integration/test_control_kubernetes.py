@@ -46,11 +46,8 @@ POD_ROUTE = f"/api/v1/namespaces/{NS}/pods/"
 
 
 @pytest.fixture(autouse=True)
-async def _no_leftover_tasks() -> AsyncIterator[None]:
-    yield
-    me = asyncio.current_task()
-    left = [t for t in asyncio.all_tasks() if t is not me and not t.done()]
-    assert not left, f"tasks left behind: {left}"
+def _guard(no_leftover_tasks: None) -> None:
+    """Every test here must leave no asyncio task behind."""
 
 
 @pytest.fixture
@@ -75,24 +72,7 @@ async def api() -> AsyncIterator[ApiServerEmulator]:
 @pytest.fixture
 def kubeconfig(api: ApiServerEmulator, tmp_path: Path) -> Path:
     path = tmp_path / "kubeconfig"
-    path.write_text(
-        textwrap.dedent(
-            f"""\
-            apiVersion: v1
-            kind: Config
-            clusters:
-              - name: emulator
-                cluster: {{server: "{api.url}"}}
-            users:
-              - name: detnet
-                user: {{token: not-a-secret}}
-            contexts:
-              - name: emulator
-                context: {{cluster: emulator, user: detnet}}
-            current-context: emulator
-            """
-        )
-    )
+    path.write_text(api.kubeconfig())
     return path
 
 

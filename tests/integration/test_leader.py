@@ -25,11 +25,8 @@ async def api() -> AsyncIterator[ApiServerEmulator]:
 
 
 @pytest.fixture(autouse=True)
-async def _no_leftover_tasks() -> AsyncIterator[None]:
-    yield
-    me = asyncio.current_task()
-    left = [t for t in asyncio.all_tasks() if t is not me and not t.done()]
-    assert not left, f"tasks left behind: {left}"
+def _guard(no_leftover_tasks: None) -> None:
+    """Every test here must leave no asyncio task behind."""
 
 
 async def wait_for(predicate: Callable[[], bool], within: float) -> bool:
