@@ -6,7 +6,7 @@ latency, the control loop's own timing of each ``apply()`` (netlink tbf changes 
 best-effort pod's interface).
 
 Kubernetes part: the Kubernetes enforcer's time to patch N pods
-(10, 100, 1000 by default) against the API server emulation (``detnet.lab.apiserver``,
+(10, 100, 1000 by default) against the API server emulation (``detnet.lab.kubeapi``,
 real REST over HTTP on 127.0.0.1). For each N, a fresh emulator holds two best-effort
 Deployments sharing the N Running pods, already annotated with the start limit; the real
 ``detnet control --enforcer kubernetes`` runs as a subprocess (bench/ does not import the
@@ -45,7 +45,7 @@ import numpy as np
 
 from detnet.bench.common import BenchError, detnet_command, table, write_json
 from detnet.engine.reflector import ReflectorConfig, ReflectorServer
-from detnet.lab.apiserver import ApiServerEmulator
+from detnet.lab.kubeapi import ApiServerEmulator
 
 NAMESPACE = "best-effort"
 WORKLOADS = ("telemetry-upload", "erp-dashboard")
@@ -99,7 +99,7 @@ def kubernetes_patch_times(counts: tuple[int, ...] = DEFAULT_COUNTS) -> dict[str
         for label, qps, concurrency in LIMITS:
             runs.append(asyncio.run(_patch_run(n, label=label, qps=qps, concurrency=concurrency)))
     return {
-        "api_server": "detnet.lab.apiserver emulation on 127.0.0.1 (in the bench process)",
+        "api_server": "detnet.lab.kubeapi emulation on 127.0.0.1 (in the bench process)",
         "workloads": len(WORKLOADS),
         "cut": f"{START_MBPS}M -> {CUT_MBPS}M",
         "runs": [r.as_json() for r in runs],

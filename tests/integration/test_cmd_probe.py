@@ -12,7 +12,7 @@ import pytest
 
 from detnet.engine.reflector import ReflectorConfig, ReflectorServer
 
-DETNET = [sys.executable, "-m", "detnet.controller.cli"]
+DETNET = [sys.executable, "-m", "detnet.controller"]
 
 
 @pytest.fixture

@@ -28,7 +28,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from detnet.engine.reflector import ReflectorConfig, ReflectorServer
-from detnet.lab.apiserver import DROP, ApiServerEmulator, RecordedRequest
+from detnet.lab.kubeapi import DROP, ApiServerEmulator, RecordedRequest
 
 DETNET = [sys.executable, "-m", "detnet.controller"]
 NS = "best-effort"

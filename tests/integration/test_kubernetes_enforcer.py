@@ -17,7 +17,7 @@ from detnet.controller.enforce.kubernetes import (
 )
 from detnet.controller.errors import EnforcementError
 from detnet.controller.retry import NotFound, RetryPolicy
-from detnet.lab.apiserver import DROP, ApiServerEmulator
+from detnet.lab.kubeapi import DROP, ApiServerEmulator
 
 NS = "best-effort"
 FAST_RETRY = RetryPolicy(attempts=5, base_s=0.01, cap_s=0.05)

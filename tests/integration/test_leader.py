@@ -11,7 +11,7 @@ import pytest
 from kubernetes_asyncio import client
 
 from detnet.controller.leader import LeaseElector
-from detnet.lab.apiserver import ApiServerEmulator
+from detnet.lab.kubeapi import ApiServerEmulator
 
 NS = "detnet-system"
 # Short periods keep the test quick; the ratios are the defaults' (15/10/2).

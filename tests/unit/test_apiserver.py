@@ -11,7 +11,7 @@ import aiohttp
 import pytest
 from kubernetes_asyncio import client
 
-from detnet.lab.apiserver import (
+from detnet.lab.kubeapi import (
     DROP,
     ApiError,
     ApiServerEmulator,

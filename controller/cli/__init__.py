@@ -1,4 +1,4 @@
-"""The ``detnet`` command: one subcommand per module ``detnet.controller.cmd_*``.
+"""The ``detnet`` command: one subcommand per module ``detnet.controller.cli.<name>``.
 
 Each command module exposes ``register(subparsers)``, which adds its parser and sets
 ``func`` to a callable taking the parsed arguments and returning an exit code. User
@@ -25,7 +25,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name in COMMANDS:
-        module = importlib.import_module(f"detnet.controller.cmd_{name}")
+        module = importlib.import_module(f"detnet.controller.cli.{name}")
         module.register(sub)
     return parser
 
@@ -41,7 +41,3 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     except KeyboardInterrupt:
         return 130
-
-
-if __name__ == "__main__":
-    sys.exit(main())
