@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from detnet.controller.config import load_config
+from detnet.controller.config import load_config, resolve_targets
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -32,7 +32,7 @@ def run_check(args: argparse.Namespace) -> int:
     """Validate, optionally resolve, and print; ConfigError propagates to the CLI (exit 2)."""
     cfg = load_config(args.file)
     if args.resolve:
-        cfg.targets(resolve=True)
+        resolve_targets(cfg)
     for warning in cfg.warnings:
         print(f"detnet config: warning: {warning}", file=sys.stderr)
     sys.stdout.write(cfg.dump())

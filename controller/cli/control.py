@@ -31,11 +31,12 @@ from typing import IO, Any
 from prometheus_client import CollectorRegistry
 
 from detnet.controller.aimd import AsymmetricAimd
-from detnet.controller.config import Config, load_config, parse_listen
+from detnet.controller.config import Config, lease_namespace, load_config, resolve_targets
 from detnet.controller.enforce.base import DryRunEnforcer, Enforcer
 from detnet.controller.errors import CommandError
 from detnet.controller.loop import ControlLoop, DecisionLog
 from detnet.controller.metrics import ControllerMetrics
+from detnet.controller.parse import ParseError, parse_address, parse_duration_ns, show
 from detnet.engine import runloop
 from detnet.engine.core import ProbeEngine
 from detnet.engine.httpserver import MetricsServer
@@ -65,7 +66,9 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         help="serve /metrics here (default: config metrics.listen)",
     )
     p.add_argument("--log-format", choices=("text", "json"), default="text")
-    p.add_argument("--duration", type=float, metavar="S", help="stop after S seconds")
+    p.add_argument(
+        "--duration", metavar="TIME", help="stop after this long (30s, 2m; a bare number: seconds)"
+    )
     p.add_argument(
         "--stream",
         metavar="FILE",
@@ -81,25 +84,31 @@ class _Plan:
     config: Config
     targets: list[Target]
     listen: tuple[str, int]
+    lease_namespace: str
     make_enforcer: Callable[[ControllerMetrics, Any], Enforcer] | None  # None: kubernetes
 
 
 def run(args: argparse.Namespace) -> int:
     """Validate everything, then run until a signal or --duration; exit status 0."""
-    if args.duration is not None and not args.duration > 0:
-        raise CommandError("--duration must be a positive number of seconds")
+    if args.duration is not None:
+        try:
+            args.duration = parse_duration_ns(args.duration) / 1e9
+        except ParseError as exc:
+            raise CommandError(f"--duration {show(args.duration)}: {exc}") from exc
     config = load_config(args.config)  # ConfigError: exit 2, nothing touched
     for warning in config.warnings:
         print(f"detnet control: warning: {warning}", file=sys.stderr)
     try:
-        listen = parse_listen(args.metrics or config.metrics_listen)
-    except ValueError as exc:
-        raise CommandError(f"--metrics {args.metrics!r}: {exc}") from exc
-    targets = config.targets(resolve=True)
+        listen = parse_address(args.metrics or config.metrics_listen, port_zero=True)
+    except ParseError as exc:
+        raise CommandError(f"--metrics {show(args.metrics)}: {exc}") from exc
+    targets = resolve_targets(config)
     plan = _Plan(
         config=config,
         targets=targets,
         listen=listen,
+        # The Lease lives in the controller's own namespace unless the config names one.
+        lease_namespace=lease_namespace(config, pod_namespace=os.environ.get("POD_NAMESPACE")),
         make_enforcer=_enforcer_factory(config, dry_run=args.dry_run, kind=args.enforcer),
     )
     stream: IO[str] | None = None
@@ -292,7 +301,7 @@ class _Controller:
         try:
             elector = LeaseElector(
                 api_client=api,
-                namespace=cfg.kubernetes.lease_namespace,
+                namespace=self.plan.lease_namespace,
                 name=cfg.kubernetes.lease_name,
                 identity=identity,
                 on_api_error=self.metrics.api_error,

@@ -14,35 +14,35 @@ import argparse
 import asyncio
 import contextlib
 import json
-import re
 import sys
 from dataclasses import dataclass, replace
-from pathlib import Path
 from typing import Any, TextIO
 
 from detnet.controller.config import ControlSettings, load_config
 from detnet.controller.errors import CommandError
+from detnet.controller.parse import (
+    ParseError,
+    parse_address,
+    parse_duration_ns,
+    read_key_file,
+    show,
+)
 from detnet.engine import runloop
 from detnet.engine.core import ProbeEngine
-from detnet.engine.httpserver import MetricsServer, parse_listen
+from detnet.engine.httpserver import MetricsServer
 from detnet.engine.probers import Sample
 from detnet.engine.stats import WindowStats
 from detnet.engine.targets import MAX_BATCH, Target, parse_target
 
-_UNITS_NS = {"ns": 1, "us": 1_000, "µs": 1_000, "ms": 1_000_000, "s": 10**9, "m": 60 * 10**9}
-_DURATION_RE = re.compile(r"^\s*([0-9]*\.?[0-9]+)\s*(ns|us|µs|ms|s|m)\s*$")
 _MAX_CAPACITY = 1 << 22
 
 
-def parse_duration_ns(text: str, *, what: str) -> int:
-    """Parse ``100us``, ``1ms``, ``2.5s``, ``5m`` into ns (CommandError when malformed)."""
-    m = _DURATION_RE.match(text)
-    if not m:
-        raise CommandError(f"{what} {text!r}: expected a number with a unit (us, ms, s, m)")
-    ns = int(float(m.group(1)) * _UNITS_NS[m.group(2)])
-    if ns <= 0:
-        raise CommandError(f"{what} {text!r}: must be positive")
-    return ns
+def _duration_ns(flag: str, text: str) -> int:
+    """A duration flag (controller.parse's rule) in ns; CommandError naming the flag."""
+    try:
+        return parse_duration_ns(text)
+    except ParseError as exc:
+        raise CommandError(f"{flag} {show(text)}: {exc}") from exc
 
 
 @dataclass(frozen=True)
@@ -60,7 +60,7 @@ def parse_window(text: str) -> Window:
         if n <= 0:
             raise CommandError(f"window {text!r}: needs at least one sample")
         return Window(None, n)
-    return Window(parse_duration_ns(text, what="window"), None)
+    return Window(_duration_ns("--window", text), None)
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -97,12 +97,9 @@ def _read_key(path: str | None) -> bytes | None:
     if path is None:
         return None
     try:
-        key = Path(path).read_bytes().strip()
-    except OSError as exc:
-        raise CommandError(f"--hmac-key-file {path}: {exc.strerror or exc}") from exc
-    if not key:
-        raise CommandError(f"--hmac-key-file {path}: the file is empty")
-    return key
+        return read_key_file(path)
+    except ParseError as exc:
+        raise CommandError(f"--hmac-key-file {show(path)}: {exc}") from exc
 
 
 def build_targets(args: argparse.Namespace) -> tuple[list[Target], Window]:
@@ -111,8 +108,8 @@ def build_targets(args: argparse.Namespace) -> tuple[list[Target], Window]:
         raise CommandError("give at least one --target NAME=URL, or --config FILE")
     if args.batch < 1 or args.batch > MAX_BATCH:
         raise CommandError(f"--batch must be 1..{MAX_BATCH}")
-    interval = parse_duration_ns(args.interval, what="interval") if args.interval else None
-    timeout = parse_duration_ns(args.timeout, what="timeout") if args.timeout else None
+    interval = _duration_ns("--interval", args.interval) if args.interval else None
+    timeout = _duration_ns("--timeout", args.timeout) if args.timeout else None
     window = parse_window(args.window) if args.window else None
     common: dict[str, Any] = {
         "size": args.size,
@@ -131,7 +128,7 @@ def build_targets(args: argparse.Namespace) -> tuple[list[Target], Window]:
             flags["interval_ns"] = interval
         if timeout:
             flags["timeout_ns"] = timeout
-        targets += [replace(t, **flags) for t in cfg.targets(resolve=False)]
+        targets += [replace(t, **flags) for t in cfg.targets()]
         if window is None:
             window = _config_window(cfg.control)
     for spec in args.target:
@@ -238,8 +235,13 @@ def render_table(stats: dict[str, WindowStats]) -> str:
 
 async def _probe(args: argparse.Namespace, out: TextIO) -> int:
     targets, window = build_targets(args)
-    duration = parse_duration_ns(args.duration, what="duration") if args.duration else None
-    listen = parse_listen(args.metrics) if args.metrics else None
+    duration = _duration_ns("--duration", args.duration) if args.duration else None
+    listen = None
+    if args.metrics:
+        try:
+            listen = parse_address(args.metrics, port_zero=True)
+        except ParseError as exc:
+            raise CommandError(f"--metrics {show(args.metrics)}: {exc}") from exc
     on_sample = None
     if args.stream:
 

@@ -12,36 +12,26 @@ import asyncio
 import math
 import signal
 import sys
-from pathlib import Path
 
 from detnet.controller.errors import CommandError
+from detnet.controller.parse import ParseError, parse_address, read_key_file, show
 from detnet.engine.reflector import ReflectorConfig, ReflectorError, ReflectorServer
 
 
-def parse_host_port(text: str, *, flag: str) -> tuple[str, int]:
-    """``HOST:PORT`` or ``[V6]:PORT`` -> (host, port); port 0 means any free port."""
-    host, sep, port_text = text.rpartition(":")
-    if not sep or not host or not port_text.isdigit():
-        raise CommandError(f"{flag} {text!r}: expected HOST:PORT (IPv6 as [ADDR]:PORT)")
-    if host.startswith("[") and host.endswith("]"):
-        host = host[1:-1]
-    elif ":" in host:
-        raise CommandError(f"{flag} {text!r}: write IPv6 addresses as [ADDR]:PORT")
-    port = int(port_text)
-    if not 0 <= port <= 65535:
-        raise CommandError(f"{flag} {text!r}: port must be in 0..65535")
-    return host, port
-
-
-def read_key_file(path: str) -> bytes:
-    """The shared HMAC secret: the file's bytes without a trailing newline."""
+def _address(flag: str, text: str) -> tuple[str, int]:
+    """``HOST:PORT`` of a listening flag (controller.parse's rule; 0 picks a free port)."""
     try:
-        key = Path(path).read_bytes().rstrip(b"\r\n")
-    except OSError as exc:
-        raise CommandError(f"--hmac-key-file {path}: cannot read: {exc.strerror or exc}") from exc
-    if not key:
-        raise CommandError(f"--hmac-key-file {path}: the file is empty")
-    return key
+        return parse_address(text, port_zero=True)
+    except ParseError as exc:
+        raise CommandError(f"{flag} {show(text)}: {exc}") from exc
+
+
+def _key(path: str) -> bytes:
+    """The shared HMAC secret, read as ``detnet probe`` reads it."""
+    try:
+        return read_key_file(path)
+    except ParseError as exc:
+        raise CommandError(f"--hmac-key-file {show(path)}: {exc}") from exc
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -83,9 +73,9 @@ def _config(args: argparse.Namespace) -> tuple[ReflectorConfig, float]:
     if not math.isfinite(args.stats_interval) or args.stats_interval < 0:
         raise CommandError(f"--stats-interval {args.stats_interval}: must be >= 0")
     config = ReflectorConfig(
-        udp=parse_host_port(args.udp, flag="--udp") if args.udp else None,
-        tcp=parse_host_port(args.tcp, flag="--tcp") if args.tcp else None,
-        key=read_key_file(args.hmac_key_file) if args.hmac_key_file else None,
+        udp=_address("--udp", args.udp) if args.udp else None,
+        tcp=_address("--tcp", args.tcp) if args.tcp else None,
+        key=_key(args.hmac_key_file) if args.hmac_key_file else None,
         rate_pps=args.rate_limit,
         burst=args.burst,
     )

@@ -7,7 +7,12 @@ from pathlib import Path
 
 import pytest
 
-from detnet.controller.config import load_config, parse_config, parse_listen
+from detnet.controller.config import (
+    lease_namespace,
+    load_config,
+    parse_config,
+    resolve_targets,
+)
 from detnet.controller.errors import ConfigError
 
 FIXTURES = Path(__file__).resolve().parent.parent / "fixtures"
@@ -107,12 +112,14 @@ def test_targets_build_engine_targets() -> None:
     assert targets[1].interval_ns == 50_000_000
 
 
-def test_service_name_resolves() -> None:
+def test_targets_keep_names_and_resolving_is_separate() -> None:
     cfg = parse_config(
         GOOD.replace("host: 127.0.0.1\n    port: 5201", "service: localhost\n    port: 5201")
     )
-    host = cfg.targets()[0].host
-    assert host in ("127.0.0.1", "::1")
+    assert cfg.targets()[0].host == "localhost"  # the parser never touches DNS
+    resolved = resolve_targets(cfg)
+    assert resolved[0].host in ("127.0.0.1", "::1")
+    assert resolved[1] == cfg.targets()[1]  # an address stays as it is
 
 
 def test_unresolvable_service_names_line() -> None:
@@ -123,7 +130,7 @@ def test_unresolvable_service_names_line() -> None:
     with pytest.raises(
         ConfigError, match=r"^c\.yaml:8: critical_apps\[1\]\.service: cannot resolve"
     ):
-        cfg.targets()
+        resolve_targets(cfg)
 
 
 def bad(text: str) -> str:
@@ -181,11 +188,22 @@ def test_bad_interval_string() -> None:
 
 @pytest.mark.parametrize(
     ("value", "seconds"),
-    [("250ms", 0.25), ("1s", 1.0), ("1.5s", 1.5), ("2m", 120.0), ("500us", 0.0005), (2, 2.0)],
+    [
+        ("250ms", 0.25),
+        ("1s", 1.0),
+        ("1.5s", 1.5),
+        ("2m", 120.0),
+        ("1500us", 0.0015),
+        ("1500µs", 0.0015),
+        ("1h", 3600.0),
+        (2, 2.0),
+        (0.5, 0.5),
+        ('"0.5"', 0.5),
+    ],
 )
-def test_interval_forms(value: object, seconds: float) -> None:
-    cfg = parse_config(GOOD + f"control:\n  control_interval: {value}\n")
-    assert cfg.control.control_interval_s == pytest.approx(seconds)
+def test_duration_forms(value: object, seconds: float) -> None:
+    cfg = parse_config(GOOD + f"policy:\n  increase_interval: {value}\n")
+    assert cfg.policy.increase_interval_s == seconds
 
 
 def test_duplicate_app_names() -> None:
@@ -224,7 +242,10 @@ def test_initial_bandwidth_outside_range() -> None:
 
 def test_fractional_bandwidth_refused() -> None:
     msg = bad(GOOD.replace("initial_bandwidth: 100", "initial_bandwidth: 12.5"))
-    assert "must be a whole number of Mbit/s >= 1, got 12.5" in msg
+    assert msg == (
+        "bad.yaml:14: best_effort_targets[0].initial_bandwidth: "
+        "must be a whole number of Mbit/s from 1 to 1000000, got 12.5"
+    )
 
 
 def test_set_twice_is_an_error() -> None:
@@ -282,35 +303,52 @@ def test_missing_file_and_empty_file(tmp_path: Path) -> None:
         load_config(empty)
 
 
-def test_parse_listen() -> None:
-    assert parse_listen("127.0.0.1:9108") == ("127.0.0.1", 9108)
-    assert parse_listen("[::1]:0") == ("::1", 0)
-    assert parse_listen(":9108") == ("0.0.0.0", 9108)
-    with pytest.raises(ValueError, match="HOST:PORT"):
-        parse_listen("localhost")
-
-
 def test_exponent_floats_are_numbers() -> None:
     # PyYAML reads a plain 1e-6 as a string (YAML 1.1); we read it as YAML 1.2 does.
     assert parse_config(GOOD.replace("max_jitter_ms: 1.0", "max_jitter_ms: 1e-3")).critical_apps[
         0
     ].max_jitter_ms == pytest.approx(0.001)
-    msg = bad(GOOD.replace("max_jitter_ms: 1.0", 'max_jitter_ms: "1e-3"'))
-    assert msg.endswith('must be a positive number, got "1e-3"')
 
 
-def test_lease_namespace_defaults_to_pod_namespace(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.delenv("POD_NAMESPACE", raising=False)
-    assert parse_config(GOOD).kubernetes.lease_namespace == "kube-system"
-    monkeypatch.setenv("POD_NAMESPACE", "detnet-system")
-    assert parse_config(GOOD).kubernetes.lease_namespace == "detnet-system"
-    assert parse_config(GOOD).to_dict()["kubernetes"]["lease_namespace"] == "detnet-system"
+
+def test_quoted_numbers_read_as_the_prototype_read_them() -> None:
+    # Its loader took int("5201") and float("0.3"); so do we, wherever a number goes.
+    text = (
+        GOOD.replace("port: 5201", 'port: "5201"')
+        .replace("max_jitter_ms: 1.0", 'max_jitter_ms: "1e-3"')
+        .replace("initial_bandwidth: 100", "initial_bandwidth: ' 100 '")
+    )
+    cfg = parse_config(text + 'control: {window_size: "20", probe_interval: "0.5"}\n')
+    assert (cfg.critical_apps[0].port, cfg.critical_apps[0].max_jitter_ms) == (5201, 0.001)
+    assert cfg.best_effort_targets[0].initial_bandwidth == 100
+    assert (cfg.control.window_samples, cfg.control.probe_interval_s) == (20, 0.5)
+    # Words are not numbers, and a quoted fraction is not a whole number.
+    assert bad(GOOD.replace("port: 5201", 'port: "5201.0"')).endswith(
+        'port: must be a whole number, got "5201.0"'
+    )
+    assert bad(GOOD.replace("max_jitter_ms: 1.0", 'max_jitter_ms: "nan"')).endswith(
+        'must be a positive number, got "nan"'
+    )
+
+
+def test_lease_namespace_is_applied_by_the_user_not_the_parser() -> None:
+    cfg = parse_config(GOOD)
+    assert cfg.kubernetes.lease_namespace is None  # unset: the environment decides, later
+    assert "lease_namespace" not in cfg.to_dict()["kubernetes"]
+    assert lease_namespace(cfg, pod_namespace=None) == "kube-system"
+    assert lease_namespace(cfg, pod_namespace="") == "kube-system"
+    assert lease_namespace(cfg, pod_namespace="detnet-system") == "detnet-system"
     # An explicit value wins over the downward API's.
-    explicit = GOOD + "kubernetes:\n  lease_namespace: ops\n"
-    assert parse_config(explicit).kubernetes.lease_namespace == "ops"
+    explicit = parse_config(GOOD + "kubernetes:\n  lease_namespace: ops\n")
+    assert lease_namespace(explicit, pod_namespace="detnet-system") == "ops"
+    assert explicit.to_dict()["kubernetes"]["lease_namespace"] == "ops"
 
 
-def test_bad_pod_namespace_is_a_config_error(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("POD_NAMESPACE", "Not_A_Namespace")
-    with pytest.raises(ConfigError, match=r"kubernetes\.lease_namespace: not set, and POD_NAME"):
-        parse_config(GOOD)
+def test_bad_pod_namespace_is_a_config_error() -> None:
+    cfg = parse_config(GOOD + "kubernetes:\n  qps: 5\n", source="c.yaml")
+    with pytest.raises(ConfigError) as info:
+        lease_namespace(cfg, pod_namespace="Not_A_Namespace")
+    assert str(info.value) == (
+        "c.yaml:15: kubernetes.lease_namespace: not set, and "
+        'POD_NAMESPACE="Not_A_Namespace" is not a namespace name; set it explicitly'
+    )
