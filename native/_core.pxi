@@ -67,6 +67,7 @@ cdef extern from "<netinet/in.h>" nogil:
 
     struct sockaddr_in:
         unsigned short sin_family
+        uint16_t sin_port
         in_addr sin_addr
 
     struct in6_addr:
@@ -74,6 +75,7 @@ cdef extern from "<netinet/in.h>" nogil:
 
     struct sockaddr_in6:
         unsigned short sin6_family
+        uint16_t sin6_port
         in6_addr sin6_addr
 
     enum:
@@ -122,6 +124,7 @@ cdef extern from *:
         uint32_t ee_info;
         uint32_t ee_data;
     };
+    #define DETNET_SOF_TX_HARDWARE (1 << 0)
     #define DETNET_SOF_TX_SOFTWARE (1 << 1)
     #define DETNET_SOF_RX_SOFTWARE (1 << 3)
     #define DETNET_SOF_SOFTWARE (1 << 4)
@@ -137,6 +140,7 @@ cdef extern from *:
         uint32_t ee_data
 
     enum:
+        DETNET_SOF_TX_HARDWARE
         DETNET_SOF_TX_SOFTWARE
         DETNET_SOF_RX_SOFTWARE
         DETNET_SOF_SOFTWARE
@@ -146,11 +150,34 @@ cdef extern from *:
         DETNET_SCM_TSTAMP_SND
 
 
+cdef extern from "<sys/epoll.h>" nogil:
+    union epoll_data_t:
+        int fd
+        uint64_t u64
+
+    struct epoll_event:
+        uint32_t events
+        epoll_data_t data
+
+    int epoll_create1(int flags)
+    int epoll_ctl(int epfd, int op, int fd, epoll_event* event)
+
+    enum:
+        EPOLL_CLOEXEC
+        EPOLL_CTL_ADD
+        EPOLLIN
+
+
+cdef extern from "<unistd.h>" nogil:
+    int close(int fd)
+
+
 # Records written straight into the numpy arrays (SENT_DTYPE / REPLY_DTYPE, unaligned).
 cdef packed struct sent_rec:
     uint64_t seq
     int64_t user_tx_ns
     int64_t kernel_tx_ns
+    int64_t hw_tx_ns
 
 
 cdef packed struct reply_rec:
@@ -163,9 +190,15 @@ cdef packed struct reply_rec:
     int64_t kernel_rx_ns
     int64_t user_rx_ns
     uint8_t source
+    uint8_t kind
+    uint8_t refl_source
+    uint8_t followup_source
+    uint64_t followup_seq
+    int64_t refl_tx_kernel_ns
+    int64_t hw_rx_ns
 
 
-# A decoded header (host byte order).
+# A decoded header (host byte order); the stamp fields only of version-2 packets.
 cdef struct header_t:
     uint32_t magic
     uint8_t version
@@ -177,6 +210,40 @@ cdef struct header_t:
     uint64_t tx_ns
     uint64_t refl_rx_ns
     uint64_t refl_tx_ns
+    uint8_t rx_source
+    uint8_t followup_source
+    uint64_t followup_seq
+    uint64_t followup_tx_ns
+
+
+# A late kernel TX stamp waiting for take_tx_stamps().
+cdef struct late_t:
+    uint64_t seq
+    int64_t sw
+    int64_t hw
+
+
+# The reflector's two-step state: per session a ring of replies whose kernel TX stamp has
+# not been delivered yet (PER_SESSION of them), in a fixed open-addressing table.
+cdef struct pending_t:
+    uint64_t seq
+    int64_t due
+    int64_t pre_tx
+    int64_t stamp
+    uint32_t key
+    uint8_t keyed
+    uint8_t source
+
+
+cdef struct session_t:
+    uint8_t used
+    uint32_t namelen
+    uint32_t session
+    int64_t last_ns
+    uint32_t head
+    uint32_t count
+    sockaddr_storage name
+    pending_t ring[32]
 
 
 # One source address's token bucket in the reflector's fixed-size table.

@@ -1,99 +1,77 @@
-"""Pure-Python fallback of the native core: same API as ``_core.pyx`` (see ``_core.pyi``).
+"""The probe packet codec in pure Python (fallback of ``_codec.pxi``; docs/protocol.md).
 
-Used when the Cython extension is not built or ``DETNET_NO_EXTENSIONS=1``. It speaks the
-same packet format (docs/protocol.md) with ``struct``, reads kernel timestamps with
-``socket.recvmsg`` ancillary data, and loops over ``sendmsg``/``recvmsg`` where the Cython
-build batches with ``sendmmsg``/``recvmmsg``. Correct, and several times slower.
+Validation runs in one fixed order and yields a numeric code, so that this fallback and
+the Cython core reject the same datagram for the same reason with the same message
+(the parity suite compares them). Requests are always version 1 on the wire; a request
+that asks for two-step stamps carries a capability block in its fill, which version-1
+reflectors ignore. Replies to such requests are version 2.
 """
 
 from __future__ import annotations
 
-import errno
 import hmac
-import socket
 import struct
-import time
-from collections import OrderedDict
-
-import numpy as np
-import numpy.typing as npt
-
-__all__ = [
-    "FLAG_HMAC",
-    "FLAG_REPLY",
-    "HEADER_SIZE",
-    "HMAC_SIZE",
-    "MAGIC",
-    "MAX_SIZE",
-    "MIN_SIZE",
-    "REPLY_DTYPE",
-    "SENT_DTYPE",
-    "TS_KERNEL",
-    "TS_USER",
-    "VERSION",
-    "HmacError",
-    "PacketError",
-    "Probe",
-    "ProbeSocket",
-    "Reflector",
-    "clock_read_cost_ns",
-    "decode_probe",
-    "encode_probe",
-    "make_reply",
-    "monotonic_ns",
-    "realtime_ns",
-    "tcp_info_rtt",
-]
 
 MAGIC = 0x44544E54
-VERSION = 1
+VERSION = 1  # requests and one-step replies
+VERSION_TWO_STEP = 2  # replies that carry two-step stamps, and follow-ups
 HEADER_SIZE = 48
 HMAC_SIZE = 16
 MIN_SIZE = HEADER_SIZE
 MAX_SIZE = 9000
+EXT_SIZE = 16  # the two-step block after the header
+TWO_STEP_MIN_SIZE = HEADER_SIZE + EXT_SIZE  # + HMAC_SIZE with an HMAC
 FLAG_REPLY = 0x01
 FLAG_HMAC = 0x02
-_KNOWN_FLAGS = FLAG_REPLY | FLAG_HMAC
-TS_USER = 0
-RCVBUF_BYTES = 4 << 20  # a probe socket's receive buffer (capped by net.core.rmem_max)
-TS_KERNEL = 1
+FLAG_FOLLOWUP = 0x04  # version 2 only: a follow-up packet, not an answer to a request
+CAP_MAGIC = 0x44545332  # b"DTS2": a request's fill asks for two-step stamps
+CAP_TWO_STEP = 0x0001
+WAIT_UNIT_NS = 100_000  # followup_wait is carried in units of 100 us
+MAX_WAIT_NS = 0xFFFF * WAIT_UNIT_NS
 
-_HEADER = struct.Struct("!IBBHIIQQQQ")
+# Sources of a timestamp (REPLY_DTYPE "source", "refl_source"; SENT_DTYPE "tx_source").
+TS_USER = 0
+TS_KERNEL = 1
+TS_HARDWARE = 2
+TS_UNKNOWN = 0xFF  # a version-1 reflector does not say what its refl_rx_ns is
+# The stamp a two-step packet carries (REPLY_DTYPE "followup_source").
+FOLLOWUP_NONE = 0
+FOLLOWUP_KERNEL = 1
+FOLLOWUP_HARDWARE = 2
+FOLLOWUP_LOST = 3  # the reflector got no kernel TX stamp for followup_seq: use one-step
+# Row kinds (REPLY_DTYPE "kind").
+KIND_REPLY = 0  # one-step reply (a version-1 reflector, or an untracked session)
+KIND_REPLY_2STEP = 1  # version-2 reply: its kernel TX stamp follows later
+KIND_FOLLOWUP = 2  # only followup_seq / refl_tx_kernel_ns / followup_source are set
+KIND_ECHO = 3  # a verbatim echo of our request (plain echo server, ICMP echo)
+
+_KNOWN_FLAGS = {VERSION: FLAG_REPLY | FLAG_HMAC, VERSION_TWO_STEP: 0x07}
 _U64 = (1 << 64) - 1
 
-SENT_DTYPE = np.dtype([("seq", "u8"), ("user_tx_ns", "i8"), ("kernel_tx_ns", "i8")])
-REPLY_DTYPE = np.dtype(
-    [
-        ("seq", "u8"),
-        ("session", "u4"),
-        ("size", "u4"),
-        ("tx_ns", "i8"),
-        ("refl_rx_ns", "i8"),
-        ("refl_tx_ns", "i8"),
-        ("kernel_rx_ns", "i8"),
-        ("user_rx_ns", "i8"),
-        ("source", "u1"),
-    ]
-)
+HEADER = struct.Struct("!IBBHIIQQQQ")
+V2_SOURCES = struct.Struct("!BBH")  # at offset 12 of a version-2 packet
+EXT = struct.Struct("!QQ")  # at 48 of a version-2 packet: followup_seq, followup_tx_ns
+CAPS = struct.Struct("!IHH")  # at 48 of a request: CAP_MAGIC, caps, followup_wait units
 
-# Linux socket options the socket module does not name (asm-generic values, x86_64/arm64).
-_SO_TIMESTAMPNS = 35
-_SO_TIMESTAMPING = 37
-_SCM_TIMESTAMPNS = _SO_TIMESTAMPNS
-_SCM_TIMESTAMPING = _SO_TIMESTAMPING
-_SOF_TX_SOFTWARE = 1 << 1
-_SOF_RX_SOFTWARE = 1 << 3
-_SOF_SOFTWARE = 1 << 4
-_SOF_OPT_ID = 1 << 7
-_SOF_OPT_TSONLY = 1 << 11
-_IP_RECVERR = 11
-_IPV6_RECVERR = 25
-_SO_EE_ORIGIN_TIMESTAMPING = 4
-_SCM_TSTAMP_SND = 0
-_TCP_INFO = 11
-_ANC_SIZE = 512
-_EXT_ERR = struct.Struct("=IBBBBII")
-_TIMESPEC3 = struct.Struct("=qqqqqq")
+# Validation codes, in the order the checks run (the Cython core has the same enum).
+OK = 0
+E_SHORT = 1
+E_LONG = 2
+E_MAGIC = 3
+E_VERSION = 4
+E_FLAGS = 5
+E_LENGTH = 6
+E_RESERVED = 7
+E_HMAC_SHORT = 8
+E_V2_REQUEST = 9
+E_V2_SHORT = 10
+E_V2_SOURCE = 11
+E_V2_NOSTAMP = 12
+E_V2_LOST = 13
+E_V2_FOLLOWUP = 14
+E_HMAC_NOKEY = 15  # the first of the HMAC failures (counted as bad_hmac)
+E_HMAC_MISSING = 16
+E_HMAC_BAD = 17
 
 
 class PacketError(ValueError):
@@ -104,45 +82,221 @@ class HmacError(PacketError):
     """A probe whose HMAC is wrong, missing while a key is set, or present without a key."""
 
 
+class Fields:
+    """The header fields of a datagram, as far as they could be read."""
+
+    __slots__ = (
+        "flags",
+        "followup_seq",
+        "followup_source",
+        "followup_tx_ns",
+        "length",
+        "magic",
+        "refl_rx_ns",
+        "refl_tx_ns",
+        "reserved",
+        "rx_source",
+        "seq",
+        "session",
+        "tx_ns",
+        "version",
+    )
+
+    def __init__(self) -> None:
+        self.magic = self.version = self.flags = self.length = self.session = 0
+        self.reserved = self.seq = self.tx_ns = self.refl_rx_ns = self.refl_tx_ns = 0
+        self.rx_source = self.followup_source = self.followup_seq = self.followup_tx_ns = 0
+
+
+def check_header(data: bytes | bytearray | memoryview, n: int, f: Fields) -> int:
+    """Structural validation (everything but the HMAC value); fills ``f``, returns a code."""
+    if n < HEADER_SIZE:
+        return E_SHORT
+    if n > MAX_SIZE:
+        return E_LONG
+    (
+        f.magic,
+        f.version,
+        f.flags,
+        f.length,
+        f.session,
+        f.reserved,
+        f.seq,
+        f.tx_ns,
+        f.refl_rx_ns,
+        f.refl_tx_ns,
+    ) = HEADER.unpack_from(data, 0)
+    if f.magic != MAGIC:
+        return E_MAGIC
+    known = _KNOWN_FLAGS.get(f.version)
+    if known is None:
+        return E_VERSION
+    if f.flags & ~known:
+        return E_FLAGS
+    if f.length != n:
+        return E_LENGTH
+    v2 = f.version == VERSION_TWO_STEP
+    if f.reserved & (0xFFFF if v2 else 0xFFFFFFFF):
+        return E_RESERVED
+    hmac_len = HMAC_SIZE if f.flags & FLAG_HMAC else 0
+    if hmac_len and n < HEADER_SIZE + HMAC_SIZE:
+        return E_HMAC_SHORT
+    if not v2:
+        return OK
+    if not f.flags & FLAG_REPLY:
+        return E_V2_REQUEST
+    if n < TWO_STEP_MIN_SIZE + hmac_len:
+        return E_V2_SHORT
+    f.rx_source, f.followup_source = f.reserved >> 24, (f.reserved >> 16) & 0xFF
+    f.followup_seq, f.followup_tx_ns = EXT.unpack_from(data, HEADER_SIZE)
+    if f.rx_source > TS_HARDWARE or f.followup_source > FOLLOWUP_LOST:
+        return E_V2_SOURCE
+    if f.followup_source == FOLLOWUP_NONE and (f.followup_seq or f.followup_tx_ns):
+        return E_V2_NOSTAMP
+    if f.followup_source == FOLLOWUP_LOST and f.followup_tx_ns:
+        return E_V2_LOST
+    if f.flags & FLAG_FOLLOWUP and (
+        f.followup_source == FOLLOWUP_NONE
+        or f.seq != f.followup_seq
+        or f.tx_ns
+        or f.refl_rx_ns
+        or f.refl_tx_ns
+    ):
+        return E_V2_FOLLOWUP
+    return OK
+
+
+def mac(key: bytes, data: bytes | bytearray | memoryview) -> bytes:
+    """HMAC-SHA256 truncated to HMAC_SIZE bytes."""
+    return hmac.digest(key, data, "sha256")[:HMAC_SIZE]
+
+
+def check_hmac(key: bytes | None, flags: int, data: bytes | bytearray | memoryview, n: int) -> int:
+    """The HMAC verdict of a structurally valid datagram (constant-time compare)."""
+    if not flags & FLAG_HMAC:
+        return E_HMAC_MISSING if key is not None else OK
+    if key is None:
+        return E_HMAC_NOKEY
+    view = memoryview(data)
+    ok = hmac.compare_digest(mac(key, view[: n - HMAC_SIZE]), view[n - HMAC_SIZE : n])
+    return OK if ok else E_HMAC_BAD
+
+
+def asks_two_step(data: bytes | bytearray | memoryview, n: int, flags: int) -> int:
+    """A request's followup_wait units (>= 0) when it asks for two-step stamps, else -1."""
+    if flags & FLAG_REPLY or n < TWO_STEP_MIN_SIZE + (HMAC_SIZE if flags & FLAG_HMAC else 0):
+        return -1
+    magic, caps, wait = CAPS.unpack_from(data, HEADER_SIZE)
+    return wait if magic == CAP_MAGIC and caps & CAP_TWO_STEP else -1
+
+
+def error(code: int, f: Fields, n: int) -> PacketError:
+    """The exception (with its reason) for a failed check."""
+    messages = {
+        E_SHORT: f"datagram of {n} bytes is shorter than the {HEADER_SIZE}-byte header",
+        E_LONG: f"datagram of {n} bytes is longer than the maximum {MAX_SIZE}",
+        E_MAGIC: f"bad magic {f.magic:#010x} (expected {MAGIC:#010x})",
+        E_VERSION: f"unsupported version {f.version} (expected 1 or 2)",
+        E_FLAGS: f"unknown flag bits {f.flags & ~_KNOWN_FLAGS.get(f.version, 0):#04x}",
+        E_LENGTH: f"length field {f.length} does not match the datagram's {n} bytes",
+        E_RESERVED: "reserved field is not zero",
+        E_HMAC_SHORT: f"HMAC packet of {n} bytes is shorter than {HEADER_SIZE + HMAC_SIZE}",
+        E_V2_REQUEST: "version 2 packet without the REPLY flag (requests are version 1)",
+        E_V2_SHORT: f"version 2 packet of {n} bytes is shorter than its two-step block",
+        E_V2_SOURCE: (
+            f"unknown stamp source (reflector RX {f.rx_source}, follow-up {f.followup_source})"
+        ),
+        E_V2_NOSTAMP: "follow-up fields set without a stamp source",
+        E_V2_LOST: "a lost stamp carries a timestamp",
+        E_V2_FOLLOWUP: "follow-up packet without a stamp, with another seq, or with reply stamps",
+    }
+    if code == E_HMAC_NOKEY:
+        return HmacError("packet carries an HMAC but no key is configured")
+    if code == E_HMAC_MISSING:
+        return HmacError("packet has no HMAC but a key is configured")
+    if code == E_HMAC_BAD:
+        return HmacError("HMAC does not match (wrong key or altered packet)")
+    return PacketError(messages[code])
+
+
 class Probe:
-    """A decoded probe packet (request or reply)."""
+    """A decoded probe packet (request, reply or follow-up)."""
 
-    __slots__ = ("flags", "refl_rx_ns", "refl_tx_ns", "seq", "session", "size", "tx_ns")
+    __slots__ = (
+        "flags",
+        "followup_seq",
+        "followup_source",
+        "followup_tx_ns",
+        "followup_wait_ns",
+        "refl_rx_ns",
+        "refl_tx_ns",
+        "rx_source",
+        "seq",
+        "session",
+        "size",
+        "two_step",
+        "tx_ns",
+        "version",
+    )
 
-    def __init__(
-        self,
-        *,
-        flags: int,
-        size: int,
-        session: int,
-        seq: int,
-        tx_ns: int,
-        refl_rx_ns: int,
-        refl_tx_ns: int,
-    ) -> None:
-        self.flags = flags
-        self.size = size
-        self.session = session
-        self.seq = seq
-        self.tx_ns = tx_ns
-        self.refl_rx_ns = refl_rx_ns
-        self.refl_tx_ns = refl_tx_ns
+    def __init__(self, f: Fields, wait: int) -> None:
+        self.version = f.version
+        self.flags = f.flags
+        self.size = f.length
+        self.session = f.session
+        self.seq = f.seq
+        self.tx_ns = f.tx_ns
+        self.refl_rx_ns = f.refl_rx_ns
+        self.refl_tx_ns = f.refl_tx_ns
+        self.rx_source = f.rx_source
+        self.followup_source = f.followup_source
+        self.followup_seq = f.followup_seq
+        self.followup_tx_ns = f.followup_tx_ns
+        self.two_step = wait >= 0
+        self.followup_wait_ns = max(wait, 0) * WAIT_UNIT_NS
 
     @property
     def is_reply(self) -> bool:
         """True when the REPLY flag is set (the packet came from a reflector)."""
         return bool(self.flags & FLAG_REPLY)
 
+    @property
+    def is_followup(self) -> bool:
+        """True for a version-2 follow-up packet (a late two-step stamp)."""
+        return bool(self.flags & FLAG_FOLLOWUP)
+
     def __repr__(self) -> str:
         return (
-            f"Probe(flags={self.flags:#x}, size={self.size}, session={self.session}, "
-            f"seq={self.seq}, tx_ns={self.tx_ns}, refl_rx_ns={self.refl_rx_ns}, "
-            f"refl_tx_ns={self.refl_tx_ns})"
+            f"Probe(version={self.version}, flags={self.flags:#x}, size={self.size}, "
+            f"session={self.session}, seq={self.seq}, tx_ns={self.tx_ns}, "
+            f"refl_rx_ns={self.refl_rx_ns}, refl_tx_ns={self.refl_tx_ns}, "
+            f"rx_source={self.rx_source}, followup_source={self.followup_source}, "
+            f"followup_seq={self.followup_seq}, followup_tx_ns={self.followup_tx_ns}, "
+            f"two_step={self.two_step}, followup_wait_ns={self.followup_wait_ns})"
         )
 
 
-def _mac(key: bytes, data: bytes | bytearray | memoryview) -> bytes:
-    return hmac.digest(key, data, "sha256")[:HMAC_SIZE]
+def checked_key(key: bytes | None) -> bytes | None:
+    """The HMAC key, validated (bytes, not empty) or None."""
+    if key is None:
+        return None
+    if not isinstance(key, bytes):
+        raise TypeError("HMAC key must be bytes")
+    if not key:
+        raise ValueError("HMAC key must not be empty")
+    return key
+
+
+def wait_units(followup_wait_ns: int) -> int:
+    """followup_wait_ns as carried in a request (100 us units, rounded up; 0 = default)."""
+    if not 0 <= followup_wait_ns <= MAX_WAIT_NS:
+        raise ValueError(f"followup_wait_ns {followup_wait_ns} is not in 0..{MAX_WAIT_NS}")
+    return -(-followup_wait_ns // WAIT_UNIT_NS)
+
+
+def two_step_min_size(keyed: bool) -> int:
+    """The smallest probe that has room for the two-step block."""
+    return TWO_STEP_MIN_SIZE + (HMAC_SIZE if keyed else 0)
 
 
 def encode_probe(
@@ -155,412 +309,120 @@ def encode_probe(
     flags: int = 0,
     refl_rx_ns: int = 0,
     refl_tx_ns: int = 0,
+    version: int = VERSION,
+    two_step: bool = False,
+    followup_wait_ns: int = 0,
+    rx_source: int = 0,
+    followup_source: int = 0,
+    followup_seq: int = 0,
+    followup_tx_ns: int = 0,
 ) -> bytes:
-    """Encode one probe of exactly ``size`` bytes (HMAC trailer included when keyed)."""
-    if flags & ~FLAG_REPLY:
-        raise ValueError(f"flags {flags:#x}: only FLAG_REPLY may be given (HMAC follows key)")
-    if key is not None:
-        if not key:
-            raise ValueError("HMAC key must not be empty")
+    """Encode one probe of exactly ``size`` bytes (HMAC trailer included when keyed).
+
+    Version 1: a request (``flags`` 0, ``two_step`` adds the capability block) or a
+    one-step reply (FLAG_REPLY). Version 2: a two-step reply (FLAG_REPLY) or follow-up
+    (FLAG_REPLY | FLAG_FOLLOWUP) with the stamp fields. The result always decodes.
+    """
+    k = checked_key(key)
+    if version not in _KNOWN_FLAGS:
+        raise ValueError(f"version {version} is not 1 or 2")
+    allowed = FLAG_REPLY if version == VERSION else FLAG_REPLY | FLAG_FOLLOWUP
+    if flags & ~allowed:
+        raise ValueError(f"flags {flags:#x}: only {allowed:#x} may be given (HMAC follows key)")
+    if k is not None:
         flags |= FLAG_HMAC
-    min_size = MIN_SIZE + (HMAC_SIZE if key is not None else 0)
+    min_size = MIN_SIZE + (HMAC_SIZE if k is not None else 0)
+    if two_step or version == VERSION_TWO_STEP:
+        min_size = two_step_min_size(k is not None)
     if not min_size <= size <= MAX_SIZE:
         raise ValueError(f"probe size {size} is not in {min_size}..{MAX_SIZE}")
+    if two_step and (flags & FLAG_REPLY or version != VERSION):
+        raise ValueError("two_step is asked for by a request (version 1, no FLAG_REPLY)")
     if not 0 <= session <= 0xFFFFFFFF:
         raise ValueError(f"session {session} does not fit in 32 bits")
-    for name, value in (("seq", seq), ("tx_ns", tx_ns), ("refl_rx_ns", refl_rx_ns)):
+    for name, value in (
+        ("seq", seq),
+        ("tx_ns", tx_ns),
+        ("refl_rx_ns", refl_rx_ns),
+        ("refl_tx_ns", refl_tx_ns),
+        ("followup_seq", followup_seq),
+        ("followup_tx_ns", followup_tx_ns),
+    ):
         if not 0 <= value <= _U64:
             raise ValueError(f"{name} {value} does not fit in unsigned 64 bits")
-    if not 0 <= refl_tx_ns <= _U64:
-        raise ValueError(f"refl_tx_ns {refl_tx_ns} does not fit in unsigned 64 bits")
+    if not (0 <= rx_source <= 0xFF and 0 <= followup_source <= 0xFF):
+        raise ValueError("rx_source and followup_source are single bytes")
+    wait = wait_units(followup_wait_ns)
     buf = bytearray(size)
-    _HEADER.pack_into(
-        buf, 0, MAGIC, VERSION, flags, size, session, 0, seq, tx_ns, refl_rx_ns, refl_tx_ns
+    reserved = 0
+    if version == VERSION_TWO_STEP:
+        reserved = rx_source << 24 | followup_source << 16
+        EXT.pack_into(buf, HEADER_SIZE, followup_seq, followup_tx_ns)
+    elif rx_source or followup_source or followup_seq or followup_tx_ns:
+        raise ValueError("stamp fields need version 2")
+    HEADER.pack_into(
+        buf, 0, MAGIC, version, flags, size, session, reserved, seq, tx_ns, refl_rx_ns, refl_tx_ns
     )
-    if key is not None:
-        buf[size - HMAC_SIZE :] = _mac(key, memoryview(buf)[: size - HMAC_SIZE])
+    if two_step:
+        CAPS.pack_into(buf, HEADER_SIZE, CAP_MAGIC, CAP_TWO_STEP, wait)
+    elif wait:
+        raise ValueError("followup_wait_ns needs two_step")
+    if k is not None:
+        buf[size - HMAC_SIZE :] = mac(k, memoryview(buf)[: size - HMAC_SIZE])
+    f = Fields()
+    code = check_header(buf, size, f)
+    if code != OK:
+        raise ValueError(f"these fields do not make a valid packet: {error(code, f, size)}")
     return bytes(buf)
 
 
-def _parse(data: bytes | bytearray | memoryview, key: bytes | None) -> Probe:
+def parse(data: bytes | bytearray | memoryview, key: bytes | None) -> Probe:
+    """Decode and validate (structure, then HMAC); raise PacketError with the reason."""
     n = len(data)
-    if n < MIN_SIZE:
-        raise PacketError(f"datagram of {n} bytes is shorter than the {MIN_SIZE}-byte header")
-    if n > MAX_SIZE:
-        raise PacketError(f"datagram of {n} bytes is longer than the maximum {MAX_SIZE}")
-    magic, version, flags, length, session, reserved, seq, tx, rrx, rtx = _HEADER.unpack_from(
-        data, 0
-    )
-    if magic != MAGIC:
-        raise PacketError(f"bad magic {magic:#010x} (expected {MAGIC:#010x})")
-    if version != VERSION:
-        raise PacketError(f"unsupported version {version} (expected {VERSION})")
-    if flags & ~_KNOWN_FLAGS:
-        raise PacketError(f"unknown flag bits {flags & ~_KNOWN_FLAGS:#04x}")
-    if length != n:
-        raise PacketError(f"length field {length} does not match the datagram's {n} bytes")
-    if reserved != 0:
-        raise PacketError("reserved field is not zero")
-    if flags & FLAG_HMAC:
-        if n < MIN_SIZE + HMAC_SIZE:
-            raise PacketError(f"HMAC packet of {n} bytes is shorter than {MIN_SIZE + HMAC_SIZE}")
-        if key is None:
-            raise HmacError("packet carries an HMAC but no key is configured")
-        view = memoryview(data)
-        if not hmac.compare_digest(_mac(key, view[: n - HMAC_SIZE]), view[n - HMAC_SIZE :]):
-            raise HmacError("HMAC does not match (wrong key or altered packet)")
-    elif key is not None:
-        raise HmacError("packet has no HMAC but a key is configured")
-    return Probe(
-        flags=flags, size=n, session=session, seq=seq, tx_ns=tx, refl_rx_ns=rrx, refl_tx_ns=rtx
-    )
+    f = Fields()
+    code = check_header(data, n, f)
+    if code == OK:
+        code = check_hmac(key, f.flags, data, n)
+    if code != OK:
+        raise error(code, f, n)
+    return Probe(f, asks_two_step(data, n, f.flags))
 
 
 def decode_probe(data: bytes | bytearray | memoryview, *, key: bytes | None = None) -> Probe:
     """Decode and strictly validate a probe; raise PacketError with the reason."""
-    return _parse(data, key)
+    return parse(data, checked_key(key))
 
 
 def make_reply(
     data: bytes | bytearray | memoryview, *, rx_ns: int, tx_ns: int, key: bytes | None = None
 ) -> bytes:
-    """Validate a request and return its reply: same size, REPLY flag, reflector stamps.
+    """Validate a request and return its one-step reply: same size, REPLY, reflector stamps.
 
-    The reply is built afresh (zero fill), never an echo of the request's payload.
+    The reply is built afresh (zero fill), never an echo of the request's payload. It is
+    version 1 even when the request asked for two-step stamps (the TCP echo server has
+    no per-frame kernel TX stamp to send later).
     """
-    req = _parse(data, key)
-    if req.flags & FLAG_REPLY:
-        raise PacketError("packet is a reply, not a request (reflection loop refused)")
-    if req.refl_rx_ns or req.refl_tx_ns:
-        raise PacketError("request carries reflector timestamps")
+    k = checked_key(key)
+    n = len(data)
+    f = Fields()
+    code = check_header(data, n, f)
+    if code == OK and (f.flags & FLAG_REPLY or f.refl_rx_ns or f.refl_tx_ns):
+        raise PacketError(
+            "packet is a reply, not a request (reflection loop refused)"
+            if f.flags & FLAG_REPLY
+            else "request carries reflector timestamps"
+        )
+    if code == OK:
+        code = check_hmac(k, f.flags, data, n)
+    if code != OK:
+        raise error(code, f, n)
     return encode_probe(
-        session=req.session,
-        seq=req.seq,
-        tx_ns=req.tx_ns,
-        size=req.size,
-        key=key,
+        session=f.session,
+        seq=f.seq,
+        tx_ns=f.tx_ns,
+        size=n,
+        key=k,
         flags=FLAG_REPLY,
         refl_rx_ns=rx_ns,
         refl_tx_ns=tx_ns,
     )
-
-
-def realtime_ns() -> int:
-    """clock_gettime(CLOCK_REALTIME) in ns (the kernel timestamps' clock)."""
-    return time.clock_gettime_ns(time.CLOCK_REALTIME)
-
-
-def monotonic_ns() -> int:
-    """clock_gettime(CLOCK_MONOTONIC) in ns (for scheduling)."""
-    return time.monotonic_ns()
-
-
-def clock_read_cost_ns(n: int = 10000) -> float:
-    """Mean cost of one clock_gettime(CLOCK_REALTIME) in ns, over ``n`` reads."""
-    if n <= 0:
-        raise ValueError("n must be positive")
-    read = time.clock_gettime_ns
-    clock = time.CLOCK_REALTIME
-    start = time.perf_counter_ns()
-    for _ in range(n):
-        read(clock)
-    return (time.perf_counter_ns() - start) / n
-
-
-def _cmsg_rx_ns(ancdata: list[tuple[int, int, bytes]]) -> int:
-    """Kernel RX software timestamp from recvmsg ancillary data, 0 when absent."""
-    for level, kind, data in ancdata:
-        if level != socket.SOL_SOCKET:
-            continue
-        if kind == _SCM_TIMESTAMPING and len(data) >= _TIMESPEC3.size:
-            sec, nsec = _TIMESPEC3.unpack_from(data)[:2]
-            return sec * 1_000_000_000 + nsec
-        if kind == _SCM_TIMESTAMPNS and len(data) >= 16:
-            sec, nsec = struct.unpack_from("=qq", data)
-            return sec * 1_000_000_000 + nsec
-    return 0
-
-
-def _enable_timestamps(sock: socket.socket, *, tx: bool) -> tuple[bool, bool]:
-    """Turn on kernel RX (and TX when asked) software timestamps; return (rx, tx)."""
-    flags = _SOF_RX_SOFTWARE | _SOF_SOFTWARE
-    if tx:
-        flags |= _SOF_TX_SOFTWARE | _SOF_OPT_ID | _SOF_OPT_TSONLY
-    try:
-        sock.setsockopt(socket.SOL_SOCKET, _SO_TIMESTAMPING, flags)
-        return True, tx
-    except OSError:
-        pass
-    try:
-        sock.setsockopt(socket.SOL_SOCKET, _SO_TIMESTAMPNS, 1)
-        return True, False
-    except OSError:
-        return False, False
-
-
-class ProbeSocket:
-    """A connected non-blocking UDP socket that sends probes and drains their replies."""
-
-    def __init__(
-        self,
-        host: str,
-        port: int,
-        *,
-        session: int,
-        size: int = 64,
-        key: bytes | None = None,
-        bind: tuple[str, int] | None = None,
-        kernel_timestamps: bool = True,
-    ) -> None:
-        # Validates size/session/key once, and gives the template every probe starts from.
-        self._template = bytearray(
-            encode_probe(session=session, seq=0, tx_ns=0, size=size, key=key)
-        )
-        self.session = session
-        self.size = size
-        self._key = key
-        self.invalid = 0
-        try:
-            infos = socket.getaddrinfo(host, port, type=socket.SOCK_DGRAM)
-        except socket.gaierror as exc:
-            raise OSError(f"cannot resolve {host!r}: {exc}") from exc
-        family, _, _, _, addr = infos[0]
-        self._sock = socket.socket(family, socket.SOCK_DGRAM)
-        try:
-            self._sock.setblocking(False)
-            # A batch of replies can outgrow the default buffer (~200 KiB of skbs) before
-            # the loop drains it: losses that would be ours, not the network's.
-            self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, RCVBUF_BYTES)
-            if bind is not None:
-                self._sock.bind(bind)
-            self._sock.connect(addr)
-            if kernel_timestamps:
-                self.kernel_rx, self.kernel_tx = _enable_timestamps(self._sock, tx=True)
-            else:
-                self.kernel_rx = self.kernel_tx = False
-        except BaseException:
-            self._sock.close()
-            raise
-        self._tskey = 0  # OPT_ID of the next datagram (the kernel counts from 0)
-
-    def fileno(self) -> int:
-        """The socket's file descriptor (for loop.add_reader)."""
-        return self._sock.fileno()
-
-    def send(self, first_seq: int, count: int, out: npt.NDArray[np.void]) -> int:
-        """Send ``count`` probes numbered from ``first_seq``; fill ``out[:n]`` (SENT_DTYPE)."""
-        if out.dtype != SENT_DTYPE or count > len(out) or count < 0:
-            raise ValueError("out must be a SENT_DTYPE array with at least `count` records")
-        buf = self._template
-        size = self.size
-        key = self._key
-        tx_ns = realtime_ns()
-        sent = 0
-        for i in range(count):
-            seq = (first_seq + i) & _U64
-            struct.pack_into("!QQ", buf, 16, seq, tx_ns)
-            if key is not None:
-                buf[size - HMAC_SIZE :] = _mac(key, memoryview(buf)[: size - HMAC_SIZE])
-            try:
-                self._sock.send(buf)
-            except (BlockingIOError, InterruptedError):
-                break
-            except ConnectionRefusedError:
-                try:  # the error was a stale ICMP report for an earlier probe: retry once
-                    self._sock.send(buf)
-                except OSError:
-                    break
-            out[i] = (seq, tx_ns, 0)
-            sent += 1
-        if self.kernel_tx:
-            self._drain_errqueue(out, sent)
-        self._tskey += sent
-        return sent
-
-    def _drain_errqueue(self, out: npt.NDArray[np.void] | None, sent: int) -> None:
-        """Read every pending TX timestamp; map OPT_ID counters onto ``out[:sent]``."""
-        while True:
-            try:
-                _, ancdata, _, _ = self._sock.recvmsg(0, _ANC_SIZE, socket.MSG_ERRQUEUE)
-            except (BlockingIOError, InterruptedError):
-                return
-            except OSError:
-                return
-            stamp = 0
-            tskey = -1
-            for level, kind, data in ancdata:
-                if level == socket.SOL_SOCKET and kind == _SCM_TIMESTAMPING:
-                    sec, nsec = _TIMESPEC3.unpack_from(data)[:2]
-                    stamp = sec * 1_000_000_000 + nsec
-                elif (level, kind) in (
-                    (socket.IPPROTO_IP, _IP_RECVERR),
-                    (socket.IPPROTO_IPV6, _IPV6_RECVERR),
-                ):
-                    _, origin, _, _, _, info, ee_data = _EXT_ERR.unpack_from(data)
-                    if origin == _SO_EE_ORIGIN_TIMESTAMPING and info == _SCM_TSTAMP_SND:
-                        tskey = ee_data
-            index = (tskey - self._tskey) & 0xFFFFFFFF
-            if out is not None and tskey >= 0 and stamp and index < sent:
-                out[index]["kernel_tx_ns"] = stamp
-
-    def recv(self, out: npt.NDArray[np.void]) -> int:
-        """Drain up to len(out) replies into ``out`` (REPLY_DTYPE); return how many."""
-        if out.dtype != REPLY_DTYPE:
-            raise ValueError("out must be a REPLY_DTYPE array")
-        if self.kernel_tx:
-            self._drain_errqueue(None, 0)  # late stamps: keep the socket out of POLLERR
-        n = 0
-        size = self.size
-        while n < len(out):
-            try:
-                data, ancdata, msg_flags, _ = self._sock.recvmsg(size, _ANC_SIZE)
-            except (BlockingIOError, InterruptedError, ConnectionRefusedError):
-                break
-            user_rx = realtime_ns()
-            if msg_flags & socket.MSG_TRUNC:
-                self.invalid += 1
-                continue
-            try:
-                probe = _parse(data, self._key)
-            except PacketError:
-                self.invalid += 1
-                continue
-            if not probe.flags & FLAG_REPLY or probe.session != self.session:
-                self.invalid += 1
-                continue
-            kernel_rx = _cmsg_rx_ns(ancdata)
-            out[n] = (
-                probe.seq,
-                probe.session,
-                probe.size,
-                probe.tx_ns,
-                probe.refl_rx_ns,
-                probe.refl_tx_ns,
-                kernel_rx,
-                user_rx,
-                TS_KERNEL if kernel_rx else TS_USER,
-            )
-            n += 1
-        return n
-
-    def close(self) -> None:
-        """Close the socket (idempotent)."""
-        self._sock.close()
-
-
-class Reflector:
-    """The reflector on a bound non-blocking UDP socket (recvmsg/sendto loop)."""
-
-    TABLE_SIZE = 4096  # source addresses with a token bucket; the stalest is evicted
-
-    def __init__(
-        self,
-        sock: socket.socket,
-        *,
-        key: bytes | None = None,
-        rate_pps: float = 0.0,
-        burst: int = 32,
-        batch: int = 64,
-    ) -> None:
-        _check_reflector_args(key=key, rate_pps=rate_pps, burst=burst, batch=batch)
-        self._sock = sock
-        self._key = key
-        self._rate = float(rate_pps)
-        self._burst = float(burst)
-        self._batch = batch
-        self._buckets: OrderedDict[bytes | str, tuple[float, int]] = OrderedDict()
-        self.received = self.replied = self.invalid = self.bad_hmac = self.rate_limited = 0
-        sock.setblocking(False)
-        self.kernel_rx = _enable_timestamps(sock, tx=False)[0]
-
-    def _allow(self, source: bytes | str, now: int) -> bool:
-        tokens, last = self._buckets.pop(source, (self._burst, now))
-        tokens = min(self._burst, tokens + (now - last) * self._rate / 1e9)
-        allowed = tokens >= 1.0
-        if allowed:
-            tokens -= 1.0
-        self._buckets[source] = (tokens, now)
-        if len(self._buckets) > self.TABLE_SIZE:
-            self._buckets.popitem(last=False)
-        return allowed
-
-    def serve(self) -> int:
-        """Handle every datagram pending now (up to 64 batches); return how many were read."""
-        read = 0
-        sock = self._sock
-        for _ in range(64 * self._batch):  # bounded: a flood must not starve the event loop
-            try:
-                data, ancdata, msg_flags, addr = sock.recvmsg(MAX_SIZE, _ANC_SIZE)
-            except (BlockingIOError, InterruptedError):
-                break
-            except OSError as exc:
-                if exc.errno in (errno.ECONNREFUSED, errno.EHOSTUNREACH, errno.ENETUNREACH):
-                    continue  # stale ICMP error of an earlier reply: not our input
-                raise
-            read += 1
-            self.received += 1
-            if msg_flags & socket.MSG_TRUNC:
-                self.invalid += 1
-                continue
-            rx_ns = _cmsg_rx_ns(ancdata) or realtime_ns()
-            try:
-                req = _parse(data, self._key)
-                if req.flags & FLAG_REPLY or req.refl_rx_ns or req.refl_tx_ns:
-                    raise PacketError("not a request")
-            except HmacError:
-                self.bad_hmac += 1
-                continue
-            except PacketError:
-                self.invalid += 1
-                continue
-            if self._rate > 0 and not self._allow(addr[0], monotonic_ns()):
-                self.rate_limited += 1
-                continue
-            tx_ns = realtime_ns()
-            reply = encode_probe(
-                session=req.session,
-                seq=req.seq,
-                tx_ns=req.tx_ns,
-                size=req.size,
-                key=self._key,
-                flags=FLAG_REPLY,
-                refl_rx_ns=rx_ns,
-                refl_tx_ns=tx_ns,
-            )
-            try:
-                sock.sendto(reply, addr)
-            except OSError:
-                continue  # full buffer or unreachable source: a dropped reply, not a crash
-            self.replied += 1
-        return read
-
-    def stats(self) -> dict[str, int]:
-        """Counters since start: received, replied, invalid, bad_hmac, rate_limited."""
-        return {
-            "received": self.received,
-            "replied": self.replied,
-            "invalid": self.invalid,
-            "bad_hmac": self.bad_hmac,
-            "rate_limited": self.rate_limited,
-        }
-
-
-def _check_reflector_args(*, key: bytes | None, rate_pps: float, burst: int, batch: int) -> None:
-    if key is not None and not key:
-        raise ValueError("HMAC key must not be empty")
-    if rate_pps < 0:
-        raise ValueError(f"rate_pps {rate_pps} must be >= 0 (0 = unlimited)")
-    if rate_pps > 0 and burst < 1:
-        raise ValueError(f"burst {burst} must be >= 1 when rate limiting")
-    if not 1 <= batch <= 1024:
-        raise ValueError(f"batch {batch} is not in 1..1024")
-
-
-def tcp_info_rtt(fd: int) -> tuple[int, int]:
-    """(tcpi_rtt, tcpi_rttvar) in microseconds from TCP_INFO of a connected socket."""
-    with socket.socket(fileno=socket.dup(fd)) as sock:
-        info = sock.getsockopt(socket.IPPROTO_TCP, _TCP_INFO, 104)
-    if len(info) < 76:
-        raise OSError(f"TCP_INFO returned only {len(info)} bytes")
-    rtt, rttvar = struct.unpack_from("=II", info, 68)
-    return rtt, rttvar
