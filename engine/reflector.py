@@ -6,22 +6,39 @@ TCP: it accepts connections (connect-latency probes just connect and close) and 
 framed probes (one frame = one probe packet, ``detnet.native.make_reply`` with realtime
 clock reads as reflector RX/TX). Garbage closes that connection and is counted; each source
 address has a token bucket for TCP frames too. Used by ``detnet reflect``, tests and the lab.
+
+The TCP side is bounded: at most ``tcp_max_connections`` connections (below the
+file-descriptor limit) in a ``ConnectionTable`` that closes the one that has gone longest
+without completing a frame to admit a newcomer, so a flood of idle connections cannot
+lock probes out; a frame must complete within ``tcp_frame_timeout`` of its first byte
+(and a client must read its replies within it); a connection idle for
+``tcp_idle_timeout`` is closed; accepted sockets use TCP keepalive.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import math
+import os
+import resource
 import socket
 import struct
 from collections import OrderedDict
 from dataclasses import dataclass
+from typing import cast
 
 from detnet import native
+from detnet.engine.connections import ConnectionTable
 from detnet.engine.errors import EngineError
 
 _PREFIX = struct.Struct("!IBBH")  # magic, version, flags, length: the first 8 bytes
 _TCP_TABLE_SIZE = 4096
+_TCP_BACKLOG = 1024  # a burst of connect probes must not wait for SYN retransmits
+_TCP_DEFAULT_MAX_CONNECTIONS = 1024
+_FD_RESERVE = 64  # descriptors kept free for everything else the process opens
+# Keepalive on accepted sockets: a peer that vanished without a FIN is found in ~30 s.
+_KEEPIDLE_S, _KEEPINTVL_S, _KEEPCNT = 15, 5, 3
 
 
 class ReflectorError(EngineError):
@@ -38,6 +55,20 @@ class ReflectorConfig:
     rate_pps: float = 0.0  # per source address, UDP packets and TCP frames; 0 = unlimited
     burst: int = 32
     batch: int = 64
+    # None: 1024, or fewer when the file-descriptor limit leaves less room.
+    tcp_max_connections: int | None = None
+    tcp_idle_timeout: float = 60.0  # seconds without a frame before a connection is closed
+    tcp_frame_timeout: float = 2.0  # seconds from a frame's first byte to its last
+
+    def __post_init__(self) -> None:
+        if self.tcp_max_connections is not None and self.tcp_max_connections < 1:
+            raise ReflectorError(
+                f"tcp_max_connections {self.tcp_max_connections}: must be at least 1"
+            )
+        for name in ("tcp_idle_timeout", "tcp_frame_timeout"):
+            value = getattr(self, name)
+            if not (math.isfinite(value) and value > 0):
+                raise ReflectorError(f"{name} {value}: must be a number of seconds > 0")
 
 
 class TokenBuckets:
@@ -79,6 +110,200 @@ def _bind_udp(host: str, port: int) -> socket.socket:
     return sock
 
 
+def tcp_connection_limit(requested: int | None) -> int:
+    """The TCP connection cap: ``requested`` (None: the default) checked against the
+    descriptors the process has left, so the cap is reached before the fd limit is."""
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY:
+        room = 1 << 20
+    else:
+        room = soft - len(os.listdir("/proc/self/fd")) - _FD_RESERVE
+    if requested is None:
+        return max(1, min(_TCP_DEFAULT_MAX_CONNECTIONS, room))
+    if requested > room:
+        raise ReflectorError(
+            f"tcp_max_connections {requested}: only {max(room, 0)} file descriptors are left "
+            f"under the limit of {soft} (ulimit -n); lower the cap or raise the limit"
+        )
+    return requested
+
+
+def _set_keepalive(sock: socket.socket) -> None:
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, _KEEPIDLE_S)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, _KEEPINTVL_S)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT, _KEEPCNT)
+
+
+class _TcpEcho(asyncio.Protocol):
+    """One TCP connection: frames in, replies out, one deadline at a time.
+
+    The deadline is the idle timeout while waiting for a frame, and the frame timeout
+    from a frame's first byte (later bytes do not extend it: a trickle is a stall) or
+    while the client does not read its replies. One timer, moved only when a deadline
+    comes earlier; a timer that fires early re-arms itself for the current deadline.
+    """
+
+    __slots__ = (
+        "_buf",
+        "_deadline",
+        "_loop",
+        "_server",
+        "_source",
+        "_stalled",
+        "_timer",
+        "transport",
+    )
+
+    def __init__(self, server: ReflectorServer, loop: asyncio.AbstractEventLoop) -> None:
+        self._server = server
+        self._loop = loop
+        self._buf = bytearray()
+        self._source = "?"
+        self._deadline = 0.0
+        self._stalled = False  # mid-frame or writes paused: the frame timeout applies
+        self._timer: asyncio.TimerHandle | None = None
+        self.transport: asyncio.Transport | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        srv = self._server
+        # uvloop's transports are not asyncio.Transport subclasses: cast, do not check.
+        self.transport = cast(asyncio.Transport, transport)
+        victim = srv._table.admit(self)  # nothing is ever busy here: admit never refuses
+        srv.tcp_connections += 1
+        if victim is not None:
+            srv.tcp_evicted += 1
+            victim.abort()
+        peer = transport.get_extra_info("peername")
+        self._source = str(peer[0]) if peer else "?"
+        sock = transport.get_extra_info("socket")
+        if sock is not None:
+            # Already reset by the peer (a connect probe): nothing to keep alive.
+            with contextlib.suppress(OSError):
+                _set_keepalive(sock)
+        self._wait_for_frame()
+
+    def data_received(self, data: bytes) -> None:
+        rx_ns = native.realtime_ns()  # every frame completed by this chunk arrived now
+        buf = self._buf
+        starting = not buf
+        buf += data
+        frames = 0
+        while len(buf) >= _PREFIX.size:
+            magic, version, _flags, length = _PREFIX.unpack_from(buf)
+            if (
+                magic != native.MAGIC
+                or version != native.VERSION
+                or not native.MIN_SIZE <= length <= native.MAX_SIZE
+            ):
+                self._server.tcp_invalid += 1
+                self._hang_up()  # garbage: we cannot find the next frame boundary
+                return
+            if len(buf) < length:
+                break
+            frame = bytes(buf[:length])
+            del buf[:length]
+            frames += 1
+            if not self._echo(frame, rx_ns):
+                return
+        if frames:
+            self._server._table.progressed(self)
+        if not buf:
+            self._wait_for_frame()
+        elif starting or frames:
+            self._stall_deadline()  # a new frame began in this chunk
+
+    def _echo(self, frame: bytes, rx_ns: int) -> bool:
+        srv = self._server
+        srv.tcp_frames += 1
+        if not srv._tcp_buckets.allow(self._source, native.monotonic_ns()):
+            srv.tcp_rate_limited += 1
+            return True
+        try:
+            reply = native.make_reply(
+                frame, rx_ns=rx_ns, tx_ns=native.realtime_ns(), key=srv.config.key
+            )
+        except native.HmacError:
+            srv.tcp_bad_hmac += 1
+            self._hang_up()
+            return False
+        except native.PacketError:
+            srv.tcp_invalid += 1
+            self._hang_up()
+            return False
+        assert self.transport is not None
+        self.transport.write(reply)
+        srv.tcp_replied += 1
+        return True
+
+    def eof_received(self) -> bool:
+        if self._buf:
+            self._server.tcp_invalid += 1  # the client hung up mid-frame
+        return False  # close our side too
+
+    def pause_writing(self) -> None:
+        # The client does not read its replies: stop reading its frames, and give it the
+        # frame timeout to catch up.
+        assert self.transport is not None
+        self.transport.pause_reading()
+        self._stall_deadline()
+
+    def resume_writing(self) -> None:
+        assert self.transport is not None
+        self.transport.resume_reading()
+        if self._buf:
+            self._stall_deadline()
+        else:
+            self._wait_for_frame()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        self._server._table.discard(self)
+        self._buf.clear()
+        self.transport = None
+
+    def abort(self) -> None:
+        """Close at once (evicted, timed out, server closing): buffers are dropped."""
+        if self.transport is not None:
+            self.transport.abort()
+
+    def _hang_up(self) -> None:
+        assert self.transport is not None
+        self._buf.clear()
+        self.transport.close()  # replies already written still go out
+
+    def _wait_for_frame(self) -> None:
+        self._stalled = False
+        self._set_deadline(self._loop.time() + self._server.config.tcp_idle_timeout)
+
+    def _stall_deadline(self) -> None:
+        self._stalled = True
+        self._set_deadline(self._loop.time() + self._server.config.tcp_frame_timeout)
+
+    def _set_deadline(self, when: float) -> None:
+        self._deadline = when
+        timer = self._timer
+        if timer is None or when < timer.when():
+            if timer is not None:
+                timer.cancel()
+            self._timer = self._loop.call_at(when, self._on_deadline)
+
+    def _on_deadline(self) -> None:
+        self._timer = None
+        if self.transport is None:
+            return
+        if self._loop.time() < self._deadline:
+            self._timer = self._loop.call_at(self._deadline, self._on_deadline)
+            return
+        if self._stalled:
+            self._server.tcp_stall_timeouts += 1
+        else:
+            self._server.tcp_idle_timeouts += 1
+        self.transport.abort()
+
+
 class ReflectorServer:
     """UDP reflector + TCP echo server on the running event loop."""
 
@@ -90,8 +315,7 @@ class ReflectorServer:
         self._reflector: native.Reflector | None = None
         self._tcp_server: asyncio.Server | None = None
         self._tcp_buckets = TokenBuckets(rate_pps=config.rate_pps, burst=config.burst)
-        self._tasks: set[asyncio.Task[None]] = set()
-        self._writers: set[asyncio.StreamWriter] = set()
+        self._table: ConnectionTable[_TcpEcho] = ConnectionTable(limit=1)  # sized by start()
         self._loop: asyncio.AbstractEventLoop | None = None
         self.udp_errors = 0
         self.tcp_connections = 0
@@ -100,6 +324,9 @@ class ReflectorServer:
         self.tcp_invalid = 0
         self.tcp_bad_hmac = 0
         self.tcp_rate_limited = 0
+        self.tcp_evicted = 0
+        self.tcp_idle_timeouts = 0
+        self.tcp_stall_timeouts = 0
 
     @property
     def udp_address(self) -> tuple[str, int] | None:
@@ -117,10 +344,15 @@ class ReflectorServer:
         host, port = self._tcp_server.sockets[0].getsockname()[:2]
         return host, port
 
+    @property
+    def tcp_max_connections(self) -> int:
+        """The TCP connection cap in force (after start())."""
+        return self._table.limit
+
     async def start(self) -> None:
         """Bind and start serving; on failure nothing is left open."""
         cfg = self.config
-        self._loop = asyncio.get_running_loop()
+        loop = self._loop = asyncio.get_running_loop()
         try:
             if cfg.udp is not None:
                 self._udp_sock = _bind_udp(*cfg.udp)
@@ -134,12 +366,17 @@ class ReflectorServer:
                     )
                 except ValueError as exc:
                     raise ReflectorError(f"reflector settings: {exc}") from exc
-                self._loop.add_reader(self._udp_sock.fileno(), self._on_udp_readable)
+                loop.add_reader(self._udp_sock.fileno(), self._on_udp_readable)
             if cfg.tcp is not None:
+                self._table = ConnectionTable(limit=tcp_connection_limit(cfg.tcp_max_connections))
                 host, port = cfg.tcp
                 try:
-                    self._tcp_server = await asyncio.start_server(
-                        self._on_tcp_client, host, port, reuse_address=True
+                    self._tcp_server = await loop.create_server(
+                        lambda: _TcpEcho(self, loop),
+                        host,
+                        port,
+                        reuse_address=True,
+                        backlog=_TCP_BACKLOG,
                     )
                 except OSError as exc:
                     raise ReflectorError(
@@ -157,64 +394,6 @@ class ReflectorServer:
             # A socket error must not kill the loop's watcher; it is counted and logged.
             self.udp_errors += 1
 
-    async def _on_tcp_client(
-        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
-    ) -> None:
-        task = asyncio.current_task()
-        assert task is not None
-        self._tasks.add(task)
-        self._writers.add(writer)
-        self.tcp_connections += 1
-        peer = writer.get_extra_info("peername")
-        source = str(peer[0]) if peer else "?"
-        try:
-            await self._echo_frames(reader, writer, source)
-        except (ConnectionError, asyncio.IncompleteReadError):
-            pass  # the client went away: a connect probe or an aborted echo
-        finally:
-            self._tasks.discard(task)
-            self._writers.discard(writer)
-            writer.close()
-            with contextlib.suppress(ConnectionError, OSError):
-                await writer.wait_closed()
-
-    async def _echo_frames(
-        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, source: str
-    ) -> None:
-        key = self.config.key
-        while True:
-            try:
-                prefix = await reader.readexactly(_PREFIX.size)
-            except asyncio.IncompleteReadError as exc:
-                if exc.partial:
-                    self.tcp_invalid += 1
-                return
-            rx_ns = native.realtime_ns()
-            magic, version, _flags, length = _PREFIX.unpack(prefix)
-            if (
-                magic != native.MAGIC
-                or version != native.VERSION
-                or not native.MIN_SIZE <= length <= native.MAX_SIZE
-            ):
-                self.tcp_invalid += 1
-                return  # garbage: we cannot find the next frame boundary, so hang up
-            frame = prefix + await reader.readexactly(length - _PREFIX.size)
-            self.tcp_frames += 1
-            if not self._tcp_buckets.allow(source, native.monotonic_ns()):
-                self.tcp_rate_limited += 1
-                continue
-            try:
-                reply = native.make_reply(frame, rx_ns=rx_ns, tx_ns=native.realtime_ns(), key=key)
-            except native.HmacError:
-                self.tcp_bad_hmac += 1
-                return
-            except native.PacketError:
-                self.tcp_invalid += 1
-                return
-            writer.write(reply)
-            await writer.drain()
-            self.tcp_replied += 1
-
     def stats(self) -> dict[str, int]:
         """Counters: the UDP reflector's (received, replied, ...) and tcp_* ones."""
         out = dict.fromkeys(("received", "replied", "invalid", "bad_hmac", "rate_limited"), 0)
@@ -223,11 +402,15 @@ class ReflectorServer:
         out.update(
             udp_errors=self.udp_errors,
             tcp_connections=self.tcp_connections,
+            tcp_open=len(self._table),
             tcp_frames=self.tcp_frames,
             tcp_replied=self.tcp_replied,
             tcp_invalid=self.tcp_invalid,
             tcp_bad_hmac=self.tcp_bad_hmac,
             tcp_rate_limited=self.tcp_rate_limited,
+            tcp_evicted=self.tcp_evicted,
+            tcp_idle_timeouts=self.tcp_idle_timeouts,
+            tcp_stall_timeouts=self.tcp_stall_timeouts,
         )
         return out
 
@@ -242,14 +425,7 @@ class ReflectorServer:
             self._tcp_server.close()
             await self._tcp_server.wait_closed()
             self._tcp_server = None
-        # Abort the connections so each handler ends on its own (EOF); cancelling them
-        # instead trips asyncio 3.11's start_server callback (task.exception() raises).
-        for writer in list(self._writers):
-            writer.transport.abort()
-        tasks = list(self._tasks)
-        if tasks:
-            _, pending = await asyncio.wait(tasks, timeout=1.0)
-            for task in pending:
-                task.cancel()
-            if pending:
-                await asyncio.wait(pending)
+        for conn in list(self._table):
+            conn.abort()
+        if len(self._table):
+            await asyncio.sleep(0)  # let the aborted transports report connection_lost

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import random
 import re
@@ -317,3 +318,246 @@ def test_cli_reflect_answers_and_stops_on_sigterm() -> None:
             proc.wait()
         if proc.stderr is not None:
             proc.stderr.close()
+
+
+# --- The TCP port under hostile input: bounded connections, idle and stall timeouts. ---
+
+
+async def _tcp_server(**kwargs: object) -> ReflectorServer:
+    return await _server(tcp=LOOPBACK, **kwargs)
+
+
+async def _echo_once(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, seq: int) -> None:
+    writer.write(native.encode_probe(session=9, seq=seq, tx_ns=10, size=80))
+    reply = native.decode_probe(await reader.readexactly(80))
+    assert reply.is_reply
+    assert reply.seq == seq
+
+
+async def _hung_up(reader: asyncio.StreamReader) -> bool:
+    """Read until the server closes the connection (EOF or reset)."""
+    try:
+        while await reader.read(65536):
+            pass
+    except ConnectionError:
+        pass
+    return True
+
+
+async def _until(pred, limit_s: float = 30.0) -> None:
+    """Wait for ``pred`` (the limit only stops a broken test from hanging)."""
+    loop = asyncio.get_running_loop()
+    end = loop.time() + limit_s
+    while not pred():
+        assert loop.time() < end, "condition not reached"
+        await asyncio.sleep(0.01)
+
+
+async def _raw_connect(address: tuple[str, int]) -> socket.socket:
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setblocking(False)
+    await asyncio.get_running_loop().sock_connect(sock, address)
+    return sock
+
+
+def _established(port: int) -> int:
+    """Established connections on the server side of ``port``, as the kernel sees them."""
+    out = subprocess.run(
+        ["ss", "-Htn", "state", "established", f"sport = :{port}"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    return len(out.splitlines())
+
+
+async def test_idle_flood_stays_under_the_cap_and_probes_are_still_answered() -> None:
+    server = await _tcp_server()
+    assert server.tcp_address is not None
+    cap = server.tcp_max_connections
+    assert cap == 1024  # the default, below this machine's fd limit
+    legit_r, legit_w = await asyncio.open_connection(*server.tcp_address)
+    flood: list[socket.socket] = []
+    try:
+        await _echo_once(legit_r, legit_w, 0)
+        for i in range(3000):  # the first release held all 3,000 (76.8 MB)
+            flood.append(await _raw_connect(server.tcp_address))
+            if i % 100 == 99:  # a probe every so often, as the engine's echo prober does
+                await _echo_once(legit_r, legit_w, i)
+        await _until(lambda: server.stats()["tcp_connections"] == 3001)
+        stats = server.stats()
+        assert stats["tcp_open"] == cap
+        assert stats["tcp_evicted"] == 3001 - cap
+        assert _established(server.tcp_address[1]) <= cap
+        await _echo_once(legit_r, legit_w, 10**6)  # the kept-open probe connection survived
+        r, w = await asyncio.open_connection(*server.tcp_address)  # so does a new one
+        await _echo_once(r, w, 1)
+        w.close()
+        connect_probe = await _raw_connect(server.tcp_address)
+        connect_probe.close()
+    finally:
+        for sock in flood:
+            sock.close()
+        legit_w.close()
+        await server.close()
+
+
+async def test_full_table_closes_the_connection_idle_longest() -> None:
+    server = await _tcp_server(tcp_max_connections=3)
+    assert server.tcp_address is not None
+    conns = [await asyncio.open_connection(*server.tcp_address) for _ in range(3)]
+    try:
+        await _until(lambda: server.stats()["tcp_open"] == 3)
+        await _echo_once(*conns[0], 0)  # the first one works: the second is now stalest
+        newcomer = await asyncio.open_connection(*server.tcp_address)
+        conns.append(newcomer)
+        async with asyncio.timeout(30):
+            assert await _hung_up(conns[1][0])
+        for i in (0, 2, 3):
+            await _echo_once(*conns[i], i)
+        stats = server.stats()
+        assert (stats["tcp_evicted"], stats["tcp_open"]) == (1, 3)
+    finally:
+        for _, w in conns:
+            w.close()
+        await server.close()
+
+
+@pytest.mark.parametrize("trickle", [False, True], ids=["stalled", "trickle"])
+async def test_a_frame_that_stalls_midway_is_closed(trickle: bool) -> None:
+    server = await _tcp_server(tcp_frame_timeout=0.3)
+    assert server.tcp_address is not None
+    frame = native.encode_probe(session=1, seq=1, tx_ns=1, size=native.MAX_SIZE)
+    reader, writer = await asyncio.open_connection(*server.tcp_address)
+    try:
+        writer.write(frame[:8])  # announces 9,000 bytes, sends 8
+
+        async def dribble() -> None:
+            with contextlib.suppress(ConnectionError):
+                for byte in frame[8:]:  # bytes keep coming: no extension of the deadline
+                    writer.write(bytes([byte]))
+                    await writer.drain()
+                    await asyncio.sleep(0.02)
+
+        task = asyncio.create_task(dribble()) if trickle else None
+        async with asyncio.timeout(30):
+            assert await _hung_up(reader)
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        await _until(lambda: server.stats()["tcp_stall_timeouts"] == 1)
+        stats = server.stats()
+        assert (stats["tcp_replied"], stats["tcp_open"], stats["tcp_idle_timeouts"]) == (0, 0, 0)
+    finally:
+        writer.close()
+        await server.close()
+
+
+async def test_an_idle_connection_is_closed_and_an_active_one_is_not() -> None:
+    server = await _tcp_server(tcp_idle_timeout=1.0)
+    assert server.tcp_address is not None
+    idle_r, idle_w = await asyncio.open_connection(*server.tcp_address)
+    busy_r, busy_w = await asyncio.open_connection(*server.tcp_address)
+    try:
+        seq = 0
+        while not idle_r.at_eof():  # probes well inside the timeout keep busy open
+            await _echo_once(busy_r, busy_w, seq)
+            seq += 1
+            await asyncio.sleep(0.1)
+            assert seq < 300, "the idle connection was never closed"
+        await _echo_once(busy_r, busy_w, seq)
+        stats = server.stats()
+        assert (stats["tcp_idle_timeouts"], stats["tcp_open"]) == (1, 1)
+    finally:
+        idle_w.close()
+        busy_w.close()
+        await server.close()
+
+
+async def test_a_client_that_does_not_read_its_replies_is_cut_off() -> None:
+    server = await _tcp_server(tcp_frame_timeout=0.3)
+    assert server.tcp_address is not None
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.setblocking(False)
+    loop = asyncio.get_running_loop()
+    await loop.sock_connect(sock, server.tcp_address)
+    frame = native.encode_probe(session=1, seq=1, tx_ns=1, size=native.MAX_SIZE)
+    try:
+        with contextlib.suppress(ConnectionError):
+            while not server.stats()["tcp_stall_timeouts"]:
+                try:
+                    sock.send(frame * 16)
+                except BlockingIOError:
+                    await asyncio.sleep(0.01)  # the server stopped reading us
+        assert server.stats()["tcp_stall_timeouts"] == 1
+        await _until(lambda: server.stats()["tcp_open"] == 0)
+    finally:
+        sock.close()
+        await server.close()
+
+
+_FD_LIMITED_REFLECTOR = """
+import asyncio, resource, sys
+import uvloop  # the loop `detnet reflect` runs on
+resource.setrlimit(resource.RLIMIT_NOFILE, (256, 256))
+from detnet.engine.reflector import ReflectorConfig, ReflectorServer
+
+async def main():
+    server = ReflectorServer(ReflectorConfig(tcp=("127.0.0.1", 0)))
+    await server.start()
+    print(server.tcp_address[1], server.tcp_max_connections, flush=True)
+    await asyncio.get_running_loop().run_in_executor(None, sys.stdin.read)
+    print(server.stats()["tcp_evicted"], flush=True)
+    await server.close()
+
+uvloop.run(main())
+"""
+
+
+async def test_at_a_low_fd_limit_the_cap_keeps_probes_answered() -> None:
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-c",
+        _FD_LIMITED_REFLECTOR,
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+    )
+    flood: list[socket.socket] = []
+    try:
+        assert proc.stdout is not None
+        assert proc.stdin is not None
+        port_text, cap_text = (await proc.stdout.readline()).split()
+        port, cap = int(port_text), int(cap_text)
+        assert 0 < cap < 256 - 64  # the default of 1024 shrank to what the limit leaves
+        for _ in range(1000):  # far past the limit: each newcomer pushes the stalest out
+            flood.append(await _raw_connect(("127.0.0.1", port)))
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        for seq in range(3):
+            await _echo_once(reader, writer, seq)
+        writer.close()
+        proc.stdin.close()
+        evicted = int(await proc.stdout.readline())
+        assert evicted >= 1000 - cap
+        assert await proc.wait() == 0
+    finally:
+        for sock in flood:
+            sock.close()
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+
+
+def test_tcp_limits_are_checked() -> None:
+    with pytest.raises(ReflectorError, match="tcp_idle_timeout 0: must be"):
+        ReflectorConfig(tcp=LOOPBACK, tcp_idle_timeout=0)
+    with pytest.raises(ReflectorError, match="tcp_frame_timeout nan: must be"):
+        ReflectorConfig(tcp=LOOPBACK, tcp_frame_timeout=float("nan"))
+    with pytest.raises(ReflectorError, match="tcp_max_connections 0: must be at least 1"):
+        ReflectorConfig(tcp=LOOPBACK, tcp_max_connections=0)
+
+
+async def test_a_cap_beyond_the_fd_limit_is_a_clear_error() -> None:
+    with pytest.raises(ReflectorError, match=r"tcp_max_connections 10000000: only \d+ file"):
+        await _tcp_server(tcp_max_connections=10_000_000)
