@@ -216,9 +216,8 @@ class _TcpEcho(asyncio.Protocol):
     def _echo(self, frame: bytes, rx_ns: int) -> bool:
         srv = self._server
         srv.tcp_frames += 1
-        if not srv._tcp_buckets.allow(self._source, native.monotonic_ns()):
-            srv.tcp_rate_limited += 1
-            return True
+        # Validate and authenticate before the bucket, as the UDP path does: frames that
+        # fail cost their connection, not the source's tokens.
         try:
             reply = native.make_reply(
                 frame, rx_ns=rx_ns, tx_ns=native.realtime_ns(), key=srv.config.key
@@ -231,6 +230,9 @@ class _TcpEcho(asyncio.Protocol):
             srv.tcp_invalid += 1
             self._hang_up()
             return False
+        if not srv._tcp_buckets.allow(self._source, native.monotonic_ns()):
+            srv.tcp_rate_limited += 1
+            return True
         assert self.transport is not None
         self.transport.write(reply)
         srv.tcp_replied += 1

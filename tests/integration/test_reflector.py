@@ -561,3 +561,25 @@ def test_tcp_limits_are_checked() -> None:
 async def test_a_cap_beyond_the_fd_limit_is_a_clear_error() -> None:
     with pytest.raises(ReflectorError, match=r"tcp_max_connections 10000000: only \d+ file"):
         await _tcp_server(tcp_max_connections=10_000_000)
+
+
+async def test_tcp_hmac_and_rate_limit() -> None:
+    server = await _tcp_server(key=KEY, rate_pps=1.0, burst=2)
+    assert server.tcp_address is not None
+    reader, writer = await asyncio.open_connection(*server.tcp_address)
+    try:
+        for seq in range(4):  # two within the burst, two over it: no reply, still open
+            writer.write(native.encode_probe(session=9, seq=seq, tx_ns=10, size=80, key=KEY))
+        replies = [native.decode_probe(await reader.readexactly(80), key=KEY) for _ in range(2)]
+        assert [r.seq for r in replies] == [0, 1]
+        await _until(lambda: server.stats()["tcp_rate_limited"] == 2)
+        bare, bare_w = await asyncio.open_connection(*server.tcp_address)
+        bare_w.write(native.encode_probe(session=9, seq=0, tx_ns=10, size=80))  # no HMAC
+        async with asyncio.timeout(30):
+            assert await bare.read() == b""  # dropped and hung up on, bucket or not
+        bare_w.close()
+        stats = server.stats()
+        assert (stats["tcp_replied"], stats["tcp_bad_hmac"]) == (2, 1)
+    finally:
+        writer.close()
+        await server.close()
