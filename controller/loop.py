@@ -23,6 +23,7 @@ from detnet.controller.aimd import AsymmetricAimd, Decision
 from detnet.controller.enforce.base import Enforcer
 from detnet.controller.errors import EnforcementError
 from detnet.controller.metrics import ControllerMetrics
+from detnet.controller.parse import escape
 from detnet.engine.stats import WindowStats
 
 log = logging.getLogger("detnet.controller.loop")
@@ -119,17 +120,21 @@ class DecisionLog:
         else:
             when = at if at is not None else self.wall_clock()
             stamp = time.strftime("%H:%M:%S", time.localtime(when))
+            # Names and reasons carry user text (workload names) and errors carry remote
+            # text (API messages): escaped, one decision stays one line that cannot forge
+            # another or repaint the terminal. JSON escapes them by itself.
             limits = " ".join(
-                f"{name}={decision.previous.get(name)}->{mbit}M"
+                f"{escape(name)}={decision.previous.get(name)}->{mbit}M"
                 if decision.previous.get(name) != mbit
-                else f"{name}={mbit}M"
+                else f"{escape(name)}={mbit}M"
                 for name, mbit in decision.limits.items()
             )
-            line = f"{stamp} {decision.action:<8} {limits} | {'; '.join(decision.reasons)}"
+            reasons = "; ".join(escape(r) for r in decision.reasons)
+            line = f"{stamp} {decision.action:<8} {limits} | {reasons}"
             if enforce_s is not None:
                 line += f" | enforced in {enforce_s * 1e3:.1f} ms"
             if error is not None:
-                line += f" | ENFORCEMENT FAILED: {error}"
+                line += f" | ENFORCEMENT FAILED: {escape(error)}"
         print(line, file=self.stream, flush=True)
 
 

@@ -27,7 +27,7 @@ import re
 from decimal import ROUND_HALF_EVEN, Decimal, InvalidOperation
 from pathlib import Path
 
-SHOW_LIMIT = 40  # characters of a bad value that an error message quotes
+SHOW_LIMIT = 80  # characters of a bad value that an error message quotes
 KEY_FILE_MAX = 4096  # bytes; HMAC-SHA256 hashes longer keys down to 32 bytes anyway
 MAX_DURATION_NS = 366 * 86_400 * 10**9  # a year: beyond that no value is meant
 

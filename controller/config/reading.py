@@ -161,7 +161,9 @@ def _construct(node: _Node) -> Scalar:
         return bool(_CONSTRUCTOR.bool_values[text.lower()])
     if tag in (_INT, _FLOAT):
         if len(text) > MAX_NUMBER_CHARS:
-            raise ValueError(f"too long for a number ({len(text)} characters, at most {MAX_NUMBER_CHARS})")
+            raise ValueError(
+                f"too long for a number ({len(text)} characters, at most {MAX_NUMBER_CHARS})"
+            )
         try:
             if tag == _INT:
                 return int(_CONSTRUCTOR.construct_yaml_int(yaml.ScalarNode(tag, text)))

@@ -310,7 +310,6 @@ def test_exponent_floats_are_numbers() -> None:
     ].max_jitter_ms == pytest.approx(0.001)
 
 
-
 def test_quoted_numbers_read_as_the_prototype_read_them() -> None:
     # Its loader took int("5201") and float("0.3"); so do we, wherever a number goes.
     text = (
