@@ -243,7 +243,7 @@ cdef struct session_t:
     uint32_t head
     uint32_t count
     sockaddr_storage name
-    pending_t ring[32]
+    pending_t ring[64]
 
 
 # One source address's token bucket in the reflector's fixed-size table.

@@ -45,7 +45,7 @@ from detnet.native._py_sockets import (
 
 TABLE_SIZE = 4096  # source addresses with a token bucket; the stalest is evicted
 SESSIONS = 1024  # two-step sessions tracked at once
-PER_SESSION = 32  # stamps pending per session; more in flight get one-step replies
+PER_SESSION = 64  # stamps pending per session; more in flight get one-step replies
 SERVE_ROUNDS = 64
 REFLECTOR_COUNTERS = (
     "received",
@@ -192,8 +192,10 @@ class Reflector:
         for _ in range(SERVE_ROUNDS):
             got = self._read_batch()
             if not got:
-                if self._pending:
-                    self._drain()  # woken by a late TX stamp, or nothing at all
+                if self.two_step_enabled:
+                    # Woken by the error queue (a late or stray TX stamp), or by nothing:
+                    # read it, or the wake descriptor stays readable.
+                    self._drain()
                 break
             read += len(got)
             self._answer(got)

@@ -189,6 +189,11 @@ class Wake:
         self._ep.close()
 
 
+def i64(value: int) -> int:
+    """A u64 wire field as the i8 record field holds it (two's complement, as in C)."""
+    return value - (1 << 64) if value >> 63 else value
+
+
 def source_of(rx_sw: int, rx_hw: int) -> int:
     """TS_HARDWARE, TS_KERNEL or TS_USER: the best RX stamp a datagram came with."""
     return c.TS_HARDWARE if rx_hw else c.TS_KERNEL if rx_sw else c.TS_USER
@@ -343,7 +348,7 @@ class ProbeSocket:
             if kind == c.KIND_FOLLOWUP:
                 row = (f.seq, f.session, length, 0, 0, 0)
             else:
-                row = (f.seq, f.session, length, f.tx_ns, f.refl_rx_ns, f.refl_tx_ns)
+                row = (f.seq, f.session, length, i64(f.tx_ns), i64(f.refl_rx_ns), i64(f.refl_tx_ns))
             refl_source = (
                 f.rx_source if kind != c.KIND_REPLY and kind != c.KIND_ECHO else c.TS_UNKNOWN
             )
@@ -356,7 +361,7 @@ class ProbeSocket:
                 refl_source,
                 f.followup_source,
                 f.followup_seq,
-                f.followup_tx_ns,
+                i64(f.followup_tx_ns),
                 rx_hw,
             )
             n += 1

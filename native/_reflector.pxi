@@ -7,7 +7,7 @@ cdef enum:
     TABLE_PROBES = 8
     GSO_MAX_SEGMENTS = 64  # the kernel's UDP_MAX_SEGMENTS
     GSO_MAX_SIZE = 1232  # fits any path MTU (IPv6 minimum 1280 - 48 header bytes)
-    PER_SESSION = 32  # stamps pending per session (session_t.ring in _core.pxi)
+    PER_SESSION = 64  # stamps pending per session (session_t.ring in _core.pxi)
     SESSION_PROBES = 8
     RKEY_RING = 8192  # OPT_ID key -> pending entry
     ERR_BATCH = 64  # error-queue entries per recvmmsg, follow-ups per sendmmsg
@@ -348,8 +348,10 @@ cdef class Reflector:
             r = recvmmsg(self._fd, buf.msgs, self._batch, MSG_DONTWAIT, NULL)
             if r < 0:
                 if errno == EAGAIN or errno == EINTR:
-                    if self._pending:
-                        self._drain()  # woken by a late TX stamp, or nothing at all
+                    if self.two_step_enabled:
+                        # Woken by the error queue (a late or stray TX stamp), or by
+                        # nothing: read it, or the wake descriptor stays readable.
+                        self._drain()
                     break
                 if errno == ECONNREFUSED or errno == EHOSTUNREACH or errno == ENETUNREACH:
                     continue  # a stale ICMP error of an earlier reply, now consumed
