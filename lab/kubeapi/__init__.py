@@ -4,10 +4,13 @@ and the cluster lab.
 It speaks the real REST protocol over HTTP, so the real kubernetes-asyncio client (in this
 process or in a ``detnet`` subprocess given ``kubeconfig()``) talks to it unchanged.
 
-Modules: ``errors`` (ApiError, Status bodies), ``resources`` (what is served, path
-parsing), ``selectors`` (label selectors), ``patch`` (merge, strategic merge, JSON patch),
-``store`` (objects, resourceVersions, watch history), ``server`` (HTTP, faults, the record
-of requests, the test helpers of ``ApiServerEmulator``).
+Modules: ``errors`` (ApiError, Status bodies), ``resources`` (what is served, field
+sets, path parsing), ``validation`` (names and labels), ``selectors`` (label and field
+selectors), ``patch`` (merge, strategic merge, JSON patch), ``store`` (objects,
+resourceVersions, watch history), ``strategy`` (what the registry does on the way in),
+``controllers`` (EndpointSlices, garbage collection), ``auth`` (tokens, TokenReview,
+TokenRequest), ``discovery``, ``builders`` (realistic objects), ``cluster`` (the state
+tests arrange and read), ``server`` (HTTP, faults, the record of requests).
 """
 
 from detnet.lab.kubeapi.errors import ApiError, status_body

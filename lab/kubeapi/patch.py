@@ -6,10 +6,20 @@ as the real server answers)."""
 
 from __future__ import annotations
 
-import copy
 from typing import Any
 
 from detnet.lab.kubeapi.errors import ApiError
+
+
+def clone(doc: Any) -> Any:
+    """A deep copy of a JSON document (dicts, lists and scalars), several times faster
+    than ``copy.deepcopy``, which matters on the emulator's write path."""
+    if isinstance(doc, dict):
+        return {k: clone(v) for k, v in doc.items()}
+    if isinstance(doc, list):
+        return [clone(v) for v in doc]
+    return doc
+
 
 # Strategic merge patch: list fields whose items merge by a key (the rest are replaced).
 _SMP_MERGE_KEYS = {
@@ -27,7 +37,7 @@ _SMP_MERGE_KEYS = {
 def merge_patch(target: Any, patch: Any) -> Any:
     """RFC 7386 JSON merge patch."""
     if not isinstance(patch, dict):
-        return copy.deepcopy(patch)
+        return clone(patch)
     result = dict(target) if isinstance(target, dict) else {}
     for key, value in patch.items():
         if value is None:
@@ -51,7 +61,7 @@ def strategic_merge_patch(target: Any, patch: Any, field_name: str = "") -> Any:
         return result
     merge_key = _SMP_MERGE_KEYS.get(field_name)
     if isinstance(patch, list) and merge_key and isinstance(target, list):
-        merged = [copy.deepcopy(item) for item in target]
+        merged = [clone(item) for item in target]
         for item in patch:
             if not isinstance(item, dict) or merge_key not in item:
                 raise ApiError(422, f"{field_name}: item without merge key {merge_key!r}")
@@ -60,9 +70,9 @@ def strategic_merge_patch(target: Any, patch: Any, field_name: str = "") -> Any:
                     merged[i] = strategic_merge_patch(old, item)
                     break
             else:
-                merged.append(copy.deepcopy(item))
+                merged.append(clone(item))
         return merged
-    return copy.deepcopy(patch)
+    return clone(patch)
 
 
 def _pointer(path: str) -> list[str]:
@@ -75,7 +85,7 @@ def json_patch(target: Any, ops: Any) -> Any:
     """RFC 6902 JSON patch: add, remove, replace and test."""
     if not isinstance(ops, list):
         raise ApiError(400, "a JSON patch must be a list of operations")
-    doc = copy.deepcopy(target)
+    doc = clone(target)
     for op in ops:
         parts = _pointer(str(op.get("path", "")))
         parent: Any = doc

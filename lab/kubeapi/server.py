@@ -1,8 +1,11 @@
-"""The emulated API server's HTTP side: aiohttp routes, programmable faults, the record of
-requests, watch streams, and the helpers tests use to set up and read the cluster state.
+"""The emulated API server's HTTP side: aiohttp routes for every served resource (get,
+list, watch, create, update, patch, delete, deletecollection, the ``status`` and
+``serviceaccounts/token`` subresources, TokenReview creation), discovery, programmable
+faults and the record of requests. ``ApiServerEmulator`` is the public face: the cluster
+state of ``Cluster`` served over HTTP on 127.0.0.1.
 
 Routes are matched as ``"<verb> <path>"`` with shell wildcards, where verb is the
-Kubernetes verb (get, list, watch, create, update, patch, delete), e.g.
+Kubernetes verb (get, list, watch, create, update, patch, delete, deletecollection), e.g.
 ``api.fail("patch /api/v1/namespaces/*/pods/*", 500, times=2)``.
 
 Only aiohttp and the standard library are imported at module level; kubernetes-asyncio is
@@ -13,31 +16,36 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import copy
 import fnmatch
 import json
 import time
-import uuid
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from aiohttp import web
 
+from detnet.lab.kubeapi import discovery
+from detnet.lab.kubeapi.auth import DEFAULT_AUDIENCES
+from detnet.lab.kubeapi.cluster import Cluster
 from detnet.lab.kubeapi.errors import ApiError, status_body
-from detnet.lab.kubeapi.patch import json_patch, merge_patch, strategic_merge_patch
-from detnet.lab.kubeapi.resources import BY_KIND, BY_PATH, Resource, parse_path, verb_of
-from detnet.lab.kubeapi.selectors import selector_matches
-from detnet.lab.kubeapi.store import JsonObj, Store
+from detnet.lab.kubeapi.patch import clone, json_patch, merge_patch, strategic_merge_patch
+from detnet.lab.kubeapi.resources import Resource, Route, check_verb, parse_path, verb_of
+from detnet.lab.kubeapi.selectors import Selection
+from detnet.lab.kubeapi.store import JsonObj
+from detnet.lab.kubeapi.strategy import prepare_create, prepare_update
+from detnet.lab.kubeapi.validation import check_types
 
 DROP = "drop"
 """Pass as ``status`` to ``fail()`` to close the connection without any response."""
 
-_PODS = BY_PATH[("", "v1", "pods")]
-_EVENTS = BY_PATH[("", "v1", "events")]
-_LEASES = BY_PATH[("coordination.k8s.io", "v1", "leases")]
-
 _Send = Callable[[str, JsonObj], Awaitable[None]]
+_HEALTH = ("/healthz", "/livez", "/readyz")
+_PATCHES: dict[str, Callable[[Any, Any], Any]] = {
+    "application/merge-patch+json": merge_patch,
+    "application/strategic-merge-patch+json": strategic_merge_patch,
+    "application/json-patch+json": json_patch,
+}
 
 
 @dataclass(frozen=True)
@@ -62,7 +70,16 @@ class _Fault:
     retry_after: float | None
 
 
-class ApiServerEmulator:
+def _true(value: str) -> bool:
+    return value.lower() in ("true", "1")
+
+
+def _list_item(obj: JsonObj) -> JsonObj:
+    # Items of a real list response carry no kind/apiVersion: the list says them once.
+    return {k: v for k, v in obj.items() if k not in ("kind", "apiVersion")}
+
+
+class ApiServerEmulator(Cluster):
     """The emulated API server: ``async with ApiServerEmulator() as api: ... api.url``."""
 
     def __init__(
@@ -71,10 +88,12 @@ class ApiServerEmulator:
         host: str = "127.0.0.1",
         bookmark_interval_s: float = 0.5,
         history: int = 10_000,
+        service_cidr: str = "198.19.240.0/20",
+        api_audiences: Sequence[str] = DEFAULT_AUDIENCES,
     ) -> None:
+        super().__init__(history=history, service_cidr=service_cidr, api_audiences=api_audiences)
         self._host = host
         self._bookmark_interval_s = bookmark_interval_s
-        self._store = Store(history=history)
         self._faults: list[_Fault] = []
         self._runner: web.AppRunner | None = None
         self._closing = False
@@ -92,7 +111,7 @@ class ApiServerEmulator:
 
     async def start(self) -> None:
         """Listen on an ephemeral port of ``host``."""
-        app = web.Application()
+        app = web.Application(client_max_size=3 * 1024 * 1024)  # the real server's limit
         app.router.add_route("*", "/{tail:.*}", self._handle)
         self._runner = web.AppRunner(app, access_log=None, shutdown_timeout=1.0)
         await self._runner.setup()
@@ -113,21 +132,20 @@ class ApiServerEmulator:
         """A kubernetes_asyncio ``Configuration`` pointing at this server."""
         from kubernetes_asyncio.client import Configuration
 
-        conf = Configuration(host=self.url)
-        return conf
+        return Configuration(host=self.url)
 
-    def kubeconfig(self, *, user: str = "detnet") -> str:
+    def kubeconfig(self, *, user: str = "detnet", token: str = "not-a-secret") -> str:
         """A kubeconfig document pointing at this server, for another process."""
         return (
             "apiVersion: v1\n"
             "kind: Config\n"
             f'clusters: [{{name: emulator, cluster: {{server: "{self.url}"}}}}]\n'
-            f"users: [{{name: {user}, user: {{token: not-a-secret}}}}]\n"
+            f"users: [{{name: {user}, user: {{token: {json.dumps(token)}}}}}]\n"
             f"contexts: [{{name: emulator, context: {{cluster: emulator, user: {user}}}}}]\n"
             "current-context: emulator\n"
         )
 
-    # --- test API ----------------------------------------------------------------
+    # --- faults ------------------------------------------------------------------
 
     def fail(
         self,
@@ -146,146 +164,6 @@ class ApiServerEmulator:
     def clear_faults(self) -> None:
         """Forget every fault not yet used."""
         self._faults.clear()
-
-    def add_pod(
-        self,
-        namespace: str,
-        name: str,
-        *,
-        labels: Mapping[str, str] | None = None,
-        annotations: Mapping[str, str] | None = None,
-        phase: str = "Running",
-    ) -> JsonObj:
-        """Create a pod (default Running) and return a copy of it."""
-        pod: JsonObj = {
-            "apiVersion": "v1",
-            "kind": "Pod",
-            "metadata": {
-                "name": name,
-                "namespace": namespace,
-                "labels": dict(labels or {}),
-                "annotations": dict(annotations or {}),
-            },
-            "spec": {"containers": [{"name": "app", "image": "registry.local/app:1"}]},
-            "status": {"phase": phase},
-        }
-        return copy.deepcopy(self._store.create(_PODS, namespace, pod))
-
-    def set_pod_phase(self, namespace: str, name: str, phase: str) -> None:
-        """Move a pod to ``phase`` (e.g. Pending -> Running), as the kubelet would."""
-        new = copy.deepcopy(self._store.get(_PODS, namespace, name))
-        new["status"] = {**new.get("status", {}), "phase": phase}
-        self._store.replace(_PODS, namespace, new)
-
-    def delete_pod(self, namespace: str, name: str) -> None:
-        """Delete a pod."""
-        self._store.delete(_PODS, namespace, name)
-
-    def add_deployment(
-        self,
-        namespace: str,
-        name: str,
-        *,
-        replicas: int = 3,
-        labels: Mapping[str, str] | None = None,
-        kind: str = "Deployment",
-        annotations: Mapping[str, str] | None = None,
-    ) -> list[str]:
-        """Create a Deployment (or StatefulSet/DaemonSet via ``kind``) selecting
-        ``labels`` (default ``app=<name>``) and its ``replicas`` Running pods; return the
-        pod names."""
-        res = BY_KIND[kind]
-        labels = dict(labels or {"app": name})
-        workload: JsonObj = {
-            "apiVersion": res.api_version,
-            "kind": kind,
-            "metadata": {"name": name, "namespace": namespace, "labels": dict(labels)},
-            "spec": {
-                "replicas": replicas,
-                "selector": {"matchLabels": dict(labels)},
-                "template": {
-                    "metadata": {"labels": dict(labels), "annotations": dict(annotations or {})},
-                    "spec": {"containers": [{"name": "app", "image": "registry.local/app:1"}]},
-                },
-            },
-        }
-        if kind == "DaemonSet":
-            del workload["spec"]["replicas"]
-        self._store.create(res, namespace, workload)
-        suffix = uuid.uuid4().hex[:5]
-        names = []
-        for i in range(replicas):
-            pod_name = f"{name}-{suffix}-{i}"
-            self.add_pod(namespace, pod_name, labels=labels, annotations=annotations)
-            names.append(pod_name)
-        return names
-
-    def pod(self, namespace: str, name: str) -> JsonObj:
-        """A copy of a pod (ApiError 404 when absent)."""
-        return copy.deepcopy(self._store.get(_PODS, namespace, name))
-
-    def pods(self, namespace: str) -> list[JsonObj]:
-        """Copies of every pod in ``namespace``."""
-        return [copy.deepcopy(o) for o in self._store.list(_PODS, namespace, "")]
-
-    def workload(self, kind: str, namespace: str, name: str) -> JsonObj:
-        """A copy of a Deployment/StatefulSet/DaemonSet."""
-        return copy.deepcopy(self._store.get(BY_KIND[kind], namespace, name))
-
-    def lease(self, namespace: str, name: str) -> JsonObj | None:
-        """A copy of a Lease, or None."""
-        return copy.deepcopy(self._store.find(_LEASES, namespace, name))
-
-    def events(self, namespace: str | None = None) -> list[JsonObj]:
-        """Copies of the Events created, oldest first (optionally only in ``namespace``)."""
-        return [
-            copy.deepcopy(o)
-            for (r, ns, _), o in self._store.objects.items()
-            if r == _EVENTS.key and namespace in (None, ns)
-        ]
-
-    def compact(self) -> None:
-        """Forget the watch history: a watch from any older resourceVersion gets 410."""
-        self._store.compact()
-
-    # --- HTTP ------------------------------------------------------------------
-
-    async def _handle(self, request: web.Request) -> web.StreamResponse:
-        arrived = time.time()
-        try:
-            body: Any = None
-            raw = await request.read()
-            if raw:
-                try:
-                    body = json.loads(raw)
-                except ValueError as exc:
-                    raise ApiError(400, f"request body is not JSON: {exc}") from exc
-            res, ns, name, subresource = parse_path(request.path)
-            verb = verb_of(
-                request.method, name, request.query.get("watch", "").lower() in ("true", "1")
-            )
-            self.requests.append(
-                RecordedRequest(
-                    method=request.method,
-                    verb=verb,
-                    path=request.path,
-                    query=dict(request.query),
-                    content_type=request.headers.get("Content-Type", ""),
-                    body=body,
-                    at=arrived,
-                    user_agent=request.headers.get("User-Agent", ""),
-                )
-            )
-            fault = self._take_fault(f"{verb} {request.path}")
-            if fault is not None:
-                return await self._inject(request, fault, verb)
-            if subresource:
-                raise ApiError(404, f"subresource {subresource!r} is not emulated")
-            return await self._serve(request, verb, res, ns, name, body)
-        except ApiError as err:
-            return web.json_response(
-                status_body(err.code, err.message, name=err.name, kind=err.kind), status=err.code
-            )
 
     def _take_fault(self, route: str) -> _Fault | None:
         for fault in self._faults:
@@ -317,90 +195,200 @@ class ApiServerEmulator:
             status_body(code, f"injected fault {code}"), status=code, headers=headers
         )
 
+    # --- HTTP ----------------------------------------------------------------------
+
+    async def _handle(self, request: web.Request) -> web.StreamResponse:
+        arrived = time.time()
+        try:
+            body: Any = None
+            raw = await request.read()
+            if raw:
+                try:
+                    body = json.loads(raw)
+                except ValueError as exc:
+                    raise ApiError(400, f"request body is not JSON: {exc}") from exc
+            route: Route | None = None
+            doc = discovery.document(request.path, server_address=self.url.removeprefix("http://"))
+            if doc is not None or request.path in _HEALTH:
+                verb = "get"
+            else:
+                route = parse_path(request.path)
+                verb = verb_of(request.method, route.name, _true(request.query.get("watch", "")))
+            self.requests.append(
+                RecordedRequest(
+                    method=request.method,
+                    verb=verb,
+                    path=request.path,
+                    query=dict(request.query),
+                    content_type=request.headers.get("Content-Type", ""),
+                    body=body,
+                    at=arrived,
+                    user_agent=request.headers.get("User-Agent", ""),
+                )
+            )
+            fault = self._take_fault(f"{verb} {request.path}")
+            if fault is not None:
+                return await self._inject(request, fault, verb)
+            if route is None:
+                if request.method != "GET":
+                    raise ApiError(405, f"{request.method} is not allowed on {request.path}")
+                return web.json_response(doc) if doc is not None else web.Response(text="ok")
+            check_verb(route, verb, request.method)
+            return await self._serve(request, verb, route, body)
+        except ApiError as err:
+            return web.json_response(
+                status_body(err.code, err.message, name=err.name, kind=err.kind), status=err.code
+            )
+
+    def _selection(self, request: web.Request, res: Resource) -> Selection:
+        return Selection.parse(
+            res,
+            labels=request.query.get("labelSelector", ""),
+            fields=request.query.get("fieldSelector", ""),
+        )
+
     async def _serve(
-        self,
-        request: web.Request,
-        verb: str,
-        res: Resource,
-        ns: str | None,
-        name: str,
-        body: Any,
+        self, request: web.Request, verb: str, route: Route, body: Any
     ) -> web.StreamResponse:
+        res, ns, name = route.res, route.namespace, route.name
         if verb == "watch":
-            return await self._watch(request, res, ns)
+            return await self._watch(request, res, ns, self._selection(request, res))
         if verb == "list":
-            items = self._store.list(res, ns, request.query.get("labelSelector", ""))
+            # ``limit`` is not honoured: the API lets a server return everything at once.
+            if request.query.get("continue"):
+                raise ApiError(400, "continue key is not valid: this server never issued one")
+            selection = self._selection(request, res)
+            items = self._store.select(res, ns, selection.predicate(res))
             return web.json_response(
                 {
                     "kind": f"{res.kind}List",
                     "apiVersion": res.api_version,
                     "metadata": {"resourceVersion": str(self._store.rv)},
-                    "items": items,
+                    "items": [_list_item(o) for o in items],
                 }
             )
-        if ns is None:
-            raise ApiError(405, f"{verb} needs a namespace")
+        ns = ns or ""
         if verb == "get":
             return web.json_response(self._store.get(res, ns, name))
         if verb == "create":
-            if not isinstance(body, dict):
-                raise ApiError(400, "body must be an object")
-            return web.json_response(self._store.create(res, ns, body), status=201)
+            return web.json_response(self._create(route, body), status=201)
+        if verb in ("update", "patch"):
+            return web.json_response(self._update(request, route, body, verb=verb))
+        if verb == "delete":
+            return web.json_response(self._delete(res, ns, name, body))
+        if verb == "deletecollection":
+            selection = self._selection(request, res)
+            for obj in list(self._store.select(res, route.namespace, selection.predicate(res))):
+                meta = obj["metadata"]
+                self._delete(res, meta.get("namespace", ""), meta["name"], body)
+            return web.json_response(
+                {"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Success"}
+            )
+        raise ApiError(405, f"{request.method} is not allowed here")
+
+    def _create(self, route: Route, body: Any) -> JsonObj:
+        res, ns = route.res, route.namespace or ""
+        if res.kind == "TokenReview":
+            return self.review_token(body)
+        if route.subresource == "token":
+            return self.token_request(ns, route.name, body)
+        if not isinstance(body, dict):
+            raise ApiError(400, "the request body must be an object")
+        if body.get("kind") not in (None, "", res.kind):
+            raise ApiError(400, f"a {body.get('kind')} cannot be created as {res.plural}")
+        check_types(body)
+        return self._store_object(res, ns, prepare_create(res, body, namespace=ns))
+
+    def _update(self, request: web.Request, route: Route, body: Any, *, verb: str) -> JsonObj:
+        res, ns, name = route.res, route.namespace or "", route.name
+        old = self._store.get(res, ns, name)
         if verb == "update":
             if not isinstance(body, dict) or (body.get("metadata") or {}).get("name") != name:
                 raise ApiError(400, "the body's metadata.name must match the URL")
-            return web.json_response(self._store.replace(res, ns, body))
-        if verb == "patch":
-            return web.json_response(self._patch(request, res, ns, name, body))
-        if verb == "delete":
-            return web.json_response(self._store.delete(res, ns, name))
-        raise ApiError(405, f"{request.method} is not allowed here")
+            check_types(body)
+            new = body
+        else:
+            ctype = request.headers.get("Content-Type", "").split(";")[0].strip()
+            apply = _PATCHES.get(ctype)
+            if apply is None:
+                raise ApiError(415, f"the body of the request was in an unknown format: {ctype}")
+            new = apply(clone(old), body)  # the patch functions share subtrees
+            if not isinstance(new, dict):
+                raise ApiError(422, "a patch must leave an object")
+            check_types(new, code=422)
+            # A resourceVersion in the patch is a precondition, as on the real server.
+            meta = new.setdefault("metadata", {})
+            if meta.get("resourceVersion") == old["metadata"]["resourceVersion"]:
+                meta.pop("resourceVersion", None)
+            meta["name"] = name
+        return self._store_object(
+            res, ns, prepare_update(res, new, old, subresource=route.subresource), replace=True
+        )
 
-    def _patch(self, request: web.Request, res: Resource, ns: str, name: str, body: Any) -> JsonObj:
-        old = self._store.get(res, ns, name)
-        ctype = request.headers.get("Content-Type", "").split(";")[0].strip()
-        if ctype == "application/merge-patch+json":
-            new = merge_patch(old, body)
-        elif ctype == "application/strategic-merge-patch+json":
-            new = strategic_merge_patch(old, body)
-        elif ctype == "application/json-patch+json":
-            new = json_patch(old, body)
-        else:
-            raise ApiError(415, f"the body of the request was in an unknown format: {ctype}")
-        if not isinstance(new, dict):
-            raise ApiError(422, "a patch must leave an object")
-        # A resourceVersion in the patch is a precondition, as on the real server.
-        patch_rv = (new.get("metadata") or {}).get("resourceVersion")
-        if patch_rv != old["metadata"]["resourceVersion"]:
-            new.setdefault("metadata", {})["resourceVersion"] = patch_rv
-        else:
-            new["metadata"].pop("resourceVersion", None)
-        new.setdefault("metadata", {})["name"] = name
-        return self._store.replace(res, ns, new)
+    def _delete(self, res: Resource, ns: str, name: str, options: Any) -> JsonObj:
+        obj = self._store.get(res, ns, name)
+        options = options if isinstance(options, dict) else {}
+        pre = options.get("preconditions") or {}
+        for field in ("uid", "resourceVersion"):
+            if pre.get(field) and pre[field] != obj["metadata"].get(field):
+                raise ApiError(
+                    409,
+                    f"Precondition failed: {field} in precondition: {pre[field]}, "
+                    f"{field} in object meta: {obj['metadata'].get(field)}",
+                    name=name,
+                    kind=res.plural,
+                )
+        if options.get("propagationPolicy") == "Orphan" or options.get("orphanDependents"):
+            self._gc.orphan(obj["metadata"]["uid"])
+        gone = self._store.delete(res, ns, name)
+        if res.returns_deleted:
+            return gone
+        details = {
+            "name": name,
+            "group": res.group,
+            "kind": res.plural,
+            "uid": obj["metadata"]["uid"],
+        }
+        return {
+            "kind": "Status",
+            "apiVersion": "v1",
+            "metadata": {},
+            "status": "Success",
+            "details": details,
+        }
+
+    # --- watch ---------------------------------------------------------------------
 
     async def _watch(
-        self, request: web.Request, res: Resource, ns: str | None
+        self, request: web.Request, res: Resource, ns: str | None, selection: Selection
     ) -> web.StreamResponse:
-        selector = request.query.get("labelSelector", "")
-        selector_matches(selector, {})  # a bad selector fails before the stream starts
-        timeout = float(request.query.get("timeoutSeconds", "1800"))
-        bookmarks = request.query.get("allowWatchBookmarks", "").lower() in ("true", "1")
+        try:
+            timeout = float(request.query.get("timeoutSeconds", "1800"))
+        except ValueError as exc:
+            raise ApiError(400, f"timeoutSeconds must be a number: {exc}") from exc
+        bookmarks = _true(request.query.get("allowWatchBookmarks", ""))
         rv_param = request.query.get("resourceVersion", "")
+        if rv_param not in ("", "0") and not rv_param.isdigit():
+            raise ApiError(400, f"resourceVersion must be a number, got {rv_param!r}")
         resp = web.StreamResponse(status=200, headers={"Content-Type": "application/json"})
         await resp.prepare(request)
 
         async def send(type_: str, obj: JsonObj) -> None:
             await resp.write(json.dumps({"type": type_, "object": obj}).encode() + b"\n")
 
+        selected = selection.predicate(res)
         if rv_param in ("", "0"):
             # No resourceVersion: synthetic ADDED events for what exists, then changes.
             since = self._store.rv
-            for obj in self._store.list(res, ns, selector):
+            for obj in self._store.select(res, ns, selected):
                 await send("ADDED", obj)
         else:
             since = int(rv_param)
             if self._store.expired(since):
-                await send("ERROR", status_body(410, f"too old resource version: {since}"))
+                await send(
+                    "ERROR",
+                    status_body(410, f"too old resource version: {since} ({self._store.rv})"),
+                )
                 await resp.write_eof()
                 return resp
         wake = self._store.subscribe()
@@ -412,7 +400,7 @@ class ApiServerEmulator:
                 deadline=time.monotonic() + timeout,
                 res=res,
                 ns=ns,
-                selector=selector,
+                selected=selected,
                 bookmarks=bookmarks,
             )
             await resp.write_eof()
@@ -431,7 +419,7 @@ class ApiServerEmulator:
         deadline: float,
         res: Resource,
         ns: str | None,
-        selector: str,
+        selected: Callable[[JsonObj], bool],
         bookmarks: bool,
     ) -> None:
         next_bookmark = time.monotonic() + self._bookmark_interval_s
@@ -439,10 +427,12 @@ class ApiServerEmulator:
             wake.clear()
             for ev in self._store.events_since(since):
                 since = ev.rv
-                r, n, _ = ev.key
-                labels = ev.obj["metadata"].get("labels") or {}
-                if r == res.key and ns in (None, n) and selector_matches(selector, labels):
-                    await send(ev.type, ev.obj)
+                kind_key, n, _ = ev.key
+                if kind_key != res.key or ns not in (None, n):
+                    continue
+                seen = ev.seen_by(selected)
+                if seen is not None:
+                    await send(*seen)
             now = time.monotonic()
             if now >= deadline:
                 break

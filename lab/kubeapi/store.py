@@ -1,70 +1,87 @@
-"""The emulation's etcd and watch cache: objects by (resource, namespace, name), the one
+"""The emulation's etcd and watch cache: objects by resource, namespace and name, the one
 resourceVersion counter, a bounded history of changes for watches, and the wake-ups of
 the watches that are open.
 
-No HTTP here: the server turns requests into calls on a ``Store`` and streams
-``events_since()`` to its watches."""
+Every change is kept with the object before it (``WatchEvent.prev``), because a watch
+with a selector needs both: an object that stops matching is a DELETED for that watch,
+one that starts matching an ADDED (``WatchEvent.seen_by``), as the real watch cache does.
+Observers (the emulated controllers) are told of every change as it is made.
+
+No HTTP here: the server turns requests into calls on a ``Store``.
+"""
 
 from __future__ import annotations
 
 import asyncio
-import copy
+import random
 import uuid
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
 from detnet.lab.kubeapi.errors import ApiError
-from detnet.lab.kubeapi.resources import Resource
-from detnet.lab.kubeapi.selectors import selector_matches
+from detnet.lab.kubeapi.patch import clone
+from detnet.lab.kubeapi.resources import RESOURCES, Resource
+from detnet.lab.kubeapi.validation import validate_object
 
 JsonObj = dict[str, Any]
-Key = tuple[str, str, str]  # (Resource.key, namespace, name)
+Key = tuple[str, str, str]  # (Resource.key, namespace or "", name)
+Predicate = Callable[[JsonObj], bool]
+
+# The alphabet of the real server's random name suffixes (no vowels, no 0/1/3).
+NAME_ALPHABET = "bcdfghjklmnpqrstvwxz2456789"
+
+
+def random_suffix(n: int = 5) -> str:
+    """A random name suffix as the real server's generateName makes."""
+    return "".join(random.choices(NAME_ALPHABET, k=n))
+
+
+def now_timestamp() -> str:
+    """The current time as the API writes timestamps (RFC 3339, seconds, UTC)."""
+    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 @dataclass(frozen=True)
 class WatchEvent:
-    """One change as a watch from an older resourceVersion sees it."""
+    """One change: the object after it (for DELETED: as it was, at the deletion's
+    resourceVersion) and before it (None for ADDED)."""
 
     rv: int
     type: str  # ADDED, MODIFIED, DELETED
     key: Key
     obj: JsonObj
+    prev: JsonObj | None
 
-
-def validate(obj: JsonObj, kind: str) -> None:
-    """The validation the real server does that our clients could trip over."""
-    meta = obj.get("metadata")
-    if not isinstance(meta, dict) or not meta.get("name"):
-        raise ApiError(422, f"{kind}: metadata.name is required", kind=kind)
-    for what in ("labels", "annotations"):
-        values = meta.get(what) or {}
-        if not isinstance(values, dict):
-            raise ApiError(422, f"metadata.{what} must be a map", name=meta["name"], kind=kind)
-        for k, v in values.items():
-            if not isinstance(v, str):
-                raise ApiError(
-                    422,
-                    f"metadata.{what}[{k}]: Invalid value: must be a string",
-                    name=meta["name"],
-                    kind=kind,
-                )
-
-
-def _now() -> str:
-    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    def seen_by(self, selected: Predicate) -> tuple[str, JsonObj] | None:
+        """The event a watch selecting ``selected`` objects receives, if any."""
+        now_in = self.type != "DELETED" and selected(self.obj)
+        was_in = self.prev is not None and selected(self.prev)
+        if now_in:
+            return ("MODIFIED" if was_in else "ADDED"), self.obj
+        if not was_in:
+            return None
+        if self.type == "DELETED":
+            return "DELETED", self.obj
+        # It left the selection: the watch sees it deleted, as it was, at this version.
+        gone = clone(self.prev)
+        assert gone is not None
+        gone["metadata"]["resourceVersion"] = str(self.rv)
+        return "DELETED", gone
 
 
 class Store:
     """Objects and their history; every write bumps the one resourceVersion."""
 
     def __init__(self, *, history: int) -> None:
-        self.objects: dict[Key, JsonObj] = {}
+        self._objects: dict[str, dict[tuple[str, str], JsonObj]] = {}
         self.rv = 1
         self._log: deque[WatchEvent] = deque(maxlen=history)
         self._floor = 0  # watches from a resourceVersion below this get 410 Gone
         self._waiters: set[asyncio.Event] = set()  # one per open watch
+        self.observers: list[Callable[[WatchEvent], None]] = []
 
     # --- watch support -------------------------------------------------------------
 
@@ -110,30 +127,37 @@ class Store:
         self.rv += 1
         return self.rv
 
-    def _emit(self, type_: str, key: Key, obj: JsonObj) -> None:
-        self._log.append(WatchEvent(int(obj["metadata"]["resourceVersion"]), type_, key, obj))
+    def _emit(self, ev: WatchEvent) -> None:
+        self._log.append(ev)
         self.wake_all()
+        for observer in list(self.observers):
+            observer(ev)
 
     def find(self, res: Resource, ns: str, name: str) -> JsonObj | None:
         """The stored object (not a copy), or None."""
-        return self.objects.get((res.key, ns, name))
+        return self._objects.get(res.key, {}).get((ns, name))
 
     def get(self, res: Resource, ns: str, name: str) -> JsonObj:
         """The stored object (not a copy); ApiError(404) when absent."""
-        obj = self.objects.get((res.key, ns, name))
+        obj = self.find(res, ns, name)
         if obj is None:
             raise ApiError(404, f'{res.plural} "{name}" not found', name=name, kind=res.plural)
         return obj
 
-    def create(self, res: Resource, ns: str, obj: JsonObj) -> JsonObj:
-        """Store a new object: name (from generateName), uid, timestamps, resourceVersion."""
-        obj = copy.deepcopy(obj)
+    def create(self, res: Resource, ns: str, obj: JsonObj, *, uid: str | None = None) -> JsonObj:
+        """Store a new object (taking ownership of ``obj``): name (from generateName),
+        uid, timestamp, resourceVersion."""
         meta = obj.setdefault("metadata", {})
         if not meta.get("name") and meta.get("generateName"):
-            meta["name"] = meta["generateName"] + uuid.uuid4().hex[:5]
-        validate(obj, res.kind)
-        key = (res.key, ns, meta["name"])
-        if key in self.objects:
+            meta["name"] = str(meta["generateName"])[:58] + random_suffix()
+        if res.namespaced:
+            meta["namespace"] = ns
+        else:
+            meta.pop("namespace", None)
+        validate_object(obj, kind=res.kind)
+        key = (ns, meta["name"])
+        bucket = self._objects.setdefault(res.key, {})
+        if key in bucket:
             raise ApiError(
                 409,
                 f'{res.plural} "{meta["name"]}" already exists',
@@ -142,20 +166,23 @@ class Store:
             )
         obj["kind"], obj["apiVersion"] = res.kind, res.api_version
         meta.update(
-            namespace=ns,
-            uid=str(uuid.uuid4()),
-            creationTimestamp=_now(),
+            uid=uid or str(uuid.uuid4()),
+            creationTimestamp=now_timestamp(),
             resourceVersion=str(self._bump()),
         )
-        if res.group == "apps":
-            meta.setdefault("generation", 1)
-        self.objects[key] = obj
-        self._emit("ADDED", key, obj)
+        for stale in ("deletionTimestamp", "deletionGracePeriodSeconds"):
+            meta.pop(stale, None)
+        if res.generation:
+            meta["generation"] = 1
+        else:
+            meta.pop("generation", None)
+        bucket[key] = obj
+        self._emit(WatchEvent(self.rv, "ADDED", (res.key, *key), obj, None))
         return obj
 
     def replace(self, res: Resource, ns: str, obj: JsonObj) -> JsonObj:
-        """Replace an object; 409 when its resourceVersion is set and stale."""
-        validate(obj, res.kind)
+        """Replace an object (taking ownership of ``obj``); 409 when its resourceVersion
+        is set and stale."""
         name = obj["metadata"]["name"]
         old = self.get(res, ns, name)
         want_rv = obj["metadata"].get("resourceVersion")
@@ -167,37 +194,51 @@ class Store:
                 name=name,
                 kind=res.plural,
             )
-        new = copy.deepcopy(obj)
+        new = obj
         new["kind"], new["apiVersion"] = res.kind, res.api_version
-        for immutable in ("uid", "creationTimestamp", "namespace"):
-            new["metadata"][immutable] = old["metadata"].get(immutable, ns)
+        meta = new["metadata"]
+        for immutable in ("uid", "creationTimestamp", "namespace", "generation"):
+            if immutable in old["metadata"]:
+                meta[immutable] = old["metadata"][immutable]
+            else:
+                meta.pop(immutable, None)
+        meta["resourceVersion"] = old["metadata"]["resourceVersion"]
+        validate_object(new, kind=res.kind)
         if new == old:
             return old  # no-op writes do not bump the resourceVersion, as on a real server
-        if "generation" in old["metadata"]:
-            spec_changed = new.get("spec") != old.get("spec")
-            new["metadata"]["generation"] = old["metadata"]["generation"] + int(spec_changed)
-        new["metadata"]["resourceVersion"] = str(self._bump())
-        key = (res.key, ns, name)
-        self.objects[key] = new
-        self._emit("MODIFIED", key, new)
+        if res.generation and any(new.get(f) != old.get(f) for f in res.generation):
+            meta["generation"] = old["metadata"].get("generation", 1) + 1
+        meta["resourceVersion"] = str(self._bump())
+        self._objects[res.key][(ns, name)] = new
+        self._emit(WatchEvent(self.rv, "MODIFIED", (res.key, ns, name), new, old))
         return new
 
     def delete(self, res: Resource, ns: str, name: str) -> JsonObj:
         """Remove an object; return it as it was, at the deletion's resourceVersion."""
-        obj = self.get(res, ns, name)
-        key = (res.key, ns, name)
-        del self.objects[key]
-        gone = copy.deepcopy(obj)
+        old = self.get(res, ns, name)
+        del self._objects[res.key][(ns, name)]
+        gone = clone(old)
         gone["metadata"]["resourceVersion"] = str(self._bump())
-        self._emit("DELETED", key, gone)
+        self._emit(WatchEvent(self.rv, "DELETED", (res.key, ns, name), gone, old))
         return gone
 
-    def list(self, res: Resource, ns: str | None, selector: str) -> list[JsonObj]:
-        """The stored objects of ``res`` (in ``ns``, or all) matching a label selector."""
+    def select(
+        self, res: Resource, ns: str | None, selected: Predicate | None = None
+    ) -> list[JsonObj]:
+        """The stored objects of ``res`` (in ``ns``, or all), sorted by namespace and name
+        (etcd's key order), that ``selected`` accepts."""
+        bucket = self._objects.get(res.key, {})
         return [
-            o
-            for (r, n, _), o in sorted(self.objects.items())
-            if r == res.key
-            and ns in (None, n)
-            and selector_matches(selector, o["metadata"].get("labels") or {})
+            obj
+            for (n, _), obj in sorted(bucket.items(), key=lambda item: item[0])
+            if ns in (None, n) and (selected is None or selected(obj))
         ]
+
+    def in_order(self, res: Resource) -> list[JsonObj]:
+        """The stored objects of ``res`` in the order they were created."""
+        return list(self._objects.get(res.key, {}).values())
+
+    def all_objects(self) -> list[tuple[Resource, JsonObj]]:
+        """Every stored object with its resource (for the garbage collector)."""
+        by_key = {r.key: r for r in RESOURCES}
+        return [(by_key[k], o) for k, bucket in self._objects.items() for o in bucket.values()]
