@@ -103,7 +103,7 @@ class UsageRoute:
         self._authenticate = authenticate
         self.requests: Counter[str] = Counter()
 
-    async def __call__(self, request: web.Request) -> web.StreamResponse:
+    async def handle(self, request: web.Request) -> web.StreamResponse:
         """Answer one request."""
         resp = await self._answer(request)
         self.requests[str(resp.status)] += 1
@@ -124,7 +124,7 @@ class UsageRoute:
         if decision.status != 200:
             return _text(503, "cannot check the token now; retry", {"Retry-After": "1"})
         try:
-            query = parse_query(request.query, list(request.query.keys()))
+            query = parse_query(request.query, [k for k, _ in request.query.items()])
         except QueryError as exc:
             return _text(400, str(exc))
         snap = self._snapshot()
