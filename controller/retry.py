@@ -196,7 +196,7 @@ async def call_with_retry(
         if on_api_error is not None:
             on_api_error(err.code)
         if not isinstance(err, RETRYABLE) or attempt >= policy.attempts:
-            if isinstance(err, RETRYABLE):
+            if isinstance(err, RETRYABLE) and attempt > 1:
                 err = type(err)(
                     f"{err} (gave up after {attempt} attempts)",
                     code=err.code,
