@@ -25,7 +25,8 @@ from dataclasses import dataclass
 from detnet import native
 from detnet.engine.collector import EngineCollector
 from detnet.engine.errors import TargetError
-from detnet.engine.probers import Prober, ProbeTotals, SampleCallback, make_prober
+from detnet.engine.probers import Prober, make_prober
+from detnet.engine.recorder import ProbeTotals, SampleCallback
 from detnet.engine.ring import (
     LATENESS_EDGES_S,
     CumulativeHistogram,
@@ -156,8 +157,8 @@ class ProbeEngine:
             while True:
                 now = native.monotonic_ns()
                 for p in self._probers.values():
-                    p.sweep(now)
-                if all(p.tracker.in_flight == 0 for p in self._probers.values()):
+                    p.recorder.sweep(now)
+                if all(p.recorder.in_flight == 0 for p in self._probers.values()):
                     break
                 if now > deadline:
                     break
@@ -190,28 +191,29 @@ class ProbeEngine:
         since = None if self.window_ns is None else now - self.window_ns
         out: dict[str, Window] = {}
         for name, p in list(self._probers.items()):
-            snap = p.ring.snapshot(last_n=self.window_samples, since_ns=since)
+            rec = p.recorder
+            snap = rec.ring.snapshot(last_n=self.window_samples, since_ns=since)
             stats = window_stats(
                 snap,
                 target=name,
                 protocol=p.target.protocol,
-                base_rtt_ns=p.base_rtt(now),
-                default_source=p.timestamp_source,
+                base_rtt_ns=rec.base_rtt(now),
+                default_source=rec.timestamp_source,
             )
             out[name] = Window(snap, stats)
         return out
 
     def totals(self) -> dict[str, ProbeTotals]:
         """Counters of every target since start."""
-        return {name: p.totals() for name, p in self._probers.items()}
+        return {name: p.recorder.totals() for name, p in self._probers.items()}
 
     def histograms(self) -> dict[str, HistogramSnapshot]:
         """Cumulative RTT histograms of every target."""
-        return {name: p.histogram.snapshot() for name, p in self._probers.items()}
+        return {name: p.recorder.histogram.snapshot() for name, p in self._probers.items()}
 
     def timestamp_sources(self) -> dict[str, str]:
         """``"kernel"`` or ``"user"``: what each target's latest samples used."""
-        return {name: p.timestamp_source for name, p in self._probers.items()}
+        return {name: p.recorder.timestamp_source for name, p in self._probers.items()}
 
     @property
     def probers(self) -> Mapping[str, Prober]:
@@ -235,7 +237,7 @@ class ProbeEngine:
         fire = self._schedules[name].fire(now, slack_ns=self._slack_ns)
         if fire is not None:
             prober = self._probers[name]
-            prober.skipped += fire.skipped
+            prober.recorder.skipped += fire.skipped
             prober.send(now, prober.target.batch)
             # Lateness against the deadline; an early (within the slack) send counts as 0.
             self.lateness.add_one(max(fire.lateness_ns, 0))
@@ -247,7 +249,7 @@ class ProbeEngine:
             return
         now = native.monotonic_ns()
         for p in self._probers.values():
-            p.sweep(now)
+            p.recorder.sweep(now)
         self._sweeper = self._loop.call_later(self._sweep_period, self._sweep)
 
     async def _close_probers(self) -> None:

@@ -40,7 +40,7 @@ from detnet.controller.parse import ParseError, parse_address, parse_duration_ns
 from detnet.engine import runloop
 from detnet.engine.core import ProbeEngine
 from detnet.engine.httpserver import MetricsServer
-from detnet.engine.probers import Sample
+from detnet.engine.recorder import Sample
 from detnet.engine.targets import Target
 
 log = logging.getLogger("detnet.control")

@@ -30,7 +30,7 @@ from detnet.controller.parse import (
 from detnet.engine import runloop
 from detnet.engine.core import ProbeEngine
 from detnet.engine.httpserver import MetricsServer
-from detnet.engine.probers import Sample
+from detnet.engine.recorder import Sample
 from detnet.engine.stats import WindowStats
 from detnet.engine.targets import MAX_BATCH, Target, parse_target
 

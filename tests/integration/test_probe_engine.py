@@ -9,7 +9,7 @@ import pytest
 
 from detnet.engine.core import ProbeEngine
 from detnet.engine.errors import TargetError
-from detnet.engine.probers import Sample
+from detnet.engine.recorder import Sample
 from detnet.engine.reflector import ReflectorConfig, ReflectorServer
 from detnet.engine.targets import parse_target
 
