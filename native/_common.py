@@ -87,6 +87,9 @@ _REFUSED = (errno.EACCES, errno.EPERM)
 class IcmpNotPermitted(PermissionError):
     """Neither an unprivileged ping socket nor a raw ICMP socket may be opened."""
 
+    def __str__(self) -> str:
+        return self.strerror or super().__str__()  # the one line, without "[Errno 1]"
+
 
 def icmp_not_permitted_message(*, family: int, tried: str) -> str:
     """The one line that says what to set when ICMP sockets are refused."""

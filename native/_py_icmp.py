@@ -152,7 +152,7 @@ class IcmpProbeSocket:
         sent = 0
         for i in range(count):
             seq = (first_seq + i) & U64
-            struct.pack_into("!HH", buf, 2, 0, seq & 0xFFFF)
+            struct.pack_into("!HHH", buf, 2, 0, self.ident, seq & 0xFFFF)
             struct.pack_into("!QQ", buf, ICMP_HEADER + 16, seq, tx_ns)
             if self._checksum:
                 struct.pack_into("!H", buf, 2, icmp_checksum(buf))
