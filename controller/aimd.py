@@ -1,64 +1,84 @@
-"""The asymmetric AIMD policy: cut best-effort egress fast when a critical SLO breaks,
-give it back slowly once every critical app has been healthy for a while.
+"""The asymmetric AIMD policy: cut best-effort egress fast where a critical SLO breaks,
+give it back slowly, and park it just under the knee.
 
-Pure and sans-I/O: time comes in as ``now_ns`` (monotonic), measurements as engine
-``WindowStats``, current limits and measured usage as plain mappings; ``decide()`` returns
-a frozen ``Decision``. The control loop (``loop.py``) feeds it and applies what it returns.
+Pure and sans-I/O: time comes in as ``now_ns`` (monotonic), measurements as an
+``Observation`` (engine ``WindowStats`` per probe target, what each target stands for,
+measured usage, where the best-effort pods run), current limits as a mapping of
+``Scope`` to Mbit/s; ``decide()`` returns a frozen ``Decision``. The control loop
+(``loop.py``) feeds it and applies what it returns.
 
-Rules (DESIGN.md, "Facts the design rests on: Control"):
+Limits are kept per *scope*: a best-effort workload (``scope: cluster``), or a workload
+on one node (``scope: node``, where the probe targets are endpoints that carry nodes). A
+*group* is the set of scopes one node's congestion can be relieved by: under node scope
+the workloads' pods on that node; under cluster scope every workload. Rules (DESIGN.md,
+"Facts the design rests on: Control"):
 
-- A signal with a configured threshold is *violated* when its value is above it, and
-  *stable* when it is at or below ``stable_fraction`` of it. Unset thresholds are not
-  evaluated. An app whose configured signals have no data is reported and makes the
-  policy hold: it never increases blind.
-- On any violation every workload is cut by ``decrease_factor`` at most once per
-  ``decrease_cooldown`` (the actuation delay: a second cut before the first took effect
-  over-cuts). The cut starts from the measured usage when it is known and below the cap,
-  so the first cut bites even when the cap was far above the traffic. Usage is the mean
-  of the readings over ``usage_window`` (a peak would count a burst's slow-start
-  overshoot as the workload's rate); a reading far above the earlier peak marks the start
-  of a burst, so the mean restarts after it and a cut waits until the new readings cover
-  30 % of the window (0.3 s by default): one 100 ms sample is not a rate.
-- Limits grow by ``increase_step`` only after every app has been stable for
-  ``increase_interval`` (the dwell, restarted after each increase), and only for
-  workloads using their cap (usage >= 90 % of it, or unknown usage): a cap nobody uses
-  would drift to the maximum and leave the next burst unprotected.
-- Limits are whole Mbit/s, clamped to [min_bandwidth, max_bandwidth], never below 1.
+- A violation on a target cuts its group (a target without a node, a Service address,
+  concerns every group) by ``decrease_factor`` at most once per ``decrease_cooldown``,
+  from the measured mean usage when it is known and below the cap (so the first cut
+  bites), to a margin under a remembered knee when that loses less (``knee.py``). When
+  a cut had to start from the cap (usage unknown) and made no difference to the violated
+  signal after ``effect_delay``, the next cut comes at once and deeper.
+- After a cut, its group's targets are judged on samples taken ``effect_delay`` after it
+  (``evidence_since``): samples of the queue the cut is draining say nothing of it.
+- When a violated node has nothing left to cut (no best-effort pods, or all at
+  ``min_bandwidth``) for ``escalate_after`` cooldowns, the cut widens to every node; it
+  narrows back once that node's SLO holds.
+- A group's limits grow only after its targets (and the unplaced ones) have been stable
+  for ``increase_interval`` (restarted after each increase), never while a target warns
+  of a building queue, never for a cap its workload is not using (usage below 90 % of
+  it; unknown usage counts as using), by ``increase_step``, or, with a remembered knee,
+  straight to a margin below it and then by small steps (after a cooldown's dwell only).
+- Limits are whole Mbit/s, clamped to [min_bandwidth, max_bandwidth].
 """
 
 from __future__ import annotations
 
 import math
-from collections import deque
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import Literal
 
+from detnet.controller.knee import (
+    KneeMemory,
+    QueueWatch,
+    WarningParams,
+    climb_to,
+    cut_to,
+    trim_to,
+)
+from detnet.controller.signals import (
+    Endpoint,
+    Evaluation,
+    SignalState,
+    Slo,
+    evaluate,
+    signal_value,
+    targets_of,
+)
+from detnet.controller.usagewindow import USING_CAP_FRACTION, UsageMeter
 from detnet.engine.stats import WindowStats
 
 Action = Literal["decrease", "increase", "hold"]
-Signal = Literal["jitter", "latency", "queue_delay", "loss"]
+ScopeMode = Literal["cluster", "node"]
+CLUSTER = ""  # the node of a scope (and the group) that spans every node
 
-SIGNALS: tuple[Signal, ...] = ("jitter", "latency", "queue_delay", "loss")
-# How each signal is spelled in a decision's reasons: says which statistic was used.
-SIGNAL_LABELS: dict[Signal, str] = {
-    "jitter": "jitter_iqr",
-    "latency": "latency_p99",
-    "queue_delay": "queue_delay",
-    "loss": "loss_ratio",
-}
-USING_CAP_FRACTION = 0.9  # usage at or above this share of its cap counts as "using it"
-# A reading this many times the previous peak is a workload ramping up: the rate it shows
-# covers partly idle time, and the next few swing with slow start and bursts.
-RAMP_RATIO = 1.5
-# After a ramp, a cut waits until the readings since cover this share of usage_window, so
-# it starts from a mean rate rather than one 100 ms sample (0.3 s by default).
-RAMP_SETTLE_FRACTION = 0.3
+
+@dataclass(frozen=True, order=True)
+class Scope:
+    """Where a limit applies: a workload, on one ``node`` or (``CLUSTER``) on every node."""
+
+    workload: str
+    node: str = CLUSTER
+
+    def __str__(self) -> str:
+        return self.workload if self.node == CLUSTER else f"{self.workload}@{self.node}"
 
 
 @dataclass(frozen=True, kw_only=True)
 class PolicyParams:
-    """The policy's knobs (config ``policy:``); bandwidths in Mbit/s, times in seconds."""
+    """The policy's knobs (config ``policy:``); bandwidths in Mbit/s, times in seconds.
+    Every default is meant to need no tuning (docs/config.md says why each is what it is)."""
 
     decrease_factor: float = 0.20
     decrease_cooldown_s: float = 1.5
@@ -70,9 +90,18 @@ class PolicyParams:
     # The prototype's severity multiplier: a violation k times over its threshold cuts as
     # if k cuts happened at once, k capped here. 1.0 turns it off.
     severity_max_multiplier: float = 1.0
-    # Usage is the mean of the readings over this horizon: one control step's reading is
-    # noisy for bursty workloads, and a cut from it would land far from the 20% intended.
     usage_window_s: float = 1.0
+    scope: ScopeMode = "cluster"
+    # From a cut to its effect in the probes: enforcement, then a few probe intervals.
+    effect_delay_s: float = 0.5
+    # A violated node with nothing to cut for this many cooldowns widens the cut.
+    escalate_after: int = 3
+    # A blind cut without effect is followed by a deeper one, up to this factor.
+    max_blind_factor: float = 0.5
+    early_warning_fraction: float = 0.1
+    knee_margin: float = 0.02
+    knee_step_fraction: float = 0.01
+    knee_memory_s: float = 120.0
 
     def __post_init__(self) -> None:
         if not 0.0 < self.decrease_factor < 1.0:
@@ -87,8 +116,17 @@ class PolicyParams:
             raise ValueError("cooldown and dwell must not be negative")
         if self.severity_max_multiplier < 1.0:
             raise ValueError("severity_max_multiplier must be at least 1")
-        if self.usage_window_s < 0:
-            raise ValueError("usage_window must not be negative")
+        if self.usage_window_s < 0 or self.effect_delay_s < 0 or self.knee_memory_s < 0:
+            raise ValueError("usage_window, effect_delay and knee_memory must not be negative")
+        if self.scope not in ("cluster", "node"):
+            raise ValueError("scope must be cluster or node")
+        if self.escalate_after < 1:
+            raise ValueError("escalate_after must be at least 1")
+        if not self.decrease_factor <= self.max_blind_factor < 1.0:
+            raise ValueError("max_blind_factor must be in [decrease_factor, 1)")
+        for name in ("early_warning_fraction", "knee_margin", "knee_step_fraction"):
+            if not 0.0 < getattr(self, name) < 1.0:
+                raise ValueError(f"{name} must be in (0, 1)")
 
     def clamp(self, mbit: float) -> int:
         """Whole Mbit/s within [min_bandwidth, max_bandwidth]."""
@@ -96,49 +134,21 @@ class PolicyParams:
 
 
 @dataclass(frozen=True, kw_only=True)
-class Slo:
-    """One critical app's thresholds; None means the signal is not evaluated."""
+class Observation:
+    """What the policy sees at one step.
 
-    target: str
-    max_jitter_ms: float | None = None
-    max_latency_ms: float | None = None
-    max_queue_delay_ms: float | None = None
-    max_loss_ratio: float | None = None
+    ``stats``: each probe target's window (since its evidence start, ``evidence_since``);
+    ``recent``: the same targets over the last second or so, for the queue's trend (the
+    windows themselves when absent); ``endpoints``: what each target stands for (a target
+    not listed is the app of that name, at its Service address); ``usage``: measured
+    Mbit/s per scope, absent where unknown; ``placements``: per workload the nodes its
+    running pods are on (node scope)."""
 
-    def thresholds(self) -> dict[Signal, float]:
-        """The configured thresholds by signal (ms for time signals, a ratio for loss)."""
-        raw: dict[Signal, float | None] = {
-            "jitter": self.max_jitter_ms,
-            "latency": self.max_latency_ms,
-            "queue_delay": self.max_queue_delay_ms,
-            "loss": self.max_loss_ratio,
-        }
-        return {signal: value for signal, value in raw.items() if value is not None}
-
-
-@dataclass(frozen=True, kw_only=True)
-class SignalState:
-    """One app's signal against its threshold at one decision."""
-
-    target: str
-    signal: Signal
-    threshold: float  # ms for time signals, ratio for loss
-    value: float | None  # None: no data
-    violated: bool
-    stable: bool
-
-    def describe(self) -> str:
-        """``robot-control jitter_iqr 2.31 ms > 1.00 ms`` style text."""
-        label = SIGNAL_LABELS[self.signal]
-        if self.value is None:
-            return f"{self.target} {label} no data"
-        if self.signal == "loss":
-            val, thr = f"{self.value:.4f}", f"{self.threshold:.4f}"
-        else:
-            val, thr = _ms(self.value), _ms(self.threshold)
-        if self.violated:
-            return f"{self.target} {label} {val} > {thr}"
-        return f"{self.target} {label} {val} <= {thr}"
+    stats: Mapping[str, WindowStats | None]
+    recent: Mapping[str, WindowStats | None] | None = None
+    endpoints: Mapping[str, Endpoint] = field(default_factory=dict)
+    usage: Mapping[Scope, float] = field(default_factory=dict)
+    placements: Mapping[str, frozenset[str]] = field(default_factory=dict)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -147,11 +157,13 @@ class Decision:
 
     now_ns: int
     action: Action
-    limits: Mapping[str, int]  # Mbit/s per workload, every workload included
-    previous: Mapping[str, int]
+    limits: Mapping[Scope, int]  # Mbit/s per scope, every current scope included
+    previous: Mapping[Scope, int]
     reasons: tuple[str, ...]
     signals: tuple[SignalState, ...]
-    no_data: tuple[str, ...]  # apps with no measurements
+    no_data: tuple[str, ...]  # targets with no measurements
+    cut_nodes: tuple[str, ...] = ()  # groups cut ("" for the cluster group)
+    escalated: bool = False  # the cut was widened to every node
 
     @property
     def changed(self) -> bool:
@@ -164,27 +176,23 @@ class Decision:
         return any(s.violated for s in self.signals)
 
 
-def _value(stats: WindowStats, signal: Signal) -> float | None:
-    """The statistic a signal is judged on, in ms (or a ratio for loss)."""
-    if signal == "loss":
-        # A window with nothing due yet says nothing about loss.
-        return stats.loss_ratio if stats.sent > 0 else None
-    ns = {
-        "jitter": stats.jitter_iqr_ns,
-        "latency": stats.rtt_p99_ns,
-        "queue_delay": stats.queue_delay_ns,
-    }[signal]
-    return None if ns is None else ns / 1e6
+@dataclass
+class _Group:
+    """The policy's memory of one group (a node, or the cluster)."""
+
+    last_cut_ns: int | None = None
+    stable_since_ns: int | None = None
+    violated_since_ns: int | None = None
+    blind: bool = False  # the last cut started from a cap: usage was unknown
+    cut_severity: float = 0.0  # how far over its threshold the worst signal was then
+    deepen: int = 0  # blind cuts in a row without effect
 
 
 class AsymmetricAimd:
-    """The policy. Keeps only the cut and dwell timers; everything else comes in."""
+    """The policy. Keeps timers, knees and usage means; everything else comes in."""
 
     def __init__(
-        self,
-        policy: PolicyParams,
-        slos: Sequence[Slo],
-        workloads: Mapping[str, int | None],
+        self, policy: PolicyParams, slos: Sequence[Slo], workloads: Mapping[str, int | None]
     ) -> None:
         """``workloads`` maps each best-effort workload to its initial limit (or None)."""
         if not workloads:
@@ -192,209 +200,423 @@ class AsymmetricAimd:
         self.params = policy
         self.slos = tuple(slos)
         self.workloads = dict(workloads)
-        self._last_cut_ns: int | None = None
-        self._stable_since_ns: int | None = None
-        self._ramp_ns: dict[str, int] = {}  # when each workload last ramped up
-        self._usage_seen: dict[str, deque[tuple[int, float]]] = {
-            name: deque() for name in self.workloads
-        }
+        self._groups: dict[str, _Group] = {}
+        self._usage: UsageMeter[Scope] = UsageMeter(_ns(policy.usage_window_s))
+        self._knees: KneeMemory[Scope] = KneeMemory(_ns(policy.knee_memory_s))
+        self._watch = QueueWatch(WarningParams(fraction=policy.early_warning_fraction))
+        self._escalated_by: set[str] = set()  # violated nodes that widened the cut
+        self._basis = {slo.app: _tightest_ms(slo) for slo in slos}
 
-    def initial_limits(self, recorded: Mapping[str, int] | None = None) -> dict[str, int]:
-        """Start limits: what an enforcer recorded, else initial_bandwidth, else the maximum."""
-        recorded = recorded or {}
-        out: dict[str, int] = {}
-        for name, initial in self.workloads.items():
-            start = recorded.get(
-                name, initial if initial is not None else self.params.max_bandwidth
-            )
-            out[name] = self.params.clamp(start)
+    # --- scopes and start limits ---------------------------------------------------
+    def scopes(self, placements: Mapping[str, Iterable[str]] | None = None) -> list[Scope]:
+        """The scopes limits are kept for: per workload, one per node its pods run on
+        under node scope (one cluster scope for a workload whose placement is unknown)."""
+        out: list[Scope] = []
+        for workload in self.workloads:
+            nodes = sorted((placements or {}).get(workload, ()))
+            if self.params.scope == "node" and nodes:
+                out += [Scope(workload, node) for node in nodes]
+            else:
+                out.append(Scope(workload))
         return out
 
-    def evaluate(
-        self, stats: Mapping[str, WindowStats | None]
-    ) -> tuple[tuple[SignalState, ...], tuple[str, ...]]:
-        """Judge every configured signal; return the states and the apps with no data."""
-        states: list[SignalState] = []
-        no_data: list[str] = []
-        frac = self.params.stable_fraction
-        for slo in self.slos:
-            window = stats.get(slo.target)
-            missing = False
-            for signal, threshold in slo.thresholds().items():
-                value = None if window is None else _value(window, signal)
-                if value is None:
-                    missing = True
-                    states.append(
-                        SignalState(
-                            target=slo.target,
-                            signal=signal,
-                            threshold=threshold,
-                            value=None,
-                            violated=False,
-                            stable=False,
-                        )
-                    )
-                    continue
-                states.append(
-                    SignalState(
-                        target=slo.target,
-                        signal=signal,
-                        threshold=threshold,
-                        value=value,
-                        violated=value > threshold,
-                        stable=value <= frac * threshold,
-                    )
-                )
-            if missing or (window is None and not slo.thresholds()):
-                no_data.append(slo.target)
-        return tuple(states), tuple(no_data)
+    def initial_limit(self, scope: Scope) -> int:
+        """A scope's start limit: the workload's initial_bandwidth, else the maximum."""
+        initial = self.workloads[scope.workload]
+        return self.params.clamp(initial if initial is not None else self.params.max_bandwidth)
 
-    def decide(
+    def initial_limits(
         self,
-        *,
-        now_ns: int,
-        stats: Mapping[str, WindowStats | None],
-        limits: Mapping[str, int],
-        usage: Mapping[str, float],
+        recorded: Mapping[Scope, int] | None = None,
+        placements: Mapping[str, Iterable[str]] | None = None,
+    ) -> dict[Scope, int]:
+        """Start limits: what an enforcer recorded (for the scope, else for its workload
+        cluster-wide), else initial_bandwidth, else the maximum."""
+        recorded = recorded or {}
+        out: dict[Scope, int] = {}
+        for scope in self.scopes(placements):
+            start = recorded.get(scope, recorded.get(Scope(scope.workload)))
+            out[scope] = self.initial_limit(scope) if start is None else self.params.clamp(start)
+        return out
+
+    def evidence_since(self, endpoints: Mapping[str, Endpoint]) -> dict[str, int]:
+        """Per probe target, the monotonic time from which its samples count: after the
+        last cut of its group took effect. Targets not named have no such bound."""
+        delay = _ns(self.params.effect_delay_s)
+        starts = {name: g.last_cut_ns + delay for name, g in self._groups.items() if g.last_cut_ns}
+        if not starts:
+            return {}
+        out: dict[str, int] = {}
+        for targets in targets_of(self.slos, endpoints).values():
+            for target in targets:
+                node = endpoints.get(target, Endpoint(target)).node
+                if node is None or self.params.scope == "cluster":
+                    since = max(starts.values())
+                else:
+                    since = starts.get(node, 0)
+                if since:
+                    out[target] = since
+        return out
+
+    # --- the decision ----------------------------------------------------------------
+    def decide(
+        self, *, now_ns: int, observation: Observation, limits: Mapping[Scope, int]
     ) -> Decision:
         """One control step. ``limits`` are the current caps; missing ones start fresh."""
-        p = self.params
-        start = self.initial_limits()
-        previous = {name: int(limits.get(name, start[name])) for name in self.workloads}
-        states, no_data = self.evaluate(stats)
-        violations = [s for s in states if s.violated]
-        usage, ramping = self._usage_estimate(now_ns, usage, previous)
+        p, obs = self.params, observation
+        scopes = self.scopes(obs.placements)
+        previous = {s: int(limits.get(s, self.initial_limit(s))) for s in scopes}
+        ev = evaluate(
+            self.slos, obs.stats, endpoints=obs.endpoints, stable_fraction=p.stable_fraction
+        )
+        usage, ramping = self._usage.update(now_ns, obs.usage, previous)
+        warnings = self._warnings(now_ns, obs)
+        self._knees.forget(set(scopes))
 
-        def result(action: Action, new: Mapping[str, int], reasons: list[str]) -> Decision:
-            return Decision(
-                now_ns=now_ns,
-                action=action,
-                limits=dict(new),
-                previous=previous,
-                reasons=tuple(reasons),
-                signals=states,
-                no_data=no_data,
-            )
+        members: dict[str, list[Scope]] = {}
+        for s in scopes:
+            members.setdefault(self._group_of(s.node), []).append(s)
+        for node in ev.violated_nodes | ev.unstable_nodes | ev.no_data_nodes:
+            if node is not None:
+                members.setdefault(self._group_of(node), [])
+        for name in members:
+            self._groups.setdefault(name, _Group())
 
-        if violations:
-            self._stable_since_ns = None
-            reasons = [s.describe() for s in violations]
-            if self._last_cut_ns is not None and now_ns - self._last_cut_ns < _ns(
-                p.decrease_cooldown_s
-            ):
-                left = (_ns(p.decrease_cooldown_s) - (now_ns - self._last_cut_ns)) / 1e9
-                return result("hold", previous, [*reasons, f"cooldown: next cut in {left:.2f} s"])
-            if ramping:
-                return result(
-                    "hold", previous, [*reasons, f"usage ramping up ({', '.join(ramping)})"]
-                )
-            factor = self._cut_factor(violations)
-            new: dict[str, int] = {}
-            for name, cap in previous.items():
-                used = usage.get(name)
-                base = used if used is not None and 0 <= used < cap else cap
-                new[name] = min(cap, p.clamp(base * (1.0 - factor)))
-            if new == previous:
-                return result("hold", previous, [*reasons, "every workload at min_bandwidth"])
-            self._last_cut_ns = now_ns
-            return result("decrease", new, [*reasons, f"cut {factor:.0%}"])
-
-        if no_data:
-            # Never increase blind; and a gap in the evidence restarts the dwell.
-            self._stable_since_ns = None
-            return result("hold", previous, [f"{app} no data" for app in no_data])
-
-        unstable = [s for s in states if not s.stable]
-        if unstable:
-            self._stable_since_ns = None
-            return result(
-                "hold",
-                previous,
-                [f"{s.describe()} (above {p.stable_fraction:.0%} of the SLO)" for s in unstable],
-            )
-
-        if self._stable_since_ns is None:
-            self._stable_since_ns = now_ns
-        dwelt = (now_ns - self._stable_since_ns) / 1e9
-        if dwelt < p.increase_interval_s:
-            return result(
-                "hold",
-                previous,
-                [f"all apps stable for {dwelt:.2f} s of {p.increase_interval_s:.2f} s dwell"],
-            )
         new = dict(previous)
-        idle: list[str] = []
-        for name, cap in previous.items():
-            used = usage.get(name)
-            if used is not None and used < USING_CAP_FRACTION * cap:
-                idle.append(name)
+        reasons: list[str] = []
+        cut: list[str] = []
+        raised: list[str] = []
+        violated = self._affected(ev.violated_nodes, members)
+        for name in sorted(violated):
+            self._cut_group(
+                name, now_ns, members[name], ev, usage, ramping, previous, new, reasons, cut
+            )
+        escalated = self._escalate(now_ns, violated, members, usage, previous, new, reasons, cut)
+        held = violated | self._affected(ev.unstable_nodes | ev.no_data_nodes, members)
+        for name in sorted(members):
+            if name in held:
+                self._groups[name].stable_since_ns = None
+                self._groups[name].violated_since_ns = (
+                    self._groups[name].violated_since_ns if name in violated else None
+                )
                 continue
-            new[name] = max(cap, p.clamp(cap + p.increase_step))
-        if new == previous:
+            self._groups[name].violated_since_ns = None
+            self._climb_group(
+                name, now_ns, members[name], usage, warnings, previous, new, reasons, raised, cut
+            )
+        self._hold_reasons(ev, reasons)
+
+        action: Action = "decrease" if cut else "increase" if raised else "hold"
+        if new == previous and action != "hold":
+            action = "hold"
+        return Decision(
+            now_ns=now_ns,
+            action=action,
+            limits=new,
+            previous=previous,
+            reasons=tuple(reasons) or ("no change",),
+            signals=ev.signals,
+            no_data=ev.no_data,
+            cut_nodes=tuple(cut),
+            escalated=escalated,
+        )
+
+    # --- cutting -----------------------------------------------------------------------
+    def _cut_group(
+        self,
+        name: str,
+        now_ns: int,
+        scopes: list[Scope],
+        ev: Evaluation,
+        usage: Mapping[Scope, float],
+        ramping: Mapping[Scope, float],
+        previous: Mapping[Scope, int],
+        new: dict[Scope, int],
+        reasons: list[str],
+        cut: list[str],
+    ) -> None:
+        p, g = self.params, self._groups[name]
+        where = self._where(name)
+        mine = [s for s in ev.violations if self._group_of(s.node) == name or s.node is None]
+        reasons += [s.describe() for s in mine]
+        if g.violated_since_ns is None:
+            g.violated_since_ns = now_ns
+        severity = max((_over(s) for s in mine), default=1.0)
+        if g.last_cut_ns is not None and now_ns - g.last_cut_ns < _ns(p.decrease_cooldown_s):
+            blind_again = (
+                g.blind
+                and now_ns - g.last_cut_ns >= _ns(p.effect_delay_s)
+                and severity >= 0.9 * g.cut_severity
+            )
+            if not blind_again:
+                left = (_ns(p.decrease_cooldown_s) - (now_ns - g.last_cut_ns)) / 1e9
+                reasons.append(f"{where}cooldown: next cut in {left:.2f} s")
+                return
+            g.deepen += 1
+            reasons.append(f"{where}the last cut (from the cap: usage unknown) had no effect")
+        else:
+            g.deepen = 0
+        waiting = [f"{s} for {ramping[s]:.1f} s" for s in scopes if s in ramping]
+        if waiting:
+            reasons.append(f"{where}usage ramping up ({', '.join(waiting)})")
+            return
+        factor = self._cut_factor(mine, deepen=g.deepen)
+        blind = False
+        for s in scopes:
+            cap, used = previous[s], usage.get(s)
+            if used is None:
+                blind = True
+            base = used if used is not None and 0 <= used < cap else float(cap)
+            knee = None if used is None or g.deepen else self._knees.get(s, now_ns)
+            to = cut_to(cap, base, knee, factor=factor, margin=p.knee_margin)
+            new[s] = min(cap, p.clamp(to))
+            if used is not None:
+                self._knees.note(s, min(used, float(cap)), now_ns)
+        if all(new[s] == previous[s] for s in scopes):
+            what = "every workload" if name == CLUSTER else "every best-effort pod"
+            reasons.append(
+                f"{where}{what} at min_bandwidth" if scopes else f"{where}no best-effort pods"
+            )
+            return
+        g.last_cut_ns, g.blind, g.cut_severity = now_ns, blind, severity
+        cut.append(name)
+        reasons.append(f"{where}cut {factor:.0%}" + (" from the cap" if blind else ""))
+
+    def _escalate(
+        self,
+        now_ns: int,
+        violated: set[str],
+        members: Mapping[str, list[Scope]],
+        usage: Mapping[Scope, float],
+        previous: Mapping[Scope, int],
+        new: dict[Scope, int],
+        reasons: list[str],
+        cut: list[str],
+    ) -> bool:
+        """Node scope: widen the cut to every node for violated nodes that have had
+        nothing left to cut for ``escalate_after`` cooldowns; narrow back when they heal."""
+        p = self.params
+        self._escalated_by &= violated
+        if p.scope != "node":
+            return False
+        patience = p.escalate_after * _ns(p.decrease_cooldown_s)
+        for name in violated - self._escalated_by:
+            g, scopes = self._groups[name], members[name]
+            stuck = all(new[s] <= p.min_bandwidth for s in scopes)
+            if (
+                stuck
+                and g.violated_since_ns is not None
+                and now_ns - g.violated_since_ns >= patience
+            ):
+                self._escalated_by.add(name)
+        if not self._escalated_by:
+            return False
+        nodes = ", ".join(sorted(self._escalated_by))
+        reasons.append(f"escalated: {nodes} cannot be relieved on the node; cutting every node")
+        for name in sorted(set(members) - violated):
+            g = self._groups[name]
+            if g.last_cut_ns is not None and now_ns - g.last_cut_ns < _ns(p.decrease_cooldown_s):
+                continue
+            changed = False
+            for s in members[name]:
+                cap, used = previous[s], usage.get(s)
+                base = used if used is not None and 0 <= used < cap else float(cap)
+                new[s] = min(cap, p.clamp(base * (1.0 - p.decrease_factor)))
+                changed = changed or new[s] != cap
+            if changed:
+                g.last_cut_ns, g.blind, g.deepen = now_ns, False, 0
+                cut.append(name)
+        return True
+
+    def _cut_factor(self, violations: Sequence[SignalState], *, deepen: int) -> float:
+        """decrease_factor, compounded by severity when the multiplier is on, and doubled
+        (up to max_blind_factor) per blind cut in a row that had no effect."""
+        p = self.params
+        f = p.decrease_factor
+        if p.severity_max_multiplier > 1.0:
+            severity = max((_over(s) for s in violations), default=1.0)
+            k = max(1.0, min(severity, p.severity_max_multiplier))
+            f = 1.0 - (1.0 - f) ** k
+        if deepen:
+            f = max(f, min(p.max_blind_factor, 1.0 - (1.0 - f) ** (2**deepen)))
+        return f
+
+    # --- climbing ----------------------------------------------------------------------
+    def _climb_group(
+        self,
+        name: str,
+        now_ns: int,
+        scopes: list[Scope],
+        usage: Mapping[Scope, float],
+        warnings: Mapping[str | None, str],
+        previous: Mapping[Scope, int],
+        new: dict[Scope, int],
+        reasons: list[str],
+        raised: list[str],
+        cut: list[str],
+    ) -> None:
+        p, g = self.params, self._groups[name]
+        where = self._where(name)
+        warn = [w for node, w in warnings.items() if node in (name, None) or name == CLUSTER]
+        if self._escalated_by:
+            g.stable_since_ns = None
+            return
+        if warn:
+            g.stable_since_ns = None
+            self._trim(name, now_ns, scopes, usage, previous, new, reasons, cut, warn[0])
+            return
+        if not scopes:
+            return
+        if g.stable_since_ns is None:
+            g.stable_since_ns = now_ns
+        dwelt = (now_ns - g.stable_since_ns) / 1e9
+        knees = {s: self._knees.get(s, now_ns) for s in scopes}
+        below = all(
+            k is not None and previous[s] < math.floor(k * (1 - p.knee_margin))
+            for s, k in knees.items()
+        )
+        dwell = p.decrease_cooldown_s if below else p.increase_interval_s
+        if dwelt < dwell:
+            reasons.append(f"{where}all apps stable for {dwelt:.2f} s of {dwell:.2f} s dwell")
+            return
+        idle: list[str] = []
+        for s in scopes:
+            cap, used = previous[s], usage.get(s)
+            if used is not None and used < USING_CAP_FRACTION * cap:
+                idle.append(str(s))
+                continue
+            step = climb_to(
+                cap,
+                knees[s],
+                step=p.increase_step,
+                margin=p.knee_margin,
+                fine=p.knee_step_fraction,
+            )
+            new[s] = max(cap, p.clamp(step))
+        if all(new[s] == previous[s] for s in scopes):
             why = "every workload at max_bandwidth"
             if idle:
                 why = f"stable, but not raising unused caps: {', '.join(idle)}"
-            return result("hold", previous, [why])
-        self._stable_since_ns = now_ns  # the next step needs a dwell of its own
-        reasons = [f"all apps stable for {dwelt:.2f} s: +{p.increase_step} Mbit/s"]
+            reasons.append(f"{where}{why}")
+            return
+        g.stable_since_ns = now_ns  # the next step needs a dwell of its own
+        raised.append(name)
+        steps = {new[s] - previous[s] for s in scopes if new[s] != previous[s]}
+        how = f"+{steps.pop()} Mbit/s" if len(steps) == 1 else "towards the knee"
+        reasons.append(f"{where}all apps stable for {dwelt:.2f} s: {how}")
         if idle:
-            reasons.append(f"not raising unused caps: {', '.join(idle)}")
-        return result("increase", new, reasons)
+            reasons.append(f"{where}not raising unused caps: {', '.join(idle)}")
 
-    def _usage_estimate(
-        self, now_ns: int, usage: Mapping[str, float], caps: Mapping[str, int]
-    ) -> tuple[dict[str, float], list[str]]:
-        """Remember this step's readings; return each workload's mean rate over the usage
-        window, and the workloads that ramped up too recently for their mean to count.
+    def _trim(
+        self,
+        name: str,
+        now_ns: int,
+        scopes: list[Scope],
+        usage: Mapping[Scope, float],
+        previous: Mapping[Scope, int],
+        new: dict[Scope, int],
+        reasons: list[str],
+        cut: list[str],
+        why: str,
+    ) -> None:
+        """An early warning: the caps in use step back under the knee (at most once per
+        cooldown), and the knee is remembered where the queue began to build."""
+        p, g = self.params, self._groups[name]
+        where = self._where(name)
+        cooling = g.last_cut_ns is not None and now_ns - g.last_cut_ns < _ns(p.decrease_cooldown_s)
+        trimmed = False
+        for s in scopes:
+            cap, used = previous[s], usage.get(s)
+            if used is not None and used < USING_CAP_FRACTION * cap:
+                continue  # not using its cap: not what builds the queue
+            knee = self._knees.get(s, now_ns)
+            if knee is None:
+                knee = min(float(cap), used if used is not None else float(cap))
+                self._knees.note(s, knee, now_ns)
+            if not cooling:
+                new[s] = min(cap, p.clamp(trim_to(cap, used, knee, margin=p.knee_margin)))
+                trimmed = trimmed or new[s] != cap
+        if trimmed:
+            g.last_cut_ns, g.blind, g.deepen = now_ns, False, 0
+            cut.append(name)
+            reasons.append(f"{where}trimming under the knee: {why}")
+        else:
+            reasons.append(f"{where}holding: {why}")
 
-        A reading far above the earlier peak marks the start of a burst: it covers partly
-        idle time, so it and everything before it leave the mean, which restarts."""
-        window = _ns(self.params.usage_window_s)
-        settle = round(window * RAMP_SETTLE_FRACTION)
-        means: dict[str, float] = {}
-        ramping: list[str] = []
-        for name, seen in self._usage_seen.items():
-            used = usage.get(name)
-            ramped = self._ramp_ns.get(name)
-            settling = ramped is not None and now_ns - ramped < settle
-            if used is not None:
-                before = max((value for _, value in seen), default=None)
-                seen.append((now_ns, used))
-                if (
-                    not settling  # a ramp's own growth must not postpone the cut forever
-                    and before is not None
-                    and used >= 1.0  # Mbit/s: not an idle workload's noise
-                    and used > RAMP_RATIO * before
-                    and used < USING_CAP_FRACTION * caps[name]
-                ):
-                    seen.clear()
-                    self._ramp_ns[name] = now_ns
-            while seen and now_ns - seen[0][0] > window:
-                seen.popleft()
-            if seen:
-                means[name] = sum(value for _, value in seen) / len(seen)
-            ramped = self._ramp_ns.get(name)
-            if ramped is not None and now_ns - ramped < settle:
-                ramping.append(f"{name} for {(now_ns - ramped) / 1e9:.1f} s")
-        return means, ramping
+    def _warnings(self, now_ns: int, obs: Observation) -> dict[str | None, str]:
+        """Early warnings by node (None: a target without a node), first reason each."""
+        recent = obs.recent if obs.recent is not None else obs.stats
+        delays: dict[str, float | None] = {}
+        basis: dict[str, float] = {}
+        for app, targets in targets_of(self.slos, obs.endpoints).items():
+            for target in targets:
+                window = recent.get(target)
+                delays[target] = None if window is None else signal_value(window, "queue_delay")
+                level = self._basis[app]
+                if level is not None:
+                    basis[target] = level
+        out: dict[str | None, str] = {}
+        for target, why in sorted(self._watch.update(now_ns, delays, basis).items()):
+            node = obs.endpoints.get(target, Endpoint(target)).node
+            out.setdefault(node, f"{target} {why}")
+        return out
 
-    def _cut_factor(self, violations: Sequence[SignalState]) -> float:
-        """decrease_factor, compounded by severity when the multiplier is on."""
-        f = self.params.decrease_factor
-        if self.params.severity_max_multiplier <= 1.0:
-            return f
-        severity = max(
-            (s.value / s.threshold for s in violations if s.value is not None and s.threshold > 0),
-            default=1.0,
-        )
-        k = max(1.0, min(severity, self.params.severity_max_multiplier))
-        return 1.0 - (1.0 - f) ** k
+    # --- helpers -------------------------------------------------------------------------
+    def _group_of(self, node: str | None) -> str:
+        return CLUSTER if node is None or self.params.scope == "cluster" else node
+
+    def _affected(
+        self, nodes: Iterable[str | None], members: Mapping[str, list[Scope]]
+    ) -> set[str]:
+        """The groups trouble on ``nodes`` concerns: a node's own, or all for None."""
+        out: set[str] = set()
+        for node in nodes:
+            out |= set(members) if node is None else {self._group_of(node)}
+        return out
+
+    def _where(self, name: str) -> str:
+        return "" if name == CLUSTER else f"{name}: "
+
+    def _hold_reasons(self, ev: Evaluation, reasons: list[str]) -> None:
+        """Why groups hold: targets without data, signals above the stable fraction."""
+        reasons += [f"{t} no data" for t in ev.no_data]
+        frac = self.params.stable_fraction
+        reasons += [
+            f"{s.describe()} (above {frac:.0%} of the SLO)"
+            for s in ev.signals
+            if not s.stable and not s.violated and s.value is not None
+        ]
 
 
-def _ms(value: float) -> str:
-    """Milliseconds as in the SLO; sub-0.1 ms values in µs so they do not print as 0.00."""
-    return f"{value:.2f} ms" if value >= 0.1 or value == 0 else f"{value * 1e3:.1f} µs"
+def _over(state: SignalState) -> float:
+    """How many times over its threshold a violated signal is."""
+    if state.value is None or state.threshold <= 0:
+        return 1.0
+    return state.value / state.threshold
+
+
+def _tightest_ms(slo: Slo) -> float | None:
+    """The threshold early warnings are a fraction of: the queue-delay SLO, else the
+    tightest time threshold the app has."""
+    t = slo.thresholds()
+    if "queue_delay" in t:
+        return t["queue_delay"]
+    times = [v for k, v in t.items() if k != "loss"]
+    return min(times) if times else None
 
 
 def _ns(seconds: float) -> int:
     return round(seconds * 1e9)
+
+
+__all__ = [
+    "CLUSTER",
+    "AsymmetricAimd",
+    "Decision",
+    "Endpoint",
+    "Observation",
+    "PolicyParams",
+    "Scope",
+    "SignalState",
+    "Slo",
+]

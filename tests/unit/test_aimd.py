@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from detnet.controller.aimd import AsymmetricAimd, PolicyParams, Slo
+from detnet.controller.aimd import AsymmetricAimd, Decision, Observation, PolicyParams, Scope, Slo
 from detnet.engine.stats import WindowStats
 
 S = 1_000_000_000  # ns per second
@@ -62,14 +62,35 @@ PARAMS = PolicyParams(
     max_bandwidth=1000,
 )
 SLOS = [
-    Slo(target="robot-control", max_jitter_ms=1.0, max_latency_ms=10.0, max_loss_ratio=0.01),
-    Slo(target="safety-scanner", max_latency_ms=20.0, max_queue_delay_ms=2.0),
+    Slo(app="robot-control", max_jitter_ms=1.0, max_latency_ms=10.0, max_loss_ratio=0.01),
+    Slo(app="safety-scanner", max_latency_ms=20.0, max_queue_delay_ms=2.0),
 ]
 WORKLOADS: dict[str, int | None] = {"telemetry": 100, "erp": None}
 
 
 def healthy() -> dict[str, WindowStats | None]:
     return {"robot-control": window("robot-control"), "safety-scanner": window("safety-scanner")}
+
+
+def decide(
+    p: AsymmetricAimd,
+    *,
+    now_ns: int,
+    stats: Mapping[str, WindowStats | None],
+    limits: Mapping[str, int],
+    usage: Mapping[str, float],
+) -> Decision:
+    """One cluster-scope step with limits and usage keyed by workload name."""
+    return p.decide(
+        now_ns=now_ns,
+        observation=Observation(stats=stats, usage={Scope(k): v for k, v in usage.items()}),
+        limits={Scope(k): v for k, v in limits.items()},
+    )
+
+
+def named(limits: Mapping[Scope, int]) -> dict[str, int]:
+    """Limits keyed by ``str(scope)``: the workload under cluster scope."""
+    return {str(s): v for s, v in limits.items()}
 
 
 def policy(**overrides: object) -> AsymmetricAimd:
@@ -193,18 +214,18 @@ def test_table(
     expected: dict[str, int],
     reason: str,
 ) -> None:
-    d = policy().decide(now_ns=10 * S, stats=stats, limits=limits, usage=usage)
+    d = decide(policy(), now_ns=10 * S, stats=stats, limits=limits, usage=usage)
     assert d.action == action, name
-    assert dict(d.limits) == expected, name
+    assert named(d.limits) == expected, name
     assert any(reason in r for r in d.reasons), (name, d.reasons)
-    assert dict(d.previous) == limits
+    assert named(d.previous) == limits
 
 
 def test_unset_threshold_is_not_evaluated() -> None:
     # robot-control has no queue-delay SLO: a huge queue delay there changes nothing.
     p = policy()
     stats = {**healthy(), "robot-control": window("robot-control", queue_ms=500.0)}
-    d = p.decide(now_ns=0, stats=stats, limits={"telemetry": 100, "erp": 100}, usage={})
+    d = decide(p, now_ns=0, stats=stats, limits={"telemetry": 100, "erp": 100}, usage={})
     assert d.action == "hold"
     assert not d.violated
     assert {(s.target, s.signal) for s in d.signals} == {
@@ -220,50 +241,84 @@ def test_cooldown_allows_one_cut_then_the_next() -> None:
     p = policy()
     bad = {**healthy(), "robot-control": window("robot-control", jitter_ms=5.0)}
     limits = {"telemetry": 100, "erp": 100}
-    d1 = p.decide(now_ns=10 * S, stats=bad, limits=limits, usage={})
+    usage = {"telemetry": 100.0, "erp": 100.0}
+    d1 = decide(p, now_ns=10 * S, stats=bad, limits=limits, usage=usage)
     assert d1.action == "decrease"
-    d2 = p.decide(now_ns=10 * S + 1 * S, stats=bad, limits=d1.limits, usage={})
+    usage = {"telemetry": 80.0, "erp": 80.0}
+    d2 = decide(p, now_ns=10 * S + 1 * S, stats=bad, limits=named(d1.limits), usage=usage)
     assert d2.action == "hold"
     assert any("cooldown" in r for r in d2.reasons)
-    assert dict(d2.limits) == dict(d1.limits)
-    d3 = p.decide(now_ns=10 * S + 3 * S // 2, stats=bad, limits=d2.limits, usage={})
+    assert named(d2.limits) == named(d1.limits)
+    d3 = decide(p, now_ns=10 * S + 3 * S // 2, stats=bad, limits=named(d2.limits), usage=usage)
     assert d3.action == "decrease"
-    assert dict(d3.limits) == {"telemetry": 64, "erp": 64}
+    assert named(d3.limits) == {"telemetry": 64, "erp": 64}
+
+
+def test_a_blind_cut_without_effect_is_followed_by_a_deeper_one_at_once() -> None:
+    # Usage unknown: the cut starts from a cap far above the traffic and changes nothing.
+    p = policy(effect_delay_s=0.5)
+    bad = {**healthy(), "robot-control": window("robot-control", jitter_ms=5.0)}
+    limits = {"telemetry": 1000, "erp": 1000}
+    t = 10 * S
+    d = decide(p, now_ns=t, stats=bad, limits=limits, usage={})
+    assert named(d.limits) == {"telemetry": 800, "erp": 800}
+    assert any("from the cap" in r for r in d.reasons)
+    # Before the cut can have shown any effect: the cooldown holds.
+    d = decide(p, now_ns=t + S // 4, stats=bad, limits=named(d.limits), usage={})
+    assert d.action == "hold"
+    cuts = []
+    for k in range(1, 6):
+        d = decide(p, now_ns=t + k * 6 * S // 10, stats=bad, limits=named(d.limits), usage={})
+        cuts.append(named(d.limits)["telemetry"])
+    # 36 %, then 50 % (max_blind_factor) per step: 1000 -> 800 -> 512 -> 256 -> 128 -> 64 -> 32
+    assert cuts == [512, 256, 128, 64, 32]
+
+
+def test_a_blind_cut_that_helped_waits_for_the_cooldown() -> None:
+    p = policy(effect_delay_s=0.5)
+    limits = {"telemetry": 1000, "erp": 1000}
+    t = 10 * S
+    bad = {**healthy(), "robot-control": window("robot-control", jitter_ms=5.0)}
+    d = decide(p, now_ns=t, stats=bad, limits=limits, usage={})
+    better = {**healthy(), "robot-control": window("robot-control", jitter_ms=2.0)}
+    d = decide(p, now_ns=t + 6 * S // 10, stats=better, limits=named(d.limits), usage={})
+    assert d.action == "hold"
+    assert any("cooldown" in r for r in d.reasons)
 
 
 def test_increase_after_dwell_then_dwell_again() -> None:
     p = policy()
     limits = {"telemetry": 100, "erp": 100}
-    assert p.decide(now_ns=0, stats=healthy(), limits=limits, usage={}).action == "hold"
-    d = p.decide(now_ns=4 * S, stats=healthy(), limits=limits, usage={})
+    assert decide(p, now_ns=0, stats=healthy(), limits=limits, usage={}).action == "hold"
+    d = decide(p, now_ns=4 * S, stats=healthy(), limits=limits, usage={})
     assert d.action == "hold"
-    d = p.decide(now_ns=5 * S, stats=healthy(), limits=limits, usage={})
+    d = decide(p, now_ns=5 * S, stats=healthy(), limits=limits, usage={})
     assert d.action == "increase"
-    assert dict(d.limits) == {"telemetry": 110, "erp": 110}
+    assert named(d.limits) == {"telemetry": 110, "erp": 110}
     # The dwell restarts after an increase.
-    d2 = p.decide(now_ns=6 * S, stats=healthy(), limits=d.limits, usage={})
+    d2 = decide(p, now_ns=6 * S, stats=healthy(), limits=named(d.limits), usage={})
     assert d2.action == "hold"
-    d3 = p.decide(now_ns=10 * S, stats=healthy(), limits=d.limits, usage={})
+    d3 = decide(p, now_ns=10 * S, stats=healthy(), limits=named(d.limits), usage={})
     assert d3.action == "increase"
 
 
 def test_no_data_restarts_the_dwell() -> None:
     p = policy()
     limits = {"telemetry": 100, "erp": 100}
-    p.decide(now_ns=0, stats=healthy(), limits=limits, usage={})
-    p.decide(now_ns=3 * S, stats={"safety-scanner": None}, limits=limits, usage={})
-    assert p.decide(now_ns=5 * S, stats=healthy(), limits=limits, usage={}).action == "hold"
-    assert p.decide(now_ns=10 * S, stats=healthy(), limits=limits, usage={}).action == "increase"
+    decide(p, now_ns=0, stats=healthy(), limits=limits, usage={})
+    decide(p, now_ns=3 * S, stats={"safety-scanner": None}, limits=limits, usage={})
+    assert decide(p, now_ns=5 * S, stats=healthy(), limits=limits, usage={}).action == "hold"
+    assert decide(p, now_ns=10 * S, stats=healthy(), limits=limits, usage={}).action == "increase"
 
 
 def test_unused_cap_is_not_raised() -> None:
     p = policy()
     limits = {"telemetry": 100, "erp": 100}
     usage = {"telemetry": 95.0, "erp": 20.0}
-    p.decide(now_ns=0, stats=healthy(), limits=limits, usage=usage)
-    d = p.decide(now_ns=5 * S, stats=healthy(), limits=limits, usage=usage)
+    decide(p, now_ns=0, stats=healthy(), limits=limits, usage=usage)
+    d = decide(p, now_ns=5 * S, stats=healthy(), limits=limits, usage=usage)
     assert d.action == "increase"
-    assert dict(d.limits) == {"telemetry": 110, "erp": 100}
+    assert named(d.limits) == {"telemetry": 110, "erp": 100}
     assert any("erp" in r and "unused" in r for r in d.reasons)
 
 
@@ -271,41 +326,42 @@ def test_cut_starts_from_mean_usage_over_the_usage_window() -> None:
     # A bursty workload's single readings swing; the cut starts from its mean rate.
     p = policy(usage_window_s=1.0)
     limits = {"telemetry": 100, "erp": 100}
-    p.decide(now_ns=10 * S, stats=healthy(), limits=limits, usage={"telemetry": 70.0, "erp": 50.0})
+    decide(p, now_ns=10 * S, stats=healthy(), limits=limits, usage={"telemetry": 70.0, "erp": 50.0})
     bad = {**healthy(), "robot-control": window("robot-control", jitter_ms=5.0)}
     lull = {"telemetry": 50.0, "erp": 40.0}
-    d = p.decide(now_ns=10 * S + S // 2, stats=bad, limits=limits, usage=lull)
+    d = decide(p, now_ns=10 * S + S // 2, stats=bad, limits=limits, usage=lull)
     assert d.action == "decrease"
-    assert dict(d.limits) == {"telemetry": 48, "erp": 36}
+    assert named(d.limits) == {"telemetry": 48, "erp": 36}
 
 
 def test_cut_waits_for_a_mean_rate_after_a_ramp() -> None:
     p = policy(usage_window_s=1.0)
     limits = {"telemetry": 100, "erp": 100}
     bad = {**healthy(), "robot-control": window("robot-control", jitter_ms=5.0)}
-    p.decide(now_ns=10 * S, stats=healthy(), limits=limits, usage={"telemetry": 2.0, "erp": 1.0})
+    decide(p, now_ns=10 * S, stats=healthy(), limits=limits, usage={"telemetry": 2.0, "erp": 1.0})
     # The burst starts: the first reading covers partly idle time, the next ones swing.
-    readings = [(30.0, 20.0), (80.0, 20.0), (40.0, 50.0), (60.0, 40.0)]
+    readings = [(30.0, 20.0), (80.0, 25.0), (40.0, 28.0)]
     t = 10 * S
     decisions = []
     for tel, erp in readings:
         t += S // 10
         decisions.append(
-            p.decide(now_ns=t, stats=bad, limits=limits, usage={"telemetry": tel, "erp": erp})
+            decide(p, now_ns=t, stats=bad, limits=limits, usage={"telemetry": tel, "erp": erp})
         )
-    assert [d.action for d in decisions] == ["hold", "hold", "hold", "decrease"]
+    # It waits 0.2 s (a fifth of the usage window) for a mean.
+    assert [d.action for d in decisions] == ["hold", "hold", "decrease"]
     assert any("usage ramping up (telemetry for 0.0 s" in r for r in decisions[0].reasons)
-    # From the mean of the readings after the ramp: telemetry 60, erp 36.7.
-    assert dict(decisions[-1].limits) == {"telemetry": 48, "erp": 29}
+    # From the mean of the readings after the ramp: telemetry 60, erp 26.5.
+    assert named(decisions[-1].limits) == {"telemetry": 48, "erp": 21}
 
 
 def test_flat_usage_is_cut_at_once() -> None:
     p = policy(usage_window_s=1.0)
     limits = {"telemetry": 100, "erp": 100}
     bad = {**healthy(), "robot-control": window("robot-control", jitter_ms=5.0)}
-    p.decide(now_ns=10 * S, stats=healthy(), limits=limits, usage={"telemetry": 60.0, "erp": 45.0})
-    d = p.decide(
-        now_ns=10 * S + S // 10, stats=bad, limits=limits, usage={"telemetry": 61.0, "erp": 44.0}
+    decide(p, now_ns=10 * S, stats=healthy(), limits=limits, usage={"telemetry": 60.0, "erp": 45.0})
+    d = decide(
+        p, now_ns=10 * S + S // 10, stats=bad, limits=limits, usage={"telemetry": 61.0, "erp": 44.0}
     )
     assert d.action == "decrease"
 
@@ -313,18 +369,18 @@ def test_flat_usage_is_cut_at_once() -> None:
 def test_usage_older_than_the_window_is_forgotten() -> None:
     p = policy(usage_window_s=1.0)
     limits = {"telemetry": 100, "erp": 100}
-    p.decide(now_ns=10 * S, stats=healthy(), limits=limits, usage={"telemetry": 60.0, "erp": 50.0})
+    decide(p, now_ns=10 * S, stats=healthy(), limits=limits, usage={"telemetry": 60.0, "erp": 50.0})
     bad = {**healthy(), "robot-control": window("robot-control", jitter_ms=5.0)}
-    d = p.decide(now_ns=12 * S, stats=bad, limits=limits, usage={"telemetry": 30.0, "erp": 25.0})
-    assert dict(d.limits) == {"telemetry": 24, "erp": 20}
+    d = decide(p, now_ns=12 * S, stats=bad, limits=limits, usage={"telemetry": 30.0, "erp": 25.0})
+    assert named(d.limits) == {"telemetry": 24, "erp": 20}
 
 
 def test_all_idle_holds_with_reason() -> None:
     p = policy()
     limits = {"telemetry": 100, "erp": 100}
     usage = {"telemetry": 1.0, "erp": 2.0}
-    p.decide(now_ns=0, stats=healthy(), limits=limits, usage=usage)
-    d = p.decide(now_ns=6 * S, stats=healthy(), limits=limits, usage=usage)
+    decide(p, now_ns=0, stats=healthy(), limits=limits, usage=usage)
+    d = decide(p, now_ns=6 * S, stats=healthy(), limits=limits, usage=usage)
     assert d.action == "hold"
     assert "not raising unused caps: telemetry, erp" in d.reasons[0]
 
@@ -332,35 +388,36 @@ def test_all_idle_holds_with_reason() -> None:
 def test_increase_clamps_to_max() -> None:
     p = policy()
     limits = {"telemetry": 995, "erp": 1000}
-    p.decide(now_ns=0, stats=healthy(), limits=limits, usage={})
-    d = p.decide(now_ns=5 * S, stats=healthy(), limits=limits, usage={})
-    assert dict(d.limits) == {"telemetry": 1000, "erp": 1000}
-    d = p.decide(now_ns=10 * S, stats=healthy(), limits=d.limits, usage={})
+    decide(p, now_ns=0, stats=healthy(), limits=limits, usage={})
+    d = decide(p, now_ns=5 * S, stats=healthy(), limits=limits, usage={})
+    assert named(d.limits) == {"telemetry": 1000, "erp": 1000}
+    d = decide(p, now_ns=10 * S, stats=healthy(), limits=named(d.limits), usage={})
     assert d.action == "hold"
     assert d.reasons == ("every workload at max_bandwidth",)
 
 
 def test_initial_limits_prefer_recorded_then_initial_then_max() -> None:
     p = policy()
-    assert p.initial_limits() == {"telemetry": 100, "erp": 1000}
-    assert p.initial_limits({"erp": 42, "other": 5}) == {"telemetry": 100, "erp": 42}
-    assert p.initial_limits({"telemetry": 5000}) == {"telemetry": 1000, "erp": 1000}
+    assert named(p.initial_limits()) == {"telemetry": 100, "erp": 1000}
+    recorded = {Scope("erp"): 42, Scope("other"): 5}
+    assert named(p.initial_limits(recorded)) == {"telemetry": 100, "erp": 42}
+    assert named(p.initial_limits({Scope("telemetry"): 5000})) == {"telemetry": 1000, "erp": 1000}
 
 
 def test_severity_multiplier_compounds_the_cut() -> None:
     p = policy(severity_max_multiplier=5.0)
     stats = {**healthy(), "robot-control": window("robot-control", jitter_ms=2.0)}
-    d = p.decide(now_ns=0, stats=stats, limits={"telemetry": 100, "erp": 1000}, usage={})
+    d = decide(p, now_ns=0, stats=stats, limits={"telemetry": 100, "erp": 1000}, usage={})
     # 2x over the threshold: two 20 % cuts at once, 1 - 0.8**2 = 36 %.
-    assert dict(d.limits) == {"telemetry": 64, "erp": 640}
+    assert named(d.limits) == {"telemetry": 64, "erp": 640}
 
 
 def test_missing_limits_start_from_initial() -> None:
     p = policy()
     stats = {**healthy(), "robot-control": window("robot-control", jitter_ms=2.0)}
-    d = p.decide(now_ns=0, stats=stats, limits={}, usage={})
-    assert dict(d.previous) == {"telemetry": 100, "erp": 1000}
-    assert dict(d.limits) == {"telemetry": 80, "erp": 800}
+    d = decide(p, now_ns=0, stats=stats, limits={}, usage={})
+    assert named(d.previous) == {"telemetry": 100, "erp": 1000}
+    assert named(d.limits) == {"telemetry": 80, "erp": 800}
 
 
 @pytest.mark.parametrize(
@@ -409,6 +466,7 @@ def test_invariants(steps: list[dict[str, object]], start: int, severity: float)
     limits = {"telemetry": start, "erp": start}
     now = 0
     last_cut: int | None = None
+    last_blind = False
     stable_since: int | None = None
     for s in steps:
         now += int(s["dt_ms"]) * MS  # type: ignore[call-overload]
@@ -422,22 +480,26 @@ def test_invariants(steps: list[dict[str, object]], start: int, severity: float)
         stats = {"robot-control": None if s["missing"] else rc}
         stats["safety-scanner"] = window("safety-scanner")
         usage = {} if s["usage"] is None else {"telemetry": float(s["usage"])}  # type: ignore[arg-type]
-        d = p.decide(now_ns=now, stats=stats, limits=limits, usage=usage)
+        d = decide(p, now_ns=now, stats=stats, limits=limits, usage=usage)
         # Always whole Mbit/s within [min, max] (the start may be outside: it gets clamped
         # only when it changes, so check the decided limits of changed workloads).
-        for name, mbit in d.limits.items():
+        for name, mbit in named(d.limits).items():
             if mbit != limits[name]:
                 assert params.min_bandwidth <= mbit <= params.max_bandwidth
                 assert isinstance(mbit, int)
         assert d.reasons, "every decision says why"
         if d.violated:
             assert d.action != "increase"
-            assert all(d.limits[n] <= limits[n] for n in limits)
+            assert all(named(d.limits)[n] <= limits[n] for n in limits)
             stable_since = None
         if d.action == "decrease":
-            assert last_cut is None or now - last_cut >= round(params.decrease_cooldown_s * S)
-            assert all(d.limits[n] <= limits[n] for n in limits)
-            last_cut = now
+            if last_cut is not None and now - last_cut < round(params.decrease_cooldown_s * S):
+                # Only a blind cut (usage unknown) may be followed within the cooldown,
+                # and only after its effect had time to show.
+                assert last_blind
+                assert now - last_cut >= round(params.effect_delay_s * S)
+            assert all(named(d.limits)[n] <= limits[n] for n in limits)
+            last_cut, last_blind = now, not usage or "erp" not in usage
         all_stable = (not d.no_data) and all(x.stable for x in d.signals)
         if not all_stable:
             stable_since = None
@@ -449,8 +511,8 @@ def test_invariants(steps: list[dict[str, object]], start: int, severity: float)
             assert not d.no_data
             assert stable_since is not None
             assert now - stable_since >= round(params.increase_interval_s * S)
-            assert all(d.limits[n] >= limits[n] for n in limits)
+            assert all(named(d.limits)[n] >= limits[n] for n in limits)
             stable_since = now
         if d.action == "hold":
-            assert dict(d.limits) == limits
-        limits = dict(d.limits)
+            assert named(d.limits) == limits
+        limits = named(d.limits)

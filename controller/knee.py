@@ -1,0 +1,170 @@
+"""Seeing the knee coming: early warning of a queue, and memory of where congestion began.
+
+A standing queue of 100 µs is fifty times our measurement noise and a twentieth of a 2 ms
+queue-delay SLO, so the policy need not find the link's capacity by falling off it:
+
+- ``QueueWatch`` raises an *early warning* for a target whose recent queueing delay is
+  above a level just over its noise (a small fraction of the app's SLO, never below a few
+  times the noise floor of its base RTT), or whose queueing delay is rising. While any
+  target of a node warns, the policy does not climb there: the cap parks under the knee.
+- ``KneeMemory`` keeps, per scope, the rate at which congestion last appeared, fading
+  after a while so that a knee that moved is found again. ``climb_to`` uses it to climb
+  fast to a margin below the knee and slowly near and above it; ``cut_to`` to cut a cap
+  that climbed past the knee back under it only, never by more than the configured
+  factor; ``trim_to`` to step back under the knee on an early warning.
+
+Pure: time comes in as ``now_ns``, delays in ms.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import deque
+from collections.abc import Hashable, Mapping
+from dataclasses import dataclass
+from typing import Generic, TypeVar
+
+from detnet.controller.signals import fmt_ms
+
+K = TypeVar("K", bound=Hashable)
+
+NOISE_HORIZON_NS = 60 * 10**9  # the noise floor is the lowest recent delay of the last minute
+_BUCKET_NS = 10**9  # ...kept as one minimum per second
+TREND_NS = 10**9  # "rising": higher now than one second ago by more than the noise
+
+
+@dataclass(frozen=True, kw_only=True)
+class WarningParams:
+    """How early to warn: a ``fraction`` of the app's tightest time threshold, never below
+    ``noise_multiple`` times the target's noise floor nor below ``floor_ms``."""
+
+    fraction: float = 0.1
+    noise_multiple: float = 3.0
+    floor_ms: float = 0.02
+
+
+@dataclass
+class _Track:
+    minima: deque[tuple[int, float]]  # (bucket start ns, min delay ms in that second)
+    history: deque[tuple[int, float]]  # (ns, delay ms) over the last TREND_NS or so
+
+
+class QueueWatch:
+    """Per-target early warning from the recent queueing delay (see the module docstring)."""
+
+    def __init__(self, params: WarningParams | None = None) -> None:
+        self.params = params or WarningParams()
+        self._tracks: dict[str, _Track] = {}
+
+    def noise_ms(self, target: str) -> float | None:
+        """The target's noise floor: its lowest recent queueing delay of the last minute."""
+        track = self._tracks.get(target)
+        if track is None or not track.minima:
+            return None
+        return min(v for _, v in track.minima)
+
+    def level_ms(self, target: str, basis_ms: float) -> float:
+        """The warning level for ``target`` whose app's tightest threshold is ``basis_ms``."""
+        p = self.params
+        noise = self.noise_ms(target) or 0.0
+        return max(p.fraction * basis_ms, p.noise_multiple * noise, p.floor_ms)
+
+    def update(
+        self, now_ns: int, delays_ms: Mapping[str, float | None], basis_ms: Mapping[str, float]
+    ) -> dict[str, str]:
+        """Take this step's recent queueing delay per target; return the targets that warn,
+        with the reason (``"queue_delay 0.31 ms > 0.20 ms"`` or ``"queue_delay rising ..."``)."""
+        warnings: dict[str, str] = {}
+        for target in list(self._tracks):
+            if target not in delays_ms:
+                del self._tracks[target]  # an endpoint that is gone leaves no state
+        for target, delay in delays_ms.items():
+            track = self._tracks.setdefault(target, _Track(deque(), deque()))
+            if delay is None or not math.isfinite(delay):
+                continue
+            bucket = now_ns - now_ns % _BUCKET_NS
+            if track.minima and track.minima[-1][0] == bucket:
+                track.minima[-1] = (bucket, min(track.minima[-1][1], delay))
+            else:
+                track.minima.append((bucket, delay))
+            while track.minima and now_ns - track.minima[0][0] > NOISE_HORIZON_NS:
+                track.minima.popleft()
+            track.history.append((now_ns, delay))
+            while len(track.history) > 1 and now_ns - track.history[1][0] >= TREND_NS:
+                track.history.popleft()
+            basis = basis_ms.get(target)
+            if basis is None:
+                continue
+            level = self.level_ms(target, basis)
+            if delay > level:
+                warnings[target] = f"queue_delay {fmt_ms(delay)} > early warning {fmt_ms(level)}"
+                continue
+            then_ns, then = track.history[0]
+            if now_ns - then_ns >= TREND_NS // 2 and delay - then > level / 2:
+                warnings[target] = f"queue_delay rising {fmt_ms(then)} -> {fmt_ms(delay)}"
+        return warnings
+
+
+@dataclass(frozen=True)
+class Knee:
+    """Where congestion last appeared for one scope: the rate (Mbit/s) and when."""
+
+    mbps: float
+    at_ns: int
+
+
+class KneeMemory(Generic[K]):
+    """The knee per scope, forgotten ``memory_ns`` after it was last seen."""
+
+    def __init__(self, memory_ns: int) -> None:
+        self.memory_ns = memory_ns
+        self._knees: dict[K, Knee] = {}
+
+    def note(self, key: K, mbps: float, now_ns: int) -> None:
+        """Congestion appeared while ``key`` ran at ``mbps``."""
+        if mbps > 0 and math.isfinite(mbps):
+            self._knees[key] = Knee(mbps, now_ns)
+
+    def get(self, key: K, now_ns: int) -> float | None:
+        """The remembered knee of ``key``, None when unknown or faded."""
+        knee = self._knees.get(key)
+        if knee is None:
+            return None
+        if now_ns - knee.at_ns > self.memory_ns:
+            del self._knees[key]
+            return None
+        return knee.mbps
+
+    def forget(self, keep: set[K]) -> None:
+        """Drop the knees of scopes that no longer exist."""
+        for key in [k for k in self._knees if k not in keep]:
+            del self._knees[key]
+
+
+def climb_to(cap: int, knee: float | None, *, step: int, margin: float, fine: float) -> float:
+    """The next cap when climbing: ``cap + step`` without a knee; with one, straight to
+    ``margin`` below it, then by ``fine`` of it (at most ``step``) near and above it."""
+    if knee is None:
+        return float(cap + step)
+    below = knee * (1.0 - margin)
+    if cap < math.floor(below):
+        return below
+    return cap + max(1.0, min(float(step), fine * knee))
+
+
+def cut_to(cap: int, base: float, knee: float | None, *, factor: float, margin: float) -> float:
+    """The cap after a cut from ``base`` (usage, or the cap when usage is unknown): by
+    ``factor``; but when the cap had climbed past a remembered knee, only back to
+    ``margin`` below the knee, which loses less. A cap at or under the knee that still
+    congests means the knee moved: the full factor then."""
+    full = base * (1.0 - factor)
+    if knee is not None and cap > math.floor(knee * (1.0 - margin)):
+        return max(full, knee * (1.0 - margin))
+    return full
+
+
+def trim_to(cap: int, used: float | None, knee: float | None, *, margin: float) -> float:
+    """The cap after an early warning: back to ``margin`` under the knee (the cap, or the
+    usage when lower, where the queue began to build when no knee is remembered)."""
+    point = knee if knee is not None else min(float(cap), used if used is not None else cap)
+    return min(float(cap), point * (1.0 - margin))

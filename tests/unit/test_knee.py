@@ -1,0 +1,113 @@
+"""Early warning, knee memory and the climb and cut arithmetic around the knee."""
+
+from __future__ import annotations
+
+import pytest
+
+from detnet.controller.knee import (
+    KneeMemory,
+    QueueWatch,
+    WarningParams,
+    climb_to,
+    cut_to,
+    trim_to,
+)
+
+S = 1_000_000_000
+
+
+def test_warning_level_is_a_fraction_of_the_slo_or_a_multiple_of_the_noise() -> None:
+    watch = QueueWatch(WarningParams(fraction=0.1, noise_multiple=3.0, floor_ms=0.02))
+    assert watch.level_ms("t", 2.0) == pytest.approx(0.2)  # no noise seen yet
+    watch.update(0, {"t": 0.1}, {"t": 2.0})  # a noisy target: floor 0.1 ms
+    assert watch.noise_ms("t") == pytest.approx(0.1)
+    assert watch.level_ms("t", 2.0) == pytest.approx(0.3)
+    assert watch.level_ms("t", 0.01) == pytest.approx(0.3)
+    quiet = QueueWatch(WarningParams(fraction=0.1, noise_multiple=3.0, floor_ms=0.02))
+    quiet.update(0, {"t": 0.001}, {"t": 0.1})
+    assert quiet.level_ms("t", 0.1) == pytest.approx(0.02)  # never below the floor
+
+
+def test_a_delay_over_the_level_warns() -> None:
+    watch = QueueWatch()
+    assert watch.update(0, {"t": 0.01}, {"t": 2.0}) == {}
+    warned = watch.update(S, {"t": 0.25}, {"t": 2.0})
+    assert warned == {"t": "queue_delay 0.25 ms > early warning 0.20 ms"}
+
+
+def test_a_rising_delay_warns_before_it_reaches_the_level() -> None:
+    watch = QueueWatch()
+    for i, delay in enumerate([0.01, 0.02, 0.05, 0.11, 0.15]):
+        warned = watch.update(i * S // 4, {"t": delay}, {"t": 2.0})
+    # 0.15 ms is under the 0.2 ms level, but 0.14 ms up on a second ago: rising.
+    assert warned == {"t": "queue_delay rising 10.0 µs -> 0.15 ms"}
+
+
+def test_a_steady_delay_under_the_level_does_not_warn() -> None:
+    watch = QueueWatch()
+    for i in range(12):
+        warned = watch.update(i * S // 4, {"t": 0.12}, {"t": 2.0})
+    assert warned == {}
+
+
+def test_targets_that_are_gone_leave_no_state() -> None:
+    watch = QueueWatch()
+    watch.update(0, {"a": 0.1, "b": 0.1}, {})
+    watch.update(S, {"a": 0.1}, {})
+    assert watch.noise_ms("b") is None
+
+
+def test_knee_memory_fades() -> None:
+    mem: KneeMemory[str] = KneeMemory(memory_ns=60 * S)
+    mem.note("w", 95.0, 0)
+    assert mem.get("w", 59 * S) == 95.0
+    assert mem.get("w", 61 * S) is None
+    mem.note("w", float("nan"), 0)
+    mem.note("w", 0.0, 0)
+    assert mem.get("w", 0) is None
+
+
+@pytest.mark.parametrize(
+    ("cap", "knee", "expected"),
+    [
+        (80, None, 90.0),  # no knee: the configured step
+        (80, 100.0, 98.0),  # far below: straight to 2 % under the knee
+        (98, 100.0, 99.0),  # near: 1 % of the knee
+        (380, 400.0, 392.0),  # the same at 400 Mbit/s: the climb is relative to the knee
+        (392, 400.0, 396.0),  # 1 % of 400 is 4
+        (392, 4000.0, 3920.0),  # below 2 % under the knee: jump
+        (3920, 4000.0, 3930.0),  # 1 % would be 40: never more than the step
+        (20, 20.0, 21.0),  # at least 1 Mbit/s
+    ],
+)
+def test_climb(cap: int, knee: float | None, expected: float) -> None:
+    assert climb_to(cap, knee, step=10, margin=0.02, fine=0.01) == pytest.approx(expected)
+
+
+@pytest.mark.parametrize(
+    ("cap", "base", "knee", "expected"),
+    [
+        (100, 100.0, None, 80.0),  # no knee: the full factor
+        (101, 101.0, 100.0, 98.0),  # the cap climbed 1 % past the knee: back to 2 % under it
+        (150, 150.0, 100.0, 120.0),  # far past it: never more than the factor
+        (101, 60.0, 100.0, 98.0),  # usage below the cap (bursty): still only back under
+        (98, 98.0, 100.0, 78.4),  # at the knee's margin and congested: the knee moved
+        (90, 90.0, 100.0, 72.0),  # under the knee: the full factor
+    ],
+)
+def test_cut(cap: int, base: float, knee: float | None, expected: float) -> None:
+    assert cut_to(cap, base, knee, factor=0.2, margin=0.02) == pytest.approx(expected)
+
+
+@pytest.mark.parametrize(
+    ("cap", "used", "knee", "expected"),
+    [
+        (100, 100.0, None, 98.0),
+        (100, 60.0, None, 58.8),  # the queue began to build at the usage, not the cap
+        (100, None, None, 98.0),
+        (103, 100.0, 100.0, 98.0),
+        (90, 90.0, 100.0, 90.0),  # already under the knee's margin: unchanged
+    ],
+)
+def test_trim(cap: int, used: float | None, knee: float | None, expected: float) -> None:
+    assert trim_to(cap, used, knee, margin=0.02) == pytest.approx(expected)
