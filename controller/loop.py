@@ -19,7 +19,7 @@ import time
 from collections.abc import Callable, Mapping
 from typing import Protocol, TextIO
 
-from detnet.controller.aimd import AsymmetricAimd, Decision
+from detnet.controller.aimd import AsymmetricAimd, Decision, Observation, Scope
 from detnet.controller.enforce.base import Enforcer
 from detnet.controller.errors import EnforcementError
 from detnet.controller.metrics import ControllerMetrics
@@ -110,8 +110,8 @@ class DecisionLog:
                 "event": "decision",
                 "action": decision.action,
                 "reasons": list(decision.reasons),
-                "limits": dict(decision.limits),
-                "previous": dict(decision.previous),
+                "limits": {str(k): v for k, v in decision.limits.items()},
+                "previous": {str(k): v for k, v in decision.previous.items()},
                 "enforce_s": None if enforce_s is None else round(enforce_s, 6),
             }
             if error is not None:
@@ -124,9 +124,9 @@ class DecisionLog:
             # text (API messages): escaped, one decision stays one line that cannot forge
             # another or repaint the terminal. JSON escapes them by itself.
             limits = " ".join(
-                f"{escape(name)}={decision.previous.get(name)}->{mbit}M"
+                f"{escape(str(name))}={decision.previous.get(name)}->{mbit}M"
                 if decision.previous.get(name) != mbit
-                else f"{escape(name)}={mbit}M"
+                else f"{escape(str(name))}={mbit}M"
                 for name, mbit in decision.limits.items()
             )
             reasons = "; ".join(escape(r) for r in decision.reasons)
@@ -175,7 +175,8 @@ class ControlLoop:
 
         The start limits are applied once, so every workload is under a known cap."""
         recorded = await self.enforcer.start()
-        self.desired = self.policy.initial_limits(recorded)
+        start = self.policy.initial_limits({Scope(k): v for k, v in recorded.items()})
+        self.desired = {s.workload: v for s, v in start.items()}
         if self.metrics is not None:
             self.metrics.set_slos(self.policy.slos)
         self.started = True
@@ -196,8 +197,12 @@ class ControlLoop:
             # Without usage the policy cuts from the cap and raises only blind-safe caps.
             log.warning("enforcer usage unavailable: %s", exc)
             usage = {}
-        decision = self.policy.decide(now_ns=now_ns, stats=stats, limits=self.desired, usage=usage)
-        self.desired = dict(decision.limits)
+        decision = self.policy.decide(
+            now_ns=now_ns,
+            observation=Observation(stats=stats, usage={Scope(k): v for k, v in usage.items()}),
+            limits={Scope(k): v for k, v in self.desired.items()},
+        )
+        self.desired = {s.workload: v for s, v in decision.limits.items()}
         step_s = time.perf_counter() - t0
         enforce_s: float | None = None
         error: str | None = None

@@ -98,11 +98,11 @@ class ControllerMetrics:
         """Export the thresholds, and start every configured signal as not violated."""
         for slo in slos:
             for signal, threshold in slo.thresholds().items():
-                self.slo_violated.labels(target=slo.target, signal=signal).set(0)
+                self.slo_violated.labels(target=slo.app, signal=signal).set(0)
                 if signal == "loss":
-                    self.slo_loss.labels(target=slo.target).set(threshold)
+                    self.slo_loss.labels(target=slo.app).set(threshold)
                 else:
-                    self.slo_threshold.labels(target=slo.target, signal=signal).set(threshold / 1e3)
+                    self.slo_threshold.labels(target=slo.app, signal=signal).set(threshold / 1e3)
 
     def set_limits(self, limits: Mapping[str, int]) -> None:
         """Export limits given in Mbit/s as bytes per second."""

@@ -52,7 +52,7 @@ class CriticalApp:
     def slo(self) -> Slo:
         """The policy's view of this app."""
         return Slo(
-            target=self.name,
+            app=self.name,
             max_jitter_ms=self.max_jitter_ms,
             max_latency_ms=self.max_latency_ms,
             max_queue_delay_ms=self.max_queue_delay_ms,
