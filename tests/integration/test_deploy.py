@@ -22,7 +22,7 @@ from tests.conftest import requires_tool
 
 ROOT = Path(__file__).resolve().parents[2]
 DEPLOY = ROOT / "deploy"
-BASES = ("base", "critical-apps", "best-effort", "monitoring", "policies")
+BASES = ("base", "critical-apps", "best-effort", "monitoring", "policies", "agent")
 K8S_VERSION = "1.30.0"  # oldest Kubernetes the manifests target (native sidecars, PSS)
 WORKLOAD_KINDS = ("Deployment", "StatefulSet", "DaemonSet", "Job", "Pod")
 
@@ -72,6 +72,11 @@ def pod_specs(docs: tuple[dict[str, Any], ...]) -> Iterator[tuple[str, dict[str,
 
 def containers(spec: dict[str, Any]) -> list[dict[str, Any]]:
     return list(spec.get("containers", [])) + list(spec.get("initContainers", []))
+
+
+def cilium_policies() -> list[dict[str, Any]]:
+    """Every CiliumNetworkPolicy: deploy/policies', and the agent's own (deploy/agent)."""
+    return [*render("policies"), *of_kind(render("agent"), "CiliumNetworkPolicy")]
 
 
 # ------------------------------------------------------------------------ rendering
@@ -237,9 +242,10 @@ def test_every_container_carries_the_security_settings() -> None:
                 assert {"cpu", "memory"} <= set(res.get(kind, {})), f"{name}: {kind}"
             seen += 1
         assert not spec.get("hostNetwork"), where
-        assert not spec.get("hostPID"), where
+        # The agent alone sees the node's processes (test_agent_daemonset says why).
+        assert not spec.get("hostPID") or where == "DaemonSet/detnet-agent", where
         assert not spec.get("hostIPC"), where
-    assert seen >= 9  # controller, 2+2 critical, sink x2, 2 senders, prometheus, grafana
+    assert seen >= 10  # controller, 2+2 critical, sink x2, 2 senders, prometheus, grafana, agent
 
 
 @requires_kubectl
@@ -402,7 +408,7 @@ def _check_ports(to_ports: Any, where: str) -> None:
 
 @requires_kubectl
 def test_cilium_policies_are_well_formed() -> None:
-    policies = render("policies")
+    policies = cilium_policies()
     assert policies
     for d in policies:
         name = d["metadata"]["name"]
@@ -470,7 +476,7 @@ def test_policy_selectors_and_ports_hit_real_pods() -> None:
     (ingress) or the peer pods (egress) really serve: no rule allows traffic to nothing.
     kube-dns lives outside deploy/ and is exempt."""
     docs = everything()
-    for d in render("policies"):
+    for d in cilium_policies():
         ns, name = d["metadata"]["namespace"], d["metadata"]["name"]
         selected = _pods_selected(docs, d["spec"]["endpointSelector"]["matchLabels"], ns)
         if d["spec"]["endpointSelector"]["matchLabels"].get("app.kubernetes.io/component") == (
@@ -514,6 +520,170 @@ def test_probe_ports_are_allowed_in_both_directions() -> None:
         assert pol["spec"]["enableDefaultDeny"]["ingress"] is False  # additive only
         (rule,) = pol["spec"]["ingress"]
         assert rule["toPorts"] == [{"ports": [{"port": port, "protocol": proto}]}]
+
+
+# --------------------------------------------------------------------------- agent
+
+AGENT_LABELS = {"app.kubernetes.io/name": "detnet-agent", "app.kubernetes.io/component": "agent"}
+
+
+@requires_kubectl
+def test_agent_rbac_grants_exactly_what_it_needs() -> None:
+    docs = render("agent")
+    assert _rules(named(docs, "ClusterRole", "detnet-agent")) == {
+        *(("", "pods", v) for v in ("get", "list", "watch")),
+        ("authentication.k8s.io", "tokenreviews", "create"),
+    }
+    binding = named(docs, "ClusterRoleBinding", "detnet-agent")
+    assert binding["roleRef"]["name"] == "detnet-agent"
+    assert binding["subjects"] == [
+        {"kind": "ServiceAccount", "name": "detnet-agent", "namespace": "detnet-agent"}
+    ]
+    # The controller may read the agents' EndpointSlices, in the agents' namespace only.
+    role = named(docs, "Role", "detnet-agent-discovery")
+    assert role["metadata"]["namespace"] == "detnet-agent"
+    assert _rules(role) == {("discovery.k8s.io", "endpointslices", v) for v in ("list", "watch")}
+    rb = named(docs, "RoleBinding", "detnet-agent-discovery")
+    assert rb["metadata"]["namespace"] == "detnet-agent"
+    assert rb["subjects"] == [
+        {"kind": "ServiceAccount", "name": "detnet-controller", "namespace": "detnet-system"}
+    ]
+    assert {r["metadata"]["name"] for r in of_kind(docs, "ClusterRole")} == {"detnet-agent"}
+    assert {r["metadata"]["name"] for r in of_kind(docs, "Role")} == {"detnet-agent-discovery"}
+    assert named(everything(), "ServiceAccount", "detnet-controller")  # the one it names
+
+
+@requires_kubectl
+def test_agent_daemonset() -> None:
+    """Every node, the host's PID namespace and nothing else privileged: the privileges
+    tests/integration/test_agent_node.py shows the agent needs, no more."""
+    docs = render("agent")
+    ds = named(docs, "DaemonSet", "detnet-agent")
+    assert ds["metadata"]["namespace"] == "detnet-agent"
+    spec = ds["spec"]["template"]["spec"]
+    assert ds["spec"]["selector"]["matchLabels"] == AGENT_LABELS
+    assert spec["serviceAccountName"] == "detnet-agent"
+    assert spec["hostPID"] is True
+    assert not spec.get("hostNetwork")
+    assert not spec.get("hostIPC")
+    assert not any("hostPath" in v for v in spec.get("volumes", []))
+    assert spec["tolerations"] == [{"operator": "Exists"}]  # every taint, every effect
+    (c,) = spec["containers"]
+    sc = c["securityContext"]
+    assert sc["capabilities"] == {"drop": ["ALL"]}  # and none added
+    assert sc["readOnlyRootFilesystem"] is True
+    assert sc["allowPrivilegeEscalation"] is False
+    assert _effective(spec, c, "runAsUser") == 65532
+    args = c["args"]
+    assert args[0] == "agent"
+    flags = dict(zip(args[1::2], args[2::2], strict=True))
+    assert flags["--allow"] == "detnet-system:detnet-controller"  # the controller's account
+    ports = {p["name"]: p["containerPort"] for p in c["ports"]}
+    assert flags["--listen"] == f"0.0.0.0:{ports['usage']}"
+    assert flags["--metrics"] == f"0.0.0.0:{ports['metrics']}"
+    env = {e["name"]: e for e in c["env"]}
+    assert env["NODE_NAME"]["valueFrom"]["fieldRef"]["fieldPath"] == "spec.nodeName"
+    # The kubelet probes the metrics port: the usage port admits the controller alone.
+    assert c["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "metrics"}
+    assert c["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": "metrics"}
+    requests = c["resources"]["requests"]
+    assert requests["cpu"].endswith("m")
+    assert int(requests["cpu"][:-1]) <= 50  # small: ~10m measured at 100 pods, 10 Hz
+
+
+@requires_kubectl
+def test_only_the_agents_namespace_is_privileged() -> None:
+    levels = {
+        d["metadata"]["name"]: d["metadata"]
+        .get("labels", {})
+        .get("pod-security.kubernetes.io/enforce")
+        for d in of_kind(everything(), "Namespace")
+    }
+    assert levels.pop("detnet-agent") == "privileged"
+    assert set(levels.values()) == {"restricted"}, levels
+    # ...and nothing but the agent runs there
+    where = {w for w, _ in pod_specs(everything()) if w.startswith("DaemonSet/detnet-agent")}
+    in_ns = {
+        f"{d['kind']}/{d['metadata']['name']}"
+        for d in everything()
+        if d["kind"] in WORKLOAD_KINDS and d["metadata"].get("namespace") == "detnet-agent"
+    }
+    assert in_ns == where == {"DaemonSet/detnet-agent"}
+
+
+@requires_kubectl
+def test_agent_service_is_for_discovery() -> None:
+    """Headless, selecting the DaemonSet's pods, its port named as controller/usage.py
+    looks it up, in the namespace and name it watches."""
+    from detnet.controller.usage import AGENT_NAMESPACE, AGENT_SERVICE, USAGE_PORT_NAME
+
+    docs = render("agent")
+    svc = named(docs, "Service", AGENT_SERVICE)
+    assert svc["metadata"]["namespace"] == AGENT_NAMESPACE
+    assert svc["spec"]["clusterIP"] == "None"
+    ds = named(docs, "DaemonSet", "detnet-agent")
+    assert svc["spec"]["selector"].items() <= ds["spec"]["template"]["metadata"]["labels"].items()
+    (port,) = svc["spec"]["ports"]
+    assert port["name"] == USAGE_PORT_NAME
+    assert port["targetPort"] == "usage"
+
+
+@requires_kubectl
+def test_agent_usage_port_admits_the_controller_only() -> None:
+    docs = render("agent")
+    ds = named(docs, "DaemonSet", "detnet-agent")
+    ports = {
+        p["name"]: str(p["containerPort"])
+        for p in ds["spec"]["template"]["spec"]["containers"][0]["ports"]
+    }
+    pol = named(docs, "CiliumNetworkPolicy", "detnet-agent")
+    assert pol["spec"]["endpointSelector"]["matchLabels"] == AGENT_LABELS
+    to_usage = [
+        rule
+        for rule in pol["spec"]["ingress"]
+        if any(p["port"] == ports["usage"] for tp in rule["toPorts"] for p in tp["ports"])
+    ]
+    assert to_usage == [
+        {
+            "fromEndpoints": [
+                {
+                    "matchLabels": {
+                        "k8s:io.kubernetes.pod.namespace": "detnet-system",
+                        "app.kubernetes.io/name": "detnet",
+                        "app.kubernetes.io/component": "controller",
+                    }
+                }
+            ],
+            "toPorts": [{"ports": [{"port": ports["usage"], "protocol": "TCP"}]}],
+        }
+    ]
+    # Out: the API server only (the pod watch, TokenReviews).
+    (egress,) = pol["spec"]["egress"]
+    assert egress["toEntities"] == ["kube-apiserver"]
+    # The controller's side of it.
+    out = named(docs, "CiliumNetworkPolicy", "detnet-controller-to-agents")
+    assert out["metadata"]["namespace"] == "detnet-system"
+    (rule,) = out["spec"]["egress"]
+    assert rule["toPorts"] == [{"ports": [{"port": ports["usage"], "protocol": "TCP"}]}]
+    assert "ingress" not in out["spec"]  # adds an egress allow, changes nothing else
+
+
+@requires_kubectl
+def test_controller_mounts_a_token_for_the_agents() -> None:
+    from detnet.controller.agent.auth import AUDIENCE
+    from detnet.controller.usage import DEFAULT_TOKEN_PATH
+
+    dep = named(render("base"), "Deployment", "detnet-controller")
+    spec = dep["spec"]["template"]["spec"]
+    (c,) = spec["containers"]
+    mounts = {m["name"]: m for m in c["volumeMounts"]}
+    volumes = {v["name"]: v for v in spec["volumes"]}
+    (source,) = volumes["agent-token"]["projected"]["sources"]
+    token = source["serviceAccountToken"]
+    assert token["audience"] == AUDIENCE  # the agents' audience, not the API server's
+    assert 600 <= token["expirationSeconds"] <= 86400
+    assert mounts["agent-token"]["readOnly"] is True
+    assert f"{mounts['agent-token']['mountPath']}/{token['path']}" == DEFAULT_TOKEN_PATH
 
 
 # -------------------------------------------------------------------------- image
