@@ -170,7 +170,7 @@ class Reflector:
         return allowed
 
     def _session(self, address: tuple[object, ...], session: int) -> _Session | None:
-        """The session's entry (created if there is room), or None: answer one-step."""
+        """The session's entry (created if the table has room), or None."""
         key = (*address[:2], session)
         entry = self._sessions.get(key)
         if entry is None:
@@ -182,9 +182,15 @@ class Reflector:
             entry = self._sessions[key] = _Session(address, session)
         else:
             self._sessions.move_to_end(key)
-        if len(entry.pending) >= PER_SESSION:
-            return None
         return entry
+
+    @staticmethod
+    def _has_room(entry: _Session, now: int) -> bool:
+        """Room for one more stamp, counting the one this reply will carry away."""
+        if len(entry.pending) < PER_SESSION:
+            return True
+        head = entry.pending[0]
+        return head.source != _AWAITING or head.due <= now
 
     def serve(self) -> int:
         """Handle every datagram pending now (up to 64 batches); return how many were read."""
@@ -245,6 +251,8 @@ class Reflector:
             rx_sw = rx_stamps(ancdata)[0]
             wait = c.asks_two_step(data, n, f.flags) if self.two_step_enabled else -1
             entry = self._session(addr, f.session) if wait >= 0 else None
+            if entry is not None and not self._has_room(entry, now):
+                entry = None
             if wait >= 0 and entry is None:
                 self.untracked += 1
             reply = bytearray(n)  # fresh fill: never an echo of the request's payload

@@ -267,7 +267,7 @@ cdef class Reflector:
 
     cdef int _session(self, const sockaddr_storage* name, uint32_t namelen, uint32_t session,
                       int64_t now) noexcept nogil:
-        """The session's table index with room for one more stamp, or -1: answer one-step.
+        """The session's table index, or -1 when the table has no room for it.
 
         Open addressing over SESSION_PROBES slots; a new session takes a free slot, else
         the stalest slot with nothing pending. Slots are never emptied, only reused, so a
@@ -289,7 +289,7 @@ cdef class Reflector:
                 and memcmp(&s.name, name, namelen) == 0
             ):
                 s.last_ns = now
-                return index if s.count < PER_SESSION else -1
+                return index
             if s.count == 0 and (victim == NULL or s.last_ns < victim.last_ns):
                 victim = s
                 vindex = index
@@ -303,6 +303,14 @@ cdef class Reflector:
         victim.count = 0
         victim.last_ns = now
         return vindex
+
+    cdef inline bint _has_room(self, session_t* s, int64_t now) noexcept nogil:
+        """Room for one more stamp, counting the one this reply will carry away."""
+        cdef pending_t* head
+        if s.count < PER_SESSION:
+            return True
+        head = &s.ring[s.head]
+        return head.source != P_AWAITING or head.due <= now
 
     cdef bint _carry(self, session_t* s, int64_t now, uint64_t* seq, int64_t* stamp,
                      uint8_t* source) noexcept nogil:
@@ -387,6 +395,8 @@ cdef class Reflector:
                     wait = _asks_two_step(p, length, h.flags)
                     if wait >= 0:
                         si = self._session(&buf.names[i], msg.msg_namelen, h.session, now_mono)
+                        if si >= 0 and not self._has_room(&self._sessions[si], now_mono):
+                            si = -1
                         if si < 0:
                             self.untracked += 1
                 # Build the reply in place: fresh fill, never an echo of the payload.

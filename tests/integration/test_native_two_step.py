@@ -383,3 +383,22 @@ def test_wake_descriptor_follows_data_and_the_error_queue() -> None:
     finally:
         other.close()
         new.close()
+
+
+def test_a_full_session_still_carries_its_stamps() -> None:
+    new = NewReflector()
+    probe = native.ProbeSocket("127.0.0.1", new.port, session=15, two_step=True)
+    try:
+        assert probe.send(0, 64, np.zeros(64, native.SENT_DTYPE)) == 64  # 64 pending: full
+        new.serve()
+        rows = _drain(probe, 64)
+        assert new.refl.pending_followups() == 64
+        more = _exchange(probe, new.serve, range(64, 68))  # each carries one, takes one
+    finally:
+        probe.close()
+        stats = new.refl.stats()
+        new.close()
+    assert len(rows) == 64
+    assert (more["kind"] == native.KIND_REPLY_2STEP).all()
+    assert more["followup_seq"].tolist() == [0, 1, 2, 3]
+    assert stats["untracked"] == 0
