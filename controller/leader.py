@@ -27,18 +27,21 @@ from typing import Any
 
 import aiohttp
 from kubernetes_asyncio import client
-from kubernetes_asyncio.client.exceptions import ApiException
 
+from detnet.controller.kube.api import KubeClient
 from detnet.controller.retry import (
     ApiErrorHook,
     Conflict,
     KubernetesApiError,
     NotFound,
-    classify,
-    read_json,
+    RetryPolicy,
 )
 
 log = logging.getLogger(__name__)
+
+# No retries inside a lease call: the election's own period is the retry, and a call
+# that retried could outlast the renew deadline it is racing against.
+_ONE_ATTEMPT = RetryPolicy(attempts=1)
 
 
 def _micro_time() -> str:
@@ -46,12 +49,17 @@ def _micro_time() -> str:
 
 
 class LeaseElector:
-    """One candidate for a Lease; ``run(work)`` runs ``work`` only while leading."""
+    """One candidate for a Lease; ``run(work)`` runs ``work`` only while leading.
+
+    Give it the process's shared ``kube`` client (its QPS limiter then counts the lease
+    calls too, which never queue behind other calls), or an ``api_client`` (and
+    ``on_api_error``) to build one of its own."""
 
     def __init__(
         self,
         *,
-        api_client: client.ApiClient,
+        kube: KubeClient | None = None,
+        api_client: client.ApiClient | None = None,
         namespace: str,
         name: str,
         identity: str,
@@ -67,14 +75,20 @@ class LeaseElector:
             )
         if not identity:
             raise ValueError("identity must not be empty (use the pod name)")
-        self._api: Any = client.CoordinationV1Api(api_client)  # raw dicts, see _call
+        if kube is None:
+            if api_client is None:
+                raise ValueError("need kube= or api_client=")
+            kube = KubeClient(api_client, on_api_error=on_api_error)
+        elif api_client is not None or on_api_error is not None:
+            raise ValueError("with kube=, the client and its error hook are the kube client's")
+        self._kube = kube
+        self._api: Any = client.CoordinationV1Api(kube.api_client)  # raw dicts, see _call
         self._ns, self._name, self._identity = namespace, name, identity
         self._duration, self._deadline, self._period = (
             lease_duration_s,
             renew_deadline_s,
             retry_period_s,
         )
-        self._on_api_error = on_api_error
         self._callbacks: list[Callable[[bool], None]] = []
         self._leader = False
         self._stop = asyncio.Event()
@@ -192,15 +206,9 @@ class LeaseElector:
         return self._observed is not None and self._observed[0] not in ("", self._identity)
 
     async def _call(self, what: str, op: Callable[[], Awaitable[Any]]) -> dict[str, Any]:
-        """One API call, raw JSON; raises our classified errors (no retry: the election's
-        own period is the retry)."""
-        try:
-            return await read_json(await op(), what=what)
-        except (ApiException, aiohttp.ClientError, OSError) as exc:
-            err = classify(exc, what=what)
-            if self._on_api_error is not None:
-                self._on_api_error(err.code)
-            raise err from exc
+        """One API call through the shared client, raw JSON, one attempt, ahead of any
+        queued patches; raises our classified (and counted) errors."""
+        return await self._kube.call(what, op, retry=_ONE_ATTEMPT, urgent=True)
 
     def _spec(self, *, acquire: bool, transitions: int) -> dict[str, Any]:
         now = _micro_time()

@@ -23,7 +23,6 @@ import dataclasses
 import json
 import logging
 import os
-import socket
 import sys
 from collections.abc import Callable
 from typing import IO, Any
@@ -151,7 +150,7 @@ def _enforcer_factory(
     return None
 
 
-def _kubernetes_enforcer(config: Config, metrics: ControllerMetrics, api: Any) -> Enforcer:
+def _kubernetes_enforcer(config: Config, metrics: ControllerMetrics, kube: Any) -> Enforcer:
     from detnet.controller.enforce.kubernetes import KubernetesEnforcer, WorkloadRef
 
     k = config.kubernetes
@@ -167,11 +166,9 @@ def _kubernetes_enforcer(config: Config, metrics: ControllerMetrics, api: Any) -
             )
             for t in config.best_effort_targets
         ],
-        api_client=api,
+        kube=kube,
         mode="pod" if k.mode == "annotation" else "template",
         max_concurrency=k.concurrency,
-        qps=k.qps,
-        on_api_error=metrics.api_error,
     )
 
 
@@ -287,30 +284,32 @@ class _Controller:
         await task
 
     async def _run_kubernetes(self) -> None:
-        from kubernetes_asyncio import client
-
-        from detnet.controller.enforce.kubernetes import load_client_configuration
+        from detnet.controller.kube.api import (
+            KubeClient,
+            default_identity,
+            load_client_configuration,
+            new_api_client,
+        )
         from detnet.controller.leader import LeaseElector
 
         cfg = self.plan.config
         conf = await load_client_configuration()
-        identity = os.environ.get("POD_NAME") or f"{socket.gethostname()}-{os.getpid()}"
-        api = client.ApiClient(conf)
-        # The API server's audit log (and the tests) can tell the replicas' requests apart.
-        api.user_agent = f"detnet/{identity}"
+        identity = default_identity()
+        api = new_api_client(conf, identity=identity)
+        # One limiter for the elector and every term's enforcer: together within the QPS.
+        kube = KubeClient(api, qps=cfg.kubernetes.qps, on_api_error=self.metrics.api_error)
         try:
             elector = LeaseElector(
-                api_client=api,
+                kube=kube,
                 namespace=self.plan.lease_namespace,
                 name=cfg.kubernetes.lease_name,
                 identity=identity,
-                on_api_error=self.metrics.api_error,
             )
             elector.on_change(lambda leading: self.metrics.leader.set(1 if leading else 0))
             self.standby = True
 
             async def work() -> None:
-                await self.term(_kubernetes_enforcer(cfg, self.metrics, api))
+                await self.term(_kubernetes_enforcer(cfg, self.metrics, kube))
 
             pods = asyncio.create_task(self._export_enforced_pods())
             task = asyncio.create_task(elector.run(work))

@@ -2,56 +2,60 @@
 annotations, which Cilium's bandwidth manager applies to running pods in place.
 
 Per best-effort workload (a Deployment/StatefulSet/DaemonSet, or a label selector) it
-keeps a list+watch cache of the pods, and merge-patches the annotation on every Running
-pod whose value differs from the current limit: on ``apply()``, and whenever the watch
-shows a pod that does not carry it (a new pod gets the limit as soon as it is Running).
-The limit is also recorded on the workload's own ``metadata.annotations`` (never its pod
-template) so a restarted or newly elected controller resumes from it (``start()``).
+keeps a list+watch cache of the pods (``kube/listwatch.py`` feeding
+``enforce/podwatch.py``), and merge-patches the annotation on every Running pod whose
+value differs from the current limit: on ``apply()``, and whenever the watch shows a pod
+that does not carry it (a new pod gets the limit as soon as it is Running). The limit is
+also recorded on the workload's own ``metadata.annotations`` (never its pod template) so
+a restarted or newly elected controller resumes from it (``start()``).
 ``mode="template"`` patches the pod template instead, for CNIs that read the annotation
-only at pod start: that restarts the pods. Calls go through one retry module
-(``controller/retry.py``), a concurrency bound and a client-side QPS token bucket.
-See docs/kubernetes.md.
+only at pod start: that restarts the pods. Every call goes through a ``KubeClient``
+(``kube/api.py``: QPS limiter, retries), writes through a concurrency bound; Events
+record each change on the workload. See docs/kubernetes.md.
 """
 
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
-import os
 import re
-import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, Literal
 
 import aiohttp
-from kubernetes_asyncio import client, config
-from kubernetes_asyncio.client.exceptions import ApiException
+from kubernetes_asyncio import client
 
+from detnet.controller.enforce.podwatch import EGRESS_ANNOTATION, PodCache
 from detnet.controller.errors import EnforcementError
-from detnet.controller.retry import (
-    ApiErrorHook,
-    Gone,
-    NotFound,
-    RetryPolicy,
-    call_with_retry,
-    classify,
-    read_json,
-)
+from detnet.controller.kube import DEFAULT_BURST, DEFAULT_CONCURRENCY, DEFAULT_QPS
+from detnet.controller.kube.api import KubeClient, load_client_configuration
+from detnet.controller.kube.listwatch import ListWatch
+from detnet.controller.kube.objects import JsonObj, WatchEvent, annotations_of
+from detnet.controller.retry import ApiErrorHook, NotFound, RetryPolicy
+
+__all__ = [
+    "EGRESS_ANNOTATION",
+    "KINDS",
+    "MERGE_PATCH",
+    "RECORD_ANNOTATION",
+    "RECORD_TIME_ANNOTATION",
+    "KubernetesEnforcer",
+    "WorkloadRef",
+    "annotation_value",
+    "load_client_configuration",
+    "parse_annotation_value",
+    "selector_from_spec",
+]
 
 log = logging.getLogger(__name__)
 
-EGRESS_ANNOTATION = "kubernetes.io/egress-bandwidth"
 RECORD_ANNOTATION = "detnet.io/egress-bandwidth"
 RECORD_TIME_ANNOTATION = "detnet.io/egress-bandwidth-updated"
 MERGE_PATCH = "application/merge-patch+json"
 KINDS = ("Deployment", "StatefulSet", "DaemonSet")
-_PLURALS = {"Deployment": "deployments", "StatefulSet": "statefulsets", "DaemonSet": "daemonsets"}
 _VALUE_RE = re.compile(r"^[1-9][0-9]*M$")
-
-JsonObj = dict[str, Any]
 
 
 @dataclass(frozen=True)
@@ -111,60 +115,21 @@ def selector_from_spec(selector: Mapping[str, Any] | None) -> str:
     return ",".join(parts)
 
 
-async def load_client_configuration(
-    *, kubeconfig: str | None = None, context: str | None = None
-) -> client.Configuration:
-    """In-cluster config when running in a pod, else the kubeconfig (``KUBECONFIG`` or
-    ``~/.kube/config``); EnforcementError when neither is usable."""
-    conf = client.Configuration()
-    try:
-        if kubeconfig is None and "KUBERNETES_SERVICE_HOST" in os.environ:
-            config.load_incluster_config(client_configuration=conf)
-        else:
-            path = kubeconfig or os.environ.get("KUBECONFIG", "").split(os.pathsep)[0] or None
-            await config.load_kube_config(
-                config_file=path, context=context, client_configuration=conf
-            )
-    except (config.ConfigException, OSError, ValueError) as exc:
-        raise EnforcementError(
-            f"no Kubernetes access: not in a pod and no usable kubeconfig ({exc})"
-        ) from exc
-    return conf
-
-
-class TokenBucket:
-    """Client-side rate limit: ``rate`` requests per second, bursts up to ``burst``."""
-
-    def __init__(self, rate: float, burst: int) -> None:
-        if rate <= 0 or burst < 1:
-            raise ValueError("rate must be > 0 and burst >= 1")
-        self._rate, self._burst = rate, float(burst)
-        self._tokens, self._stamp = float(burst), time.monotonic()
-        self._lock = asyncio.Lock()
-
-    async def acquire(self) -> None:
-        """Wait for one token (FIFO: the lock queues the waiters)."""
-        async with self._lock:
-            now = time.monotonic()
-            self._tokens = min(self._burst, self._tokens + (now - self._stamp) * self._rate)
-            self._stamp = now
-            if self._tokens < 1:
-                await asyncio.sleep((1 - self._tokens) / self._rate)
-                self._tokens, self._stamp = 1.0, time.monotonic()
-            self._tokens -= 1
-
-
 @dataclass
 class _Workload:
     ref: WorkloadRef
     selector: str = ""
-    pods: dict[str, JsonObj] = field(default_factory=dict)  # the watch cache, by pod name
-    synced: bool = False
+    cache: PodCache = field(default_factory=PodCache)  # the watch cache (pod mode)
+    watch: ListWatch | None = None
     task: asyncio.Task[None] | None = None
 
 
 class KubernetesEnforcer:
-    """Egress limits through pod annotations (see the module docstring)."""
+    """Egress limits through pod annotations (see the module docstring).
+
+    Give it the process's shared ``kube`` client, or the pieces to build its own
+    (``api_client`` or ``configuration``, default: in-cluster or kubeconfig, and ``qps``,
+    ``burst``, ``retry``, ``on_api_error``); it closes only a client it created."""
 
     name = "kubernetes"
 
@@ -172,14 +137,15 @@ class KubernetesEnforcer:
         self,
         workloads: Sequence[WorkloadRef],
         *,
+        kube: KubeClient | None = None,
         api_client: client.ApiClient | None = None,
         configuration: client.Configuration | None = None,
-        mode: Literal["pod", "template"] = "pod",
-        max_concurrency: int = 16,
-        qps: float = 50.0,
-        burst: int = 50,
+        qps: float | None = None,
+        burst: int | None = None,
         retry: RetryPolicy | None = None,
         on_api_error: ApiErrorHook | None = None,
+        mode: Literal["pod", "template"] = "pod",
+        max_concurrency: int = DEFAULT_CONCURRENCY,
         events: bool = True,
         reporter: str = "detnet",
         watch_timeout_s: int = 60,
@@ -189,6 +155,10 @@ class KubernetesEnforcer:
     ) -> None:
         if mode not in ("pod", "template"):
             raise EnforcementError(f"unknown kubernetes enforcer mode {mode!r}: pod or template")
+        if kube is not None and any(
+            x is not None for x in (api_client, configuration, qps, burst, retry, on_api_error)
+        ):
+            raise ValueError("pass either kube= or the pieces to build a client, not both")
         names = [w.name for w in workloads]
         if len(set(names)) != len(names):
             raise EnforcementError(f"workload names must be unique, got {names}")
@@ -198,19 +168,24 @@ class KubernetesEnforcer:
             if mode == "template" and w.selector and not w.workload:
                 raise EnforcementError(f"{w.name}: template mode needs a workload, not a selector")
         self._workloads = {w.name: _Workload(w) for w in workloads}
+        self._kube = kube
         self._api_client = api_client
-        self._owns_client = api_client is None
+        self._owns_client = kube is None and api_client is None
         self._configuration = configuration
+        self._client_settings = (
+            DEFAULT_QPS if qps is None else qps,
+            DEFAULT_BURST if burst is None else burst,
+            retry,
+            on_api_error,
+        )
         self.mode = mode
         self._sem = asyncio.Semaphore(max_concurrency)
-        self._bucket = TokenBucket(qps, burst)
-        self._retry = retry or RetryPolicy()
-        self._on_api_error = on_api_error
         self._events = events
         self._reporter = reporter
         self._watch_timeout_s = watch_timeout_s
         self._inactivity_s = inactivity_timeout_s
         self._resync_s = resync_s
+        self._request_timeout_s = request_timeout_s
         self._timeout = aiohttp.ClientTimeout(total=request_timeout_s)
         self._limits: dict[str, int] = {}
         self._apply_lock = asyncio.Lock()
@@ -224,9 +199,14 @@ class KubernetesEnforcer:
     async def start(self) -> Mapping[str, int]:
         """Connect, resolve every workload and read back the recorded limits; in pod
         mode start the pod watches (which bring pods to a resumed limit)."""
-        if self._api_client is None:
-            conf = self._configuration or await load_client_configuration()
-            self._api_client = client.ApiClient(conf)
+        if self._kube is None:
+            api = self._api_client
+            if api is None:
+                api = client.ApiClient(self._configuration or await load_client_configuration())
+            qps, burst, retry, on_api_error = self._client_settings
+            self._kube = KubeClient(
+                api, qps=qps, burst=burst, retry=retry, on_api_error=on_api_error
+            )
         resumed: dict[str, int] = {}
         try:
             for wl in self._workloads.values():
@@ -239,14 +219,17 @@ class KubernetesEnforcer:
         self._limits.update(resumed)
         if self.mode == "pod":
             for wl in self._workloads.values():
-                wl.task = asyncio.create_task(self._watch_loop(wl), name=f"watch-{wl.ref.name}")
+                wl.watch = self._pod_watch(wl)
+                wl.task = asyncio.create_task(
+                    wl.watch.run(_PodSink(self, wl)), name=f"watch-{wl.ref.name}"
+                )
         return resumed
 
     async def apply(self, limits: Mapping[str, int]) -> None:
         """Record and apply ``limits`` (Mbit/s) to the named workloads; raises
         EnforcementError (nothing sent) for an unknown name or invalid value, or when a
         patch still fails after retries."""
-        if self._api_client is None or self._closed:
+        if self._kube is None or self._closed:
             raise EnforcementError("kubernetes enforcer is not started (or already closed)")
         values: dict[str, str] = {}
         for name, mbps in limits.items():
@@ -280,7 +263,7 @@ class KubernetesEnforcer:
         try:
             async with self._apply_lock:  # waits for an in-flight apply()
                 pass
-            if restore and self._api_client is not None:
+            if restore and self._kube is not None:
                 await self.apply(restore)
             await self._drain_patches()
         finally:
@@ -300,38 +283,43 @@ class KubernetesEnforcer:
         return dict(self._limits)
 
     def enforced_pods(self) -> Mapping[str, int]:
-        """Per workload, the Running pods (as last seen) carrying the current limit."""
-        out: dict[str, int] = {}
-        for name, wl in self._workloads.items():
-            want = self._limits.get(name)
-            value = annotation_value(want) if want else None
-            out[name] = sum(
-                1
-                for pod in wl.pods.values()
-                if _running(pod) and _annotations(pod).get(EGRESS_ANNOTATION) == value
-            )
-        return out
+        """Per workload, the Running pods (as last seen) carrying the current limit
+        (with no limit yet: those carrying none)."""
+        return {name: wl.cache.carrying(self._value(wl)) for name, wl in self._workloads.items()}
 
     # --- internals -------------------------------------------------------------------
+
+    def _value(self, wl: _Workload) -> str | None:
+        """The annotation value of the workload's current limit, None without one."""
+        mbps = self._limits.get(wl.ref.name)
+        return annotation_value(mbps) if mbps is not None else None
+
+    def _api(self) -> KubeClient:
+        if self._kube is None:
+            raise EnforcementError("kubernetes enforcer is not started")
+        return self._kube
 
     def _workload_api(
         self, kind: str, verb: str
     ) -> Callable[..., Awaitable[aiohttp.ClientResponse]]:
-        apps = client.AppsV1Api(self._api_client)
+        apps = client.AppsV1Api(self._api().api_client)
         return getattr(apps, f"{verb}_namespaced_{kind.lower().replace('set', '_set')}")
 
-    async def _call(self, what: str, op: Callable[[], Awaitable[Any]]) -> JsonObj:
-        """One API call (QPS bucket, retries) whose response is read as a JSON object.
+    def _core_api(self) -> Any:
+        return client.CoreV1Api(self._api().api_client)  # raw-dict calls the stubs do not model
 
-        ``op`` must pass ``_preload_content=False``: we read raw JSON, skipping the
-        model round trip, and raise ApiException ourselves for a non-2xx status."""
-
-        async def attempt() -> JsonObj:
-            await self._bucket.acquire()
-            return await read_json(await op(), what=what)
-
-        return await call_with_retry(
-            attempt, what=what, policy=self._retry, on_api_error=self._on_api_error
+    def _pod_watch(self, wl: _Workload) -> ListWatch:
+        ns = wl.ref.namespace
+        return ListWatch(
+            kube=self._api(),
+            list_call=self._core_api().list_namespaced_pod,
+            args=(ns,),
+            what=f"pods {ns} -l {wl.selector}",
+            label_selector=wl.selector,
+            watch_timeout_s=self._watch_timeout_s,
+            inactivity_timeout_s=self._inactivity_s,
+            resync_s=self._resync_s,
+            request_timeout_s=self._request_timeout_s,
         )
 
     async def _resolve(self, wl: _Workload) -> int | None:
@@ -341,7 +329,7 @@ class KubernetesEnforcer:
             wl.selector = ref.selector
             return None
         read = self._workload_api(ref.kind, "read")
-        obj = await self._call(
+        obj = await self._api().call(
             f"read {ref.kind} {ref.namespace}/{ref.object_name}",
             lambda: read(
                 ref.object_name,
@@ -354,7 +342,7 @@ class KubernetesEnforcer:
             wl.selector = ref.selector or selector_from_spec(obj.get("spec", {}).get("selector"))
         except EnforcementError as exc:
             raise EnforcementError(f"{ref.kind} {ref.namespace}/{ref.object_name}: {exc}") from exc
-        recorded = _annotations(obj).get(RECORD_ANNOTATION)
+        recorded = annotations_of(obj).get(RECORD_ANNOTATION)
         if recorded is None:
             return None
         mbps = parse_annotation_value(recorded)
@@ -370,9 +358,10 @@ class KubernetesEnforcer:
         if ref.workload or not ref.selector:
             await self._record(wl, value)
         if self.mode == "pod":
-            if not wl.synced:
-                await self._relist(wl)
-            await self._reconcile(wl, wait=True)
+            if not wl.cache.synced:
+                items, _ = await (wl.watch or self._pod_watch(wl)).list()
+                wl.cache.replace(items)
+            await self._reconcile(wl)
         if previous != mbps and self._events:
             await self._event(wl, previous, mbps)
 
@@ -391,7 +380,7 @@ class KubernetesEnforcer:
             body["spec"] = {"template": {"metadata": {"annotations": {EGRESS_ANNOTATION: value}}}}
         patch = self._workload_api(ref.kind, "patch")
         async with self._sem:
-            await self._call(
+            await self._api().call(
                 f"patch {ref.kind} {ref.namespace}/{ref.object_name}",
                 lambda: patch(
                     ref.object_name,
@@ -403,25 +392,21 @@ class KubernetesEnforcer:
                 ),
             )
 
-    async def _reconcile(self, wl: _Workload, *, wait: bool) -> None:
-        """Patch every Running pod in the cache whose annotation differs from the limit."""
-        mbps = self._limits.get(wl.ref.name)
-        if mbps is None:
-            return
-        value = annotation_value(mbps)
-        tasks = [
-            self._schedule_patch(wl, pod_name, value)
-            for pod_name, pod in list(wl.pods.items())
-            if _running(pod) and _annotations(pod).get(EGRESS_ANNOTATION) != value
-        ]
-        if wait:
-            # shield: cancelling apply() must not cut a patch (or a shared one) mid-way
-            results = await asyncio.gather(
-                *(asyncio.shield(t) for t in tasks), return_exceptions=True
-            )
-            for r in results:
-                if isinstance(r, BaseException):
-                    raise r
+    def _schedule_reconcile(self, wl: _Workload) -> list[asyncio.Task[None]]:
+        """Start a patch of every cached pod whose annotation differs from the limit."""
+        value = self._value(wl)
+        if value is None:
+            return []
+        return [self._schedule_patch(wl, pod, value) for pod in wl.cache.reconcile(value)]
+
+    async def _reconcile(self, wl: _Workload) -> None:
+        """``_schedule_reconcile`` and wait for those patches; raises the first failure."""
+        tasks = self._schedule_reconcile(wl)
+        # shield: cancelling apply() must not cut a patch (or a shared one) mid-way
+        results = await asyncio.gather(*(asyncio.shield(t) for t in tasks), return_exceptions=True)
+        for r in results:
+            if isinstance(r, BaseException):
+                raise r
 
     def _schedule_patch(self, wl: _Workload, pod: str, value: str) -> asyncio.Task[None]:
         key = (wl.ref.namespace, pod)
@@ -441,11 +426,11 @@ class KubernetesEnforcer:
 
     async def _patch_pod(self, wl: _Workload, pod: str, value: str) -> None:
         ns = wl.ref.namespace
-        v1: Any = client.CoreV1Api(self._api_client)  # raw-dict calls the stubs do not model
+        v1 = self._core_api()
         body = {"metadata": {"annotations": {EGRESS_ANNOTATION: value}}}
         try:
             async with self._sem:
-                obj = await self._call(
+                obj = await self._api().call(
                     f"patch pod {ns}/{pod}",
                     lambda: v1.patch_namespaced_pod(
                         pod,
@@ -456,9 +441,9 @@ class KubernetesEnforcer:
                         _request_timeout=self._timeout,
                     ),
                 )
-            self._cache_put(wl, obj)
+            wl.cache.put(obj)
         except NotFound:
-            wl.pods.pop(pod, None)  # deleted meanwhile: nothing left to limit
+            wl.cache.discard(pod)  # deleted meanwhile: nothing left to limit
         finally:
             pending = self._pending.get((ns, pod))
             if pending is not None and pending[1] is asyncio.current_task():
@@ -467,120 +452,6 @@ class KubernetesEnforcer:
     async def _drain_patches(self) -> None:
         while self._patch_tasks:
             await asyncio.gather(*list(self._patch_tasks), return_exceptions=True)
-
-    def _cache_put(self, wl: _Workload, pod: JsonObj) -> None:
-        name = pod.get("metadata", {}).get("name")
-        if not name:
-            return
-        old = wl.pods.get(name)
-        if old is None or _rv(pod) >= _rv(old):
-            wl.pods[name] = pod
-
-    async def _relist(self, wl: _Workload) -> str:
-        """List the pods, replace the cache and return the list's resourceVersion."""
-        v1: Any = client.CoreV1Api(self._api_client)  # raw-dict calls the stubs do not model
-        ref = wl.ref
-        listing = await self._call(
-            f"list pods {ref.namespace} -l {wl.selector}",
-            lambda: v1.list_namespaced_pod(
-                ref.namespace,
-                label_selector=wl.selector,
-                _preload_content=False,
-                _request_timeout=self._timeout,
-            ),
-        )
-        wl.pods = {p["metadata"]["name"]: p for p in listing.get("items") or []}
-        wl.synced = True
-        return str(listing.get("metadata", {}).get("resourceVersion") or "")
-
-    async def _watch_loop(self, wl: _Workload) -> None:
-        """List, then watch from the list's resourceVersion; re-list on 410 Gone and
-        every ``resync_s``; back off on errors. Runs until cancelled."""
-        failures = 0
-        while True:
-            try:
-                rv = await self._relist(wl)
-                await self._reconcile(wl, wait=False)
-                relist_at = time.monotonic() + self._resync_s
-                while time.monotonic() < relist_at:
-                    rv = await self._watch_once(wl, rv)
-                    failures = 0
-                    await self._reconcile(wl, wait=False)  # periodic resync from the cache
-            except Gone:
-                log.info("watch of %s expired (410): re-listing", wl.ref.name)
-                continue
-            except EnforcementError as exc:
-                failures += 1
-                log.warning("watch of %s failed: %s", wl.ref.name, exc)
-                await asyncio.sleep(self._retry.backoff(min(failures, 10)))
-            except Exception:
-                # A bug must not silently end the watch (new pods would go unlimited).
-                failures += 1
-                log.exception("watch of %s crashed; restarting it", wl.ref.name)
-                await asyncio.sleep(self._retry.backoff(min(failures, 10)))
-
-    async def _watch_once(self, wl: _Workload, rv: str) -> str:
-        """One watch request; returns the last resourceVersion seen when it ends."""
-        v1: Any = client.CoreV1Api(self._api_client)  # raw-dict calls the stubs do not model
-        what = f"watch pods {wl.ref.namespace} -l {wl.selector}"
-        await self._bucket.acquire()
-        try:
-            resp = await v1.list_namespaced_pod(
-                wl.ref.namespace,
-                label_selector=wl.selector,
-                watch=True,
-                allow_watch_bookmarks=True,
-                resource_version=rv,
-                timeout_seconds=self._watch_timeout_s,
-                _preload_content=False,
-                # sock_read is the inactivity timeout: bookmarks arrive well within it.
-                _request_timeout=aiohttp.ClientTimeout(
-                    sock_connect=self._timeout.total, sock_read=self._inactivity_s
-                ),
-            )
-        except (ApiException, aiohttp.ClientError, OSError) as exc:
-            self._count(exc, what)
-            raise classify(exc, what=what) from exc
-        try:
-            if not 200 <= resp.status <= 299:
-                refused = ApiException(status=resp.status, reason=resp.reason)
-                refused.body, refused.headers = await resp.read(), resp.headers
-                self._count(refused, what)
-                raise classify(refused, what=what) from refused
-            while line := await resp.content.readline():
-                rv = self._on_event(wl, json.loads(line), rv, what)
-        except (aiohttp.ClientError, OSError, ValueError) as exc:
-            if isinstance(exc, ValueError):
-                raise EnforcementError(f"{what}: unparsable watch event") from exc
-            self._count(exc, what)
-            raise classify(exc, what=what) from exc
-        finally:
-            resp.release()
-        return rv
-
-    def _count(self, exc: BaseException, what: str) -> None:
-        if self._on_api_error is not None:
-            self._on_api_error(classify(exc, what=what).code)
-
-    def _on_event(self, wl: _Workload, event: JsonObj, rv: str, what: str) -> str:
-        type_, obj = event.get("type"), event.get("object") or {}
-        if type_ == "ERROR":
-            code = int(obj.get("code") or 0)
-            exc = ApiException(status=code, reason=str(obj.get("message", "")))
-            exc.body = json.dumps(obj).encode()
-            self._count(exc, what)
-            raise classify(exc, what=what)
-        new_rv = str(obj.get("metadata", {}).get("resourceVersion") or rv)
-        if type_ == "DELETED":
-            wl.pods.pop(obj.get("metadata", {}).get("name", ""), None)
-        elif type_ in ("ADDED", "MODIFIED"):
-            self._cache_put(wl, obj)
-            mbps = self._limits.get(wl.ref.name)
-            if mbps is not None and not self._closed and _running(obj):
-                value = annotation_value(mbps)
-                if _annotations(obj).get(EGRESS_ANNOTATION) != value:
-                    self._schedule_patch(wl, obj["metadata"]["name"], value)
-        return new_rv  # BOOKMARK only moves the resourceVersion on
 
     async def _event(self, wl: _Workload, previous: int | None, mbps: int) -> None:
         """A core/v1 Event on the workload; best effort (a failure is counted, logged)."""
@@ -608,9 +479,9 @@ class KubernetesEnforcer:
             "lastTimestamp": now,
             "count": 1,
         }
-        v1: Any = client.CoreV1Api(self._api_client)  # raw-dict calls the stubs do not model
+        v1 = self._core_api()
         try:
-            await self._call(
+            await self._api().call(
                 f"create event in {ref.namespace}",
                 lambda: v1.create_namespaced_event(
                     ref.namespace, body, _preload_content=False, _request_timeout=self._timeout
@@ -620,22 +491,32 @@ class KubernetesEnforcer:
             log.warning("could not record event %s on %s: %s", reason, ref.name, exc)
 
     async def _close_client(self) -> None:
-        if self._owns_client and self._api_client is not None:
-            await self._api_client.close()
-            self._api_client = None
+        if self._owns_client and self._kube is not None:
+            await self._kube.api_client.close()
+            self._kube = None
 
 
-def _annotations(obj: Mapping[str, Any]) -> Mapping[str, str]:
-    return (obj.get("metadata") or {}).get("annotations") or {}
+class _PodSink:
+    """One workload's pod watch (a ``WatchSink``): folds it into the cache and starts
+    the patches the cache asks for. The watch does not wait for them."""
 
+    def __init__(self, enforcer: KubernetesEnforcer, wl: _Workload) -> None:
+        self._enforcer, self._wl = enforcer, wl
 
-def _running(pod: Mapping[str, Any]) -> bool:
-    meta = pod.get("metadata") or {}
-    return (pod.get("status") or {}).get("phase") == "Running" and not meta.get("deletionTimestamp")
+    def on_list(self, items: list[JsonObj]) -> None:
+        """A (re-)list: replace the cache, patch what needs it."""
+        self._wl.cache.replace(items)
+        self._enforcer._schedule_reconcile(self._wl)
 
+    def on_event(self, event: WatchEvent) -> None:
+        """A pod changed: a new or changed Running pod gets the limit."""
+        enforcer, wl = self._enforcer, self._wl
+        value = None if enforcer._closed else enforcer._value(wl)
+        to_patch = wl.cache.apply_event(event, limit_value=value)
+        if value is not None:
+            for pod in to_patch:
+                enforcer._schedule_patch(wl, pod, value)
 
-def _rv(obj: Mapping[str, Any]) -> int:
-    try:
-        return int((obj.get("metadata") or {}).get("resourceVersion") or 0)
-    except ValueError:
-        return 0  # resourceVersions are opaque; ours are ints, others compare as equal
+    def on_watch_end(self) -> None:
+        """The periodic resync from the cache (retries patches that failed)."""
+        self._enforcer._schedule_reconcile(self._wl)

@@ -8,6 +8,7 @@ from collections import Counter
 from collections.abc import AsyncIterator, Callable
 
 import pytest
+from kubernetes_asyncio import client
 
 from detnet.controller.enforce.kubernetes import (
     EGRESS_ANNOTATION,
@@ -16,6 +17,7 @@ from detnet.controller.enforce.kubernetes import (
     WorkloadRef,
 )
 from detnet.controller.errors import EnforcementError
+from detnet.controller.kube.api import KubeClient
 from detnet.controller.retry import NotFound, RetryPolicy
 from detnet.lab.kubeapi import DROP, ApiServerEmulator
 
@@ -322,3 +324,26 @@ async def test_start_fails_clearly_for_a_missing_workload(api, make) -> None:
     with pytest.raises(NotFound, match="ghost"):
         await enforcer.start()
     await enforcer.close()
+
+
+async def test_a_shared_client_is_used_and_left_open(api) -> None:
+    codes: list[str] = []
+    async with client.ApiClient(api.client_configuration()) as ac:
+        kube = KubeClient(ac, retry=FAST_RETRY, on_api_error=codes.append)
+        enforcer = KubernetesEnforcer(refs(), kube=kube)
+        await enforcer.start()
+        try:
+            api.fail("patch */pods/erp-dashboard-*", 500, times=1)
+            await enforcer.apply({"erp-dashboard": 30})
+        finally:
+            await enforcer.close()
+        assert pod_values(api, "erp-dashboard") == ["30M"] * 3
+        assert codes == ["500"]  # counted through the shared client's hook
+        # The enforcer did not close a client it was given: a successor can use it.
+        successor = KubernetesEnforcer(refs(), kube=kube)
+        try:
+            assert await successor.start() == {"erp-dashboard": 30}
+        finally:
+            await successor.close()
+        with pytest.raises(ValueError, match="either kube= or the pieces"):
+            KubernetesEnforcer(refs(), kube=kube, qps=5)

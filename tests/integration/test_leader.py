@@ -10,6 +10,7 @@ from typing import Any
 import pytest
 from kubernetes_asyncio import client
 
+from detnet.controller.kube.api import KubeClient
 from detnet.controller.leader import LeaseElector
 from detnet.lab.kubeapi import ApiServerEmulator
 
@@ -167,10 +168,50 @@ async def test_work_errors_propagate(api) -> None:
 def test_bad_timing_is_refused() -> None:
     with pytest.raises(ValueError, match="lease_duration_s > renew_deadline_s"):
         LeaseElector(
-            api_client=None,  # type: ignore[arg-type]
+            api_client=None,
             namespace=NS,
             name="x",
             identity="a",
             lease_duration_s=5,
             renew_deadline_s=5,
         )
+
+
+async def test_lease_calls_share_the_limiter_but_never_queue_behind_it(api) -> None:
+    """With the process's shared KubeClient, an exhausted QPS budget (a cut patching
+    many pods) must not keep the leader from renewing: lease calls go first."""
+    errors: list[str] = []
+    async with client.ApiClient(api.client_configuration()) as ac:
+        kube = KubeClient(ac, qps=0.01, burst=1, on_api_error=errors.append)
+        await kube.bucket.acquire()  # the budget is spent: a queued call waits 100 s
+        queued = asyncio.create_task(kube.bucket.acquire())  # a patch waiting its turn
+        el = LeaseElector(kube=kube, namespace=NS, name="shared", identity="x", **TIMING)
+        task = asyncio.create_task(el.run(Worker("x", set(), [])))
+        try:
+            assert await wait_for(lambda: el.is_leader, 2.0)
+            renewed = api.lease(NS, "shared")["spec"]["renewTime"]
+            assert await wait_for(
+                lambda: api.lease(NS, "shared")["spec"]["renewTime"] != renewed, 2.0
+            )
+            assert not queued.done()  # the lease did not jump by refilling the bucket
+        finally:
+            queued.cancel()
+            try:
+                await asyncio.wait_for(el.release(), 5)  # bounded: a stuck run fails here
+            finally:
+                task.cancel()
+                await asyncio.gather(task, queued, return_exceptions=True)
+    assert errors == ["404"]  # the first read: no lease yet, so it is created
+    assert api.lease(NS, "shared")["spec"]["holderIdentity"] is None
+
+
+async def test_shared_client_or_own_client_not_both(api) -> None:
+    async with client.ApiClient(api.client_configuration()) as ac:
+        kube = KubeClient(ac)
+        common: Any = {"namespace": NS, "name": "x", "identity": "a"}
+        with pytest.raises(ValueError, match="need kube= or api_client="):
+            LeaseElector(**common)
+        with pytest.raises(ValueError, match="the kube client's"):
+            LeaseElector(kube=kube, api_client=ac, **common)
+        with pytest.raises(ValueError, match="the kube client's"):
+            LeaseElector(kube=kube, on_api_error=print, **common)

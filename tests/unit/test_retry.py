@@ -130,6 +130,15 @@ async def test_gives_up_after_attempts() -> None:
     assert "gave up after 3 attempts" in str(result)
 
 
+async def test_one_attempt_fails_at_once_without_a_give_up_note() -> None:
+    # The leader elector's policy: its own period is the retry.
+    op = Script(api_error(503))
+    result, sleeps, codes = await run(op, RetryPolicy(attempts=1))
+    assert isinstance(result, ApiUnavailable)
+    assert (op.calls, sleeps, codes) == (1, [], ["503"])
+    assert "gave up" not in str(result)
+
+
 async def test_retry_after_is_capped() -> None:
     op = Script(api_error(429, "3600"))
     _, sleeps, _ = await run(op, RetryPolicy(max_retry_after_s=5))
