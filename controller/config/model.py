@@ -16,6 +16,7 @@ import yaml
 
 from detnet.controller.aimd import PolicyParams, Slo
 from detnet.controller.errors import ConfigError
+from detnet.controller.kube import DEFAULT_CONCURRENCY, DEFAULT_QPS
 from detnet.controller.parse import format_duration_ns
 from detnet.engine.errors import TargetError
 from detnet.engine.targets import Target
@@ -101,8 +102,8 @@ class KubernetesSettings:
     """How the Kubernetes enforcer talks to the API server."""
 
     mode: KubernetesMode = "annotation"
-    qps: float = 100.0
-    concurrency: int = 8
+    qps: float = DEFAULT_QPS
+    concurrency: int = DEFAULT_CONCURRENCY
     release_on_exit: bool = False
     lease_name: str = "detnet-controller"
     lease_namespace: str | None = None  # None: the controller's own namespace (control)

@@ -38,6 +38,7 @@ from detnet.controller.config.reading import (
     text,
 )
 from detnet.controller.errors import ConfigError
+from detnet.controller.kube import DEFAULT_CONCURRENCY, DEFAULT_QPS
 from detnet.controller.parse import show
 from detnet.engine.core import DEFAULT_CAPACITY
 from detnet.engine.targets import MIN_INTERVAL_NS
@@ -332,8 +333,8 @@ def _kubernetes(doc: Document, top: Section) -> KubernetesSettings:
         raise ks.err("mode", f"must be annotation or template, got {show(mode)}")
     return KubernetesSettings(
         mode=mode,  # type: ignore[arg-type]
-        qps=ks.get("qps", _QPS, 100.0),
-        concurrency=ks.get("concurrency", _CONCURRENCY, 8),
+        qps=ks.get("qps", _QPS, DEFAULT_QPS),
+        concurrency=ks.get("concurrency", _CONCURRENCY, DEFAULT_CONCURRENCY),
         release_on_exit=ks.get("release_on_exit", boolean, False),
         lease_name=ks.get("lease_name", _LEASE_NAME, "detnet-controller"),
         lease_namespace=ks.get("lease_namespace", _NAMESPACE, None),
