@@ -23,7 +23,7 @@ from detnet.controller.aimd import AsymmetricAimd, Decision, Observation, Scope
 from detnet.controller.enforce.base import Enforcer
 from detnet.controller.errors import EnforcementError
 from detnet.controller.metrics import ControllerMetrics
-from detnet.controller.parse import escape
+from detnet.engine.parse import escape
 from detnet.engine.stats import WindowStats
 
 log = logging.getLogger("detnet.controller.loop")

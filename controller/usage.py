@@ -38,7 +38,7 @@ import aiohttp
 from detnet.controller.agent.wire import MAX_DOCUMENT_BYTES, NodeUsage, PodUsage, WireError, decode
 from detnet.controller.kube.objects import JsonObj, WatchEvent, name_of
 from detnet.controller.kube.selectors import SelectorError, parse_selector
-from detnet.controller.parse import show
+from detnet.engine.parse import show
 
 log = logging.getLogger(__name__)
 

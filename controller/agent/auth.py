@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from detnet.controller.errors import ControllerError
-from detnet.controller.parse import ParseError, show
+from detnet.engine.parse import ParseError, show
 
 if TYPE_CHECKING:
     from detnet.controller.kube.api import KubeClient

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING
 
 from detnet.controller.agent.auth import AUDIENCE, CONTROLLER_ACCOUNT, parse_account
 from detnet.controller.errors import USER_ERRORS, CommandError
-from detnet.controller.parse import ParseError, parse_address, parse_duration_ns, show
+from detnet.engine.parse import ParseError, parse_address, parse_duration_ns, show
 
 if TYPE_CHECKING:
     from detnet.controller.agent.service import AgentConfig

@@ -24,7 +24,7 @@ from detnet.controller.agent.auth import AUDIENCE, AuthDecision
 from detnet.controller.agent.sampler import Snapshot
 from detnet.controller.agent.wire import PodUsage, encode
 from detnet.controller.kube.selectors import LabelSelector, SelectorError, parse_selector
-from detnet.controller.parse import escape, show
+from detnet.engine.parse import escape, show
 
 log = logging.getLogger(__name__)
 

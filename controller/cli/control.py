@@ -35,10 +35,10 @@ from detnet.controller.enforce.base import DryRunEnforcer, Enforcer
 from detnet.controller.errors import CommandError
 from detnet.controller.loop import ControlLoop, DecisionLog
 from detnet.controller.metrics import ControllerMetrics
-from detnet.controller.parse import ParseError, parse_address, parse_duration_ns, show
 from detnet.engine import runloop
 from detnet.engine.core import ProbeEngine
 from detnet.engine.httpserver import MetricsServer
+from detnet.engine.parse import ParseError, parse_address, parse_duration_ns, show
 from detnet.engine.recorder import Sample
 from detnet.engine.targets import Target
 

@@ -20,16 +20,16 @@ from typing import Any, TextIO
 
 from detnet.controller.config import ControlSettings, load_config
 from detnet.controller.errors import CommandError
-from detnet.controller.parse import (
+from detnet.engine import runloop
+from detnet.engine.core import ProbeEngine
+from detnet.engine.httpserver import MetricsServer
+from detnet.engine.parse import (
     ParseError,
     parse_address,
     parse_duration_ns,
     read_key_file,
     show,
 )
-from detnet.engine import runloop
-from detnet.engine.core import ProbeEngine
-from detnet.engine.httpserver import MetricsServer
 from detnet.engine.recorder import Sample
 from detnet.engine.stats import WindowStats
 from detnet.engine.targets import MAX_BATCH, Target, parse_target
@@ -38,7 +38,7 @@ _MAX_CAPACITY = 1 << 22
 
 
 def _duration_ns(flag: str, text: str) -> int:
-    """A duration flag (controller.parse's rule) in ns; CommandError naming the flag."""
+    """A duration flag (engine.parse's rule) in ns; CommandError naming the flag."""
     try:
         return parse_duration_ns(text)
     except ParseError as exc:

@@ -14,12 +14,12 @@ import signal
 import sys
 
 from detnet.controller.errors import CommandError
-from detnet.controller.parse import ParseError, parse_address, read_key_file, show
+from detnet.engine.parse import ParseError, parse_address, read_key_file, show
 from detnet.engine.reflector import ReflectorConfig, ReflectorError, ReflectorServer
 
 
 def _address(flag: str, text: str) -> tuple[str, int]:
-    """``HOST:PORT`` of a listening flag (controller.parse's rule; 0 picks a free port)."""
+    """``HOST:PORT`` of a listening flag (engine.parse's rule; 0 picks a free port)."""
     try:
         return parse_address(text, port_zero=True)
     except ParseError as exc:

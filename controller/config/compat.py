@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 from detnet.controller.config.model import CONFIGMAP_KEY
 from detnet.controller.config.reading import Document, Section, Value, boolean, positive
-from detnet.controller.parse import escape
+from detnet.engine.parse import escape
 
 LEGACY_TOP_KEYS = ("severity_multiplier_enabled", "severity_max_multiplier")
 LEGACY_CONTROL_KEYS = ("step_down", "step_up", "min_bandwidth", "max_bandwidth")

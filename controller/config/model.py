@@ -17,8 +17,8 @@ import yaml
 from detnet.controller.aimd import PolicyParams, Slo
 from detnet.controller.errors import ConfigError
 from detnet.controller.kube import DEFAULT_CONCURRENCY, DEFAULT_QPS
-from detnet.controller.parse import format_duration_ns
 from detnet.engine.errors import TargetError
+from detnet.engine.parse import format_duration_ns
 from detnet.engine.targets import Target
 
 CONFIGMAP_KEY = "critical-apps.yaml"

@@ -26,7 +26,7 @@ from yaml.resolver import Resolver
 
 from detnet.controller.config.model import line_of
 from detnet.controller.errors import ConfigError
-from detnet.controller.parse import (
+from detnet.engine.parse import (
     SHOW_LIMIT,
     ParseError,
     escape,

@@ -12,7 +12,7 @@ from dataclasses import replace
 
 from detnet.controller.config.model import Config, CriticalApp
 from detnet.controller.errors import ConfigError
-from detnet.controller.parse import escape, show
+from detnet.engine.parse import escape, show
 from detnet.engine.targets import Target
 
 

@@ -39,8 +39,8 @@ from detnet.controller.config.reading import (
 )
 from detnet.controller.errors import ConfigError
 from detnet.controller.kube import DEFAULT_CONCURRENCY, DEFAULT_QPS
-from detnet.controller.parse import show
 from detnet.engine.core import DEFAULT_CAPACITY
+from detnet.engine.parse import show
 from detnet.engine.targets import MIN_INTERVAL_NS
 
 MS, S = 1_000_000, 1_000_000_000

@@ -18,7 +18,7 @@ import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
-from detnet.controller.parse import show
+from detnet.engine.parse import show
 
 MAX_SELECTOR_CHARS = 4096
 

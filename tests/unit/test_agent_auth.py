@@ -21,7 +21,7 @@ from detnet.controller.agent.auth import (
     service_account,
     token_expiry,
 )
-from detnet.controller.parse import ParseError
+from detnet.engine.parse import ParseError
 from detnet.lab.kubeapi.auth import Identity, Tokens
 
 CONTROLLER = "system:serviceaccount:detnet-system:detnet-controller"

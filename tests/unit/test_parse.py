@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from detnet.controller.parse import (
+from detnet.engine.parse import (
     KEY_FILE_MAX,
     MAX_DURATION_NS,
     ParseError,

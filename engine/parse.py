@@ -1,7 +1,9 @@
-"""The parsers for values that both the config file and the command line read.
+"""The parsers for values that the config file, the command line and the lab all read.
 
 One rule per kind of value, so a duration, an address or a key file means the same in
-``detnet control``'s YAML and on ``detnet probe``'s and ``detnet reflect``'s flags:
+``detnet control``'s YAML, on ``detnet probe``'s and ``detnet reflect``'s flags, in a
+probe target's URL (``engine.targets``) and in the lab's traffic tools. It lives in the
+engine, which every other package may import, and imports nothing of ours:
 
 - **durations**: a number with an optional unit, ``ns``, ``us`` (or ``µs``), ``ms``,
   ``s``, ``m``, ``h``; a bare number is seconds (``0.5``, ``"250ms"``, ``1.5s``, ``2m``);
