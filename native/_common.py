@@ -163,7 +163,7 @@ class ForeignDatagram:
         return f"{self.size} bytes from {where}, starting {self.prefix.hex() or '(empty)'}"
 
 
-def foreign_datagram(data: bytes, size: int, address: object) -> ForeignDatagram:
+def foreign_datagram(*, data: bytes, size: int, address: object) -> ForeignDatagram:
     """Build the report from what recvmsg gave (called once per socket)."""
     source = None
     if isinstance(address, tuple) and len(address) >= 2:

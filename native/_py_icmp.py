@@ -261,7 +261,7 @@ class IcmpProbeSocket:
         self.foreign += 1
         if self.first_foreign is None:
             self.first_foreign = foreign_datagram(
-                bytes(view[: min(max(length, 0), 16)]), length, addr
+                data=bytes(view[: min(max(length, 0), 16)]), size=length, address=addr
             )
         return None
 

@@ -411,7 +411,9 @@ class ProbeSocket:
     def _foreign(self, view: memoryview, length: int, addr: object) -> int:
         self.foreign += 1
         if self.first_foreign is None:
-            self.first_foreign = foreign_datagram(bytes(view[: min(length, 16)]), length, addr)
+            self.first_foreign = foreign_datagram(
+                data=bytes(view[: min(length, 16)]), size=length, address=addr
+            )
         return -1
 
     def stats(self) -> dict[str, int]:

@@ -16,10 +16,14 @@ import numpy as np
 import pytest
 
 from detnet import native
+from tests.unit.test_native_timestamping import kernel_rx_stamps  # noqa: F401 - a fixture
 
-pytestmark = pytest.mark.skipif(
-    os.geteuid() != 0, reason="raw ICMP sockets and network namespaces need root; CI is root"
-)
+pytestmark = [
+    pytest.mark.usefixtures("kernel_rx_stamps"),
+    pytest.mark.skipif(
+        os.geteuid() != 0, reason="raw ICMP sockets and network namespaces need root; CI is root"
+    ),
+]
 needs_unshare = pytest.mark.skipif(
     shutil.which("unshare") is None or shutil.which("ip") is None,
     reason="unshare (util-linux) and ip (iproute2) are needed for the namespace tests",

@@ -18,11 +18,15 @@ from typing import Any
 import pytest
 
 from detnet import native
+from tests.unit.test_native_timestamping import kernel_rx_stamps  # noqa: F401 - a fixture
 
-pytestmark = pytest.mark.skipif(
-    os.geteuid() != 0 or shutil.which("unshare") is None or shutil.which("tc") is None,
-    reason="needs root, unshare and tc (iproute2) for a shaped loopback in a namespace",
-)
+pytestmark = [
+    pytest.mark.usefixtures("kernel_rx_stamps"),
+    pytest.mark.skipif(
+        os.geteuid() != 0 or shutil.which("unshare") is None or shutil.which("tc") is None,
+        reason="needs root, unshare and tc (iproute2) for a shaped loopback in a namespace",
+    ),
+]
 
 _PROBER = """
 import json, select, socket
@@ -59,7 +63,7 @@ sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
 sock.bind(("127.0.0.1", 7000))  # a namespace of our own: the port is free
 refl = native.Reflector(sock, two_step=True)
 probe = native.ProbeSocket("127.0.0.1", sock.getsockname()[1], session=2, size=1000,
-                           two_step=True)
+                           two_step=True, followup_wait_ns=WAIT_NS)
 probe.send(7, 1, np.zeros(1, native.SENT_DTYPE))
 assert select.select([refl.fileno()], [], [], 2.0)[0]
 refl.serve()
@@ -117,8 +121,9 @@ def _run(script: str, *, qdisc: str) -> dict[str, Any]:
 
 
 def test_probe_tx_stamps_that_arrive_late_wake_the_reader_and_are_taken() -> None:
-    # 1 Mbit/s with room for two 1000-byte probes: the other 18 wait in the queue.
-    result = _run(_PROBER, qdisc=_TBF + "rate 1mbit burst 2000 limit 100000")
+    # Room for two 1000-byte probes, then 40 ms each: the others wait in the queue, for
+    # longer than even a slow (loaded, pure-Python) send loop takes to hand them over.
+    result = _run(_PROBER, qdisc=_TBF + "rate 200kbit burst 2000 limit 100000")
     on_time, late = result["on_time"], result["late"]
     assert isinstance(on_time, list)
     assert isinstance(late, list)
@@ -131,8 +136,10 @@ def test_probe_tx_stamps_that_arrive_late_wake_the_reader_and_are_taken() -> Non
 
 
 def test_a_reflector_stamp_that_arrives_late_still_goes_back() -> None:
-    # One packet's burst: the request passes, the reply waits in the queue (~8 ms).
-    result = _run(_REFLECTOR, qdisc=_TBF + "rate 1mbit burst 1100 limit 100000")
+    # One packet's burst: the request passes, the reply waits ~0.4 s for tokens (longer
+    # than even a slow reflector takes to answer), within the 1 s wait the probe asks for.
+    script = _REFLECTOR.replace("WAIT_NS", "1_000_000_000")
+    result = _run(script, qdisc=_TBF + "rate 20kbit burst 1100 limit 100000")
     stats = result["stats"]
     assert isinstance(stats, dict)
     assert result["after_reply"] == 0  # no stamp yet when serve() returned
@@ -150,7 +157,7 @@ def test_a_reflector_stamp_that_arrives_late_still_goes_back() -> None:
 
 def test_a_reply_the_qdisc_drops_is_reported_lost() -> None:
     # The qdisc drops the reply before the driver could stamp it (the follow-up passes).
-    result = _run(_REFLECTOR, qdisc=_DROP_REPLIES)
+    result = _run(_REFLECTOR.replace("WAIT_NS", "20_000_000"), qdisc=_DROP_REPLIES)
     stats = result["stats"]
     assert isinstance(stats, dict)
     assert stats["replied"] == 1  # the kernel took it (UDP hides a qdisc drop)
