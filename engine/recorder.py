@@ -59,6 +59,7 @@ SOURCE_KERNEL = 1  # kernel TX/RX software stamps, or the kernel's own RTT (TCP_
 SOURCE_NAMES: tuple[str, ...] = ("user", "kernel")
 SOURCE_FLAGS: tuple[int, ...] = (0, FLAG_KERNEL)
 _SOURCE_FLAGS = np.array(SOURCE_FLAGS, np.uint8)
+_SOURCE_BY_KERNEL = np.array((SOURCE_USER, SOURCE_KERNEL), np.uint8)  # by "kernel stamps?"
 
 
 # --- inputs -----------------------------------------------------------------------------
@@ -100,7 +101,7 @@ class Replies:
     @classmethod
     def from_native(cls, r: npt.NDArray[np.void]) -> Replies:
         """A native ``REPLY_DTYPE`` array (views, no copies)."""
-        return cls(*(r[name] for name in NATIVE_FIELDS))
+        return cls(*[r[name] for name in NATIVE_FIELDS])
 
     def take(self, mask: npt.NDArray[np.bool_]) -> Replies:
         """The replies where ``mask`` is true."""
@@ -152,7 +153,7 @@ def delays(*, user_tx_ns: I64, kernel_tx_ns: I64, replies: Replies) -> Delays:
         user_rtt_ns=user_rtt,
         fwd_ns=np.where(has_refl, (rrx - tx).astype(np.float64), np.nan),
         back_ns=np.where(has_refl, (rx - rtx).astype(np.float64), np.nan),
-        source=np.where(kernel, SOURCE_KERNEL, SOURCE_USER).astype(np.uint8),
+        source=_SOURCE_BY_KERNEL.take(kernel.view(np.uint8)),
     )
 
 
@@ -342,7 +343,9 @@ class ProbeRecorder:
                 got = got.copy()
                 got[got] = ~step
                 slots = slots[~step]
-            if slots.shape[0]:
+            if slots.shape[0] == len(replies):  # the common case: every reply is a sample
+                self._write(now_ns, slots, replies, cls.reordered)
+            elif slots.shape[0]:
                 self._write(now_ns, slots, replies.take(got), cls.reordered[got])
         # After the records are written, so that a duplicate arriving in the same batch as
         # its original finds the record (as it does when the two come one at a time).
@@ -358,9 +361,10 @@ class ProbeRecorder:
         tr = self.tracker
         user_tx = tr.user_tx_ns[slots]
         d = delays(user_tx_ns=user_tx, kernel_tx_ns=tr.kernel_tx_ns[slots], replies=got)
-        flags = (
-            FLAG_RECEIVED | _SOURCE_FLAGS[d.source] | np.where(reordered, FLAG_REORDERED, 0)
-        ).astype(np.uint8)
+        # Table lookups and in-place ORs on uint8: np.where with scalars costs more here.
+        flags = _SOURCE_FLAGS.take(d.source)
+        flags |= FLAG_RECEIVED
+        flags[reordered] |= FLAG_REORDERED
         seqs = got.seq.astype(np.int64)
         pos = self.ring.append(
             t_ns=now_ns,
