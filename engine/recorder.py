@@ -53,13 +53,14 @@ U8 = npt.NDArray[np.uint8]
 CLOCK_STEP_NS = 5_000_000
 
 # Timestamp sources: which clocks a record's RTT comes from. A code per record; its name is
-# what samples and metrics say, its ring flag what the window statistics read.
+# what samples and metrics say, its ring flag what the window statistics read. A new source
+# (a two-step reflector TX stamp, hardware stamps) is a new code here, with its name and flag.
 SOURCE_USER = 0  # user-space clock reads next to the syscalls
 SOURCE_KERNEL = 1  # kernel TX/RX software stamps, or the kernel's own RTT (TCP_INFO)
 SOURCE_NAMES: tuple[str, ...] = ("user", "kernel")
 SOURCE_FLAGS: tuple[int, ...] = (0, FLAG_KERNEL)
 _SOURCE_FLAGS = np.array(SOURCE_FLAGS, np.uint8)
-_SOURCE_BY_KERNEL = np.array((SOURCE_USER, SOURCE_KERNEL), np.uint8)  # by "kernel stamps?"
+_SOURCE_BY_KERNEL = np.array((SOURCE_USER, SOURCE_KERNEL), np.uint8)  # [kernel stamps used]
 
 
 # --- inputs -----------------------------------------------------------------------------
