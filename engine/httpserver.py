@@ -52,15 +52,6 @@ class HttpServerError(EngineError):
     """The metrics server cannot listen (address in use, bad address, bad limits...)."""
 
 
-def parse_listen(spec: str) -> tuple[str, int]:
-    """Parse ``HOST:PORT`` (``[::1]:PORT`` for IPv6; port 0 picks a free one)."""
-    host, sep, port = spec.rpartition(":")
-    host = host.strip("[]")
-    if not sep or not host or not port.isdigit() or not 0 <= int(port) < 65536:
-        raise HttpServerError(f"listen address {spec!r}: expected HOST:PORT")
-    return host, int(port)
-
-
 @dataclass(frozen=True, kw_only=True)
 class HttpLimits:
     """The bounds of every connection; times in seconds."""

@@ -7,8 +7,9 @@ engine, which every other package may import, and imports nothing of ours:
 
 - **durations**: a number with an optional unit, ``ns``, ``us`` (or ``µs``), ``ms``,
   ``s``, ``m``, ``h``; a bare number is seconds (``0.5``, ``"250ms"``, ``1.5s``, ``2m``);
-- **addresses**: ``HOST:PORT``; ``:PORT`` is every interface, IPv6 goes in brackets
-  (``[::1]:9108``); a bare IPv6 address without brackets is refused, being ambiguous;
+- **addresses**: ``HOST:PORT``; ``:PORT`` is every interface (where one listens), IPv6
+  goes in brackets (``[::1]:9108``); a bare IPv6 address without brackets is refused,
+  being ambiguous; port 0 ("pick a free one") only where the caller allows it;
 - **host names**: an IP address or a DNS name (letters, digits, ``-``, dot-separated);
 - **HMAC key files**: the file's bytes with trailing CR/LF bytes removed (editors and
   ``echo`` add them; nothing else is stripped, so binary keys keep their other bytes);
@@ -180,10 +181,11 @@ def parse_host(text: str) -> str:
     return text
 
 
-def parse_address(text: str, *, port_zero: bool) -> tuple[str, int]:
+def parse_address(text: str, *, port_zero: bool, host_required: bool = False) -> tuple[str, int]:
     """``HOST:PORT``, ``[IPV6]:PORT`` or ``:PORT`` (every interface) -> (host, port).
 
-    ``port_zero`` allows port 0 (a listener's "pick a free port")."""
+    ``port_zero`` allows port 0 (a listener's "pick a free port"); ``host_required``
+    refuses ``:PORT`` (a destination: "every interface" is not a place to send to)."""
     low = 0 if port_zero else 1
     form = "expected HOST:PORT (IPv6 as [ADDR]:PORT)"
     host, sep, port_text = text.rpartition(":")
@@ -198,6 +200,8 @@ def parse_address(text: str, *, port_zero: bool) -> tuple[str, int]:
     elif ":" in host:
         raise ParseError("write IPv6 addresses in brackets: [ADDR]:PORT")
     elif not host:
+        if host_required:
+            raise ParseError(f"{form}; the host is missing")
         host = "0.0.0.0"
     else:
         try:

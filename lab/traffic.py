@@ -28,8 +28,10 @@ import sys
 import threading
 import time
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+
+from detnet.engine.parse import ParseError, parse_address, show
 
 _CHUNK = b"\0" * 65536
 
@@ -42,13 +44,21 @@ class Endpoint:
     port: int
 
 
-def parse_endpoint(text: str) -> Endpoint:
-    """``HOST:PORT`` (``[V6]:PORT`` for IPv6) -> Endpoint; ValueError with a clear message."""
-    host, sep, port = text.rpartition(":")
-    host = host.strip("[]")
-    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
-        raise ValueError(f"expected HOST:PORT, got {text!r}")
-    return Endpoint(host, int(port))
+def parse_endpoint(text: str, *, listen: bool = False) -> Endpoint:
+    """``HOST:PORT`` by ``engine.parse``'s rule (``[V6]:PORT``; ``:PORT`` is every
+    interface, for a ``listen`` address only); ParseError (a ValueError) says why not."""
+    host, port = parse_address(text, port_zero=False, host_required=not listen)
+    return Endpoint(host, port)
+
+
+def _endpoint_flag(*, listen: bool) -> Callable[[str], Endpoint]:
+    def read(text: str) -> Endpoint:
+        try:
+            return parse_endpoint(text, listen=listen)
+        except ParseError as exc:
+            raise argparse.ArgumentTypeError(f"{show(text)}: {exc}") from exc
+
+    return read
 
 
 # ----------------------------------------------------------------------------- sink
@@ -150,10 +160,12 @@ def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m detnet.lab.traffic", description=__doc__)
     sub = p.add_subparsers(dest="role", required=True)
     sink = sub.add_parser("sink", help="count received bytes per peer, JSON line per second")
-    sink.add_argument("--listen", type=parse_endpoint, required=True, metavar="HOST:PORT")
+    sink.add_argument(
+        "--listen", type=_endpoint_flag(listen=True), required=True, metavar="HOST:PORT"
+    )
     sink.add_argument("--interval", type=float, default=1.0, metavar="S")
     send = sub.add_parser("send", help="bulk TCP sender")
-    send.add_argument("--to", type=parse_endpoint, required=True, metavar="HOST:PORT")
+    send.add_argument("--to", type=_endpoint_flag(listen=False), required=True, metavar="HOST:PORT")
     send.add_argument("--mode", choices=("steady", "bursty"), required=True)
     send.add_argument("--flows", type=int, default=4)
     send.add_argument("--upload-bytes", type=int, default=4_000_000, metavar="B")

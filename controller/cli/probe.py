@@ -83,7 +83,9 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.add_argument("--window", help="statistics window: a time (10s) or a sample count (1000)")
     p.add_argument("--duration", help="stop after this long (default: until SIGINT/SIGTERM)")
     p.add_argument("--timeout", help="a probe with no reply by then is lost (default 1s)")
-    p.add_argument("--size", type=int, help="probe packet size in bytes (64, or the config's)")
+    p.add_argument(
+        "--size", type=int, help="probe packet size in bytes (default 64, or the config's)"
+    )
     p.add_argument("--batch", type=int, default=1, help="probes per deadline (UDP, TCP echo)")
     p.add_argument("--poisson", action="store_true", help="Poisson spacing of the probes")
     p.add_argument("--hmac-key-file", metavar="FILE", help="shared secret for probe HMACs")
@@ -112,18 +114,17 @@ def build_targets(args: argparse.Namespace) -> tuple[list[Target], Window]:
     timeout = _duration_ns("--timeout", args.timeout) if args.timeout else None
     window = parse_window(args.window) if args.window else None
     common: dict[str, Any] = {
-        "size": args.size,
         "key": _read_key(args.hmac_key_file),
         "poisson": args.poisson,
         "batch": args.batch,
     }
+    if args.size is not None:  # checked once, by Target, against the codec's bounds
+        common["size"] = args.size
     targets: list[Target] = []
     if args.config:
         cfg = load_config(args.config)
         # The config's own targets, with what the flags set on top of them.
-        flags: dict[str, Any] = {k: v for k, v in common.items() if k != "size"}
-        if args.size is not None:
-            flags["size"] = args.size
+        flags: dict[str, Any] = dict(common)
         if interval:
             flags["interval_ns"] = interval
         if timeout:
@@ -137,7 +138,7 @@ def build_targets(args: argparse.Namespace) -> tuple[list[Target], Window]:
                 spec,
                 interval_ns=interval or 10_000_000,
                 timeout_ns=timeout or 1_000_000_000,
-                **{**common, "size": args.size or 64},
+                **common,
             )
         )
     return targets, window or Window(10 * 10**9, None)

@@ -19,12 +19,19 @@ from detnet.controller.errors import ConfigError
 from detnet.controller.kube import DEFAULT_CONCURRENCY, DEFAULT_QPS
 from detnet.engine.errors import TargetError
 from detnet.engine.parse import format_duration_ns
-from detnet.engine.targets import Target
+from detnet.engine.targets import (
+    DEFAULT_SIZE,
+    DEFAULT_TCP_MODE,
+    Target,
+    TargetFieldError,
+    TcpMode,
+)
 
 CONFIGMAP_KEY = "critical-apps.yaml"
 WorkloadKind = Literal["Deployment", "StatefulSet", "DaemonSet"]
 KubernetesMode = Literal["annotation", "template"]
 KINDS: tuple[WorkloadKind, ...] = ("Deployment", "StatefulSet", "DaemonSet")
+_APP_FIELDS = ("name", "port", "mode", "size")  # Target fields spelled as an app's keys
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -36,14 +43,14 @@ class CriticalApp:
     port: int
     service: str | None = None  # DNS name, resolved at start
     host: str | None = None  # explicit address; overrides service
-    mode: Literal["connect", "echo"] = "echo"
+    mode: TcpMode = DEFAULT_TCP_MODE  # TCP only
     max_jitter_ms: float | None = None
     max_latency_ms: float | None = None
     max_queue_delay_ms: float | None = None
     max_loss_ratio: float | None = None
     priority: int = 0
     interval_s: float | None = None  # None: control.probe_interval
-    size: int = 64
+    size: int = DEFAULT_SIZE
 
     @property
     def address(self) -> str:
@@ -162,7 +169,10 @@ class Config:
                     )
                 )
             except TargetError as exc:
-                raise ConfigError(f"{self.where(f'critical_apps[{i}]')}: {exc}") from exc
+                path = f"critical_apps[{i}]"
+                if isinstance(exc, TargetFieldError) and exc.field in _APP_FIELDS:
+                    path += f".{exc.field}"  # the engine's one check, at the key's line
+                raise ConfigError(f"{self.where(path)}: {exc}") from exc
         return out
 
     def where(self, path: str) -> str:

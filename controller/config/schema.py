@@ -41,7 +41,14 @@ from detnet.controller.errors import ConfigError
 from detnet.controller.kube import DEFAULT_CONCURRENCY, DEFAULT_QPS
 from detnet.engine.core import DEFAULT_CAPACITY
 from detnet.engine.parse import show
-from detnet.engine.targets import MIN_INTERVAL_NS
+from detnet.engine.targets import (
+    DEFAULT_SIZE,
+    DEFAULT_TCP_MODE,
+    MIN_INTERVAL_NS,
+    NAME_PATTERN,
+    NAME_RULE,
+    TCP_MODES,
+)
 
 MS, S = 1_000_000, 1_000_000_000
 DEFAULT_LEASE_NAMESPACE = "kube-system"
@@ -54,7 +61,9 @@ _THRESHOLD_MS = positive(60_000.0)  # an SLO above a minute is not a latency SLO
 _LOSS_RATIO = number_in(0.0, 1.0)
 _PRIORITY = integer(-1_000_000, 1_000_000)
 _PROBE_INTERVAL = duration(MIN_INTERVAL_NS, 60 * S)  # below 0.1 ms the scheduler measures itself
-_PROBE_SIZE = integer(64, 9000, unit=" bytes")
+# Any whole number here: the engine's Target checks the size against the codec's bounds
+# (Config.targets() below), the one check the command line's --size meets too.
+_PROBE_SIZE = integer(-(2**31), 2**31 - 1, unit=" bytes")
 _CONTROL_INTERVAL = duration(10 * MS, 60 * S)  # faster only spins: actuation takes longer
 _WINDOW = duration(1 * MS, 3600 * S)
 # A window of more samples than the engine's ring keeps would silently be the ring.
@@ -69,7 +78,6 @@ _CONCURRENCY = integer(1, 1024)
 _LISTEN = address(port_zero=True)
 
 # -------------------------------------------------------------------------- names
-_APP_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,62}")
 _DNS_NAME = re.compile(r"[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?")  # a namespace, a workload
 _DNS_SUBDOMAIN = re.compile(  # a Lease's name
     r"(?=.{1,253}\Z)[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*"
@@ -144,7 +152,7 @@ def _named(pattern: re.Pattern[str], rule: str, *, max_chars: int = 253) -> Read
     return read
 
 
-_APP = _named(_APP_NAME, "use letters, digits, '.', '_' or '-' (max 63)")
+_APP = _named(NAME_PATTERN, NAME_RULE)  # an app is probed as a Target of the same name
 _OBJECT = _named(_DNS_NAME, "must be a Kubernetes object name")
 _NAMESPACE = _named(_DNS_NAME, "must be a Kubernetes namespace name")
 _LEASE_NAME = _named(_DNS_SUBDOMAIN, "must be a Kubernetes object name")
@@ -182,7 +190,7 @@ def _one_of(words: tuple[str, ...], rule: str) -> Reader[str]:
 
 
 _PROTOCOL = _one_of(("udp", "tcp"), "must be UDP or TCP")
-_TCP_MODE = _one_of(("connect", "echo"), "must be connect or echo")
+_TCP_MODE = _one_of(TCP_MODES, "must be connect or echo")
 _KIND = _one_of(KINDS, f"must be one of {', '.join(KINDS)}")
 
 
@@ -213,7 +221,7 @@ def _apps(doc: Document, top: Section) -> tuple[CriticalApp, ...]:
         port = s.need("port", _PORT)
         if not s.has("service") and not s.has("host"):
             raise doc.error(f"{item.path}.service", "missing (give service or host)")
-        mode = "connect" if protocol == "tcp" else "echo"
+        mode = DEFAULT_TCP_MODE
         if s.has("mode"):
             if protocol == "udp":
                 raise s.err("mode", "applies to TCP apps only")
@@ -231,7 +239,7 @@ def _apps(doc: Document, top: Section) -> tuple[CriticalApp, ...]:
             max_loss_ratio=s.get("max_loss_ratio", _LOSS_RATIO, None),
             priority=s.get("priority", _PRIORITY, 0),
             interval_s=s.get("interval", _PROBE_INTERVAL, None),
-            size=s.get("size", _PROBE_SIZE, 64),
+            size=s.get("size", _PROBE_SIZE, DEFAULT_SIZE),
         )
         if not app.slo().thresholds():
             raise doc.error(

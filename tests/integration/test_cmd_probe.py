@@ -125,6 +125,14 @@ async def test_sigterm_ends_the_run_and_still_prints_the_summary(reflector):
         (["--target", "x=udp://127.0.0.1:9", "--window", "0"], "window"),
         (["--target", "x=udp://127.0.0.1:9", "--hmac-key-file", "/nonexistent/k"], "hmac"),
         (["--target", "x=udp://127.0.0.1:9", "--metrics", "nope"], "HOST:PORT"),
+        (["--target", "x=udp://:9"], "the host is missing"),
+        # The codec's bound, checked once by Target: a UDP and a TCP echo target alike.
+        (["--target", "x=udp://127.0.0.1:9", "--size", "20"], "probe size 20 is not in 48..9000"),
+        (
+            ["--target", "x=tcp://127.0.0.1:9?mode=echo", "--size", "20"],
+            "probe size 20 is not in 48..9000",
+        ),
+        (["--target", "x=udp://127.0.0.1:9", "--size", "9001"], "probe size 9001 is not in"),
     ],
 )
 async def test_bad_input_is_one_line_exit_2(args, message):
@@ -133,6 +141,31 @@ async def test_bad_input_is_one_line_exit_2(args, message):
     assert len(err.strip().splitlines()) == 1, err
     assert message in err
     assert "Traceback" not in err
+
+
+async def test_an_hmac_key_raises_the_size_floor(tmp_path):
+    key = tmp_path / "key"
+    key.write_bytes(b"secret\n")
+    rc, _out, err = await _detnet(
+        "probe", "--target", "x=udp://127.0.0.1:9", "--hmac-key-file", str(key), "--size", "50"
+    )
+    assert rc == 2
+    assert err == (
+        "detnet probe: error: target x: probe size 50 is not in 64..9000 bytes "
+        "(an HMAC key adds 16)\n"
+    )
+
+
+async def test_a_size_from_the_flags_is_checked_against_config_targets_too(tmp_path):
+    cfg = tmp_path / "detnet.yaml"
+    cfg.write_text(
+        "critical_apps:\n"
+        "  - {name: s, host: 127.0.0.1, port: 9, protocol: TCP, mode: echo, max_latency_ms: 5}\n"
+        "best_effort_targets:\n  - {deployment: t}\n"
+    )
+    rc, _out, err = await _detnet("probe", "--config", str(cfg), "--size", "20")
+    assert rc == 2
+    assert err == "detnet probe: error: target s: probe size 20 is not in 48..9000 bytes\n"
 
 
 async def test_config_supplies_targets_and_flags_override_them(reflector, tmp_path):

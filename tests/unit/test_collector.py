@@ -11,7 +11,7 @@ import pytest
 from prometheus_client import CollectorRegistry
 
 from detnet.engine.core import ProbeEngine
-from detnet.engine.httpserver import HttpServerError, MetricsServer, parse_listen
+from detnet.engine.httpserver import HttpServerError, MetricsServer
 from detnet.engine.reflector import ReflectorConfig, ReflectorServer
 from detnet.engine.targets import parse_target
 from tests.conftest import requires_tool
@@ -134,14 +134,6 @@ async def test_promtool_accepts_the_exposition(engine):
         subprocess.run, ["promtool", "check", "metrics"], input=text, capture_output=True
     )
     assert proc.returncode == 0, proc.stdout.decode() + proc.stderr.decode()
-
-
-def test_listen_address_parsing():
-    assert parse_listen("127.0.0.1:9108") == ("127.0.0.1", 9108)
-    assert parse_listen("[::1]:0") == ("::1", 0)
-    for bad in ("nohost", ":1", "h:x", "h:70000"):
-        with pytest.raises(HttpServerError):
-            parse_listen(bad)
 
 
 def test_listen_on_a_busy_port_is_a_clear_error():

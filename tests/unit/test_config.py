@@ -104,10 +104,11 @@ def test_effective_config_round_trips(name: str) -> None:
 def test_targets_build_engine_targets() -> None:
     cfg = load_config(FIXTURES / "detnet.yaml")
     targets = cfg.targets()
-    assert [(t.name, t.protocol, t.host, t.port, t.mode) for t in targets] == [
-        ("robot-control", "udp", "127.0.0.1", 5201, "echo"),
-        ("safety-scanner", "tcp", "127.0.0.1", 5202, "connect"),
+    assert [(t.name, t.protocol, t.host, t.port) for t in targets] == [
+        ("robot-control", "udp", "127.0.0.1", 5201),
+        ("safety-scanner", "tcp", "127.0.0.1", 5202),
     ]
+    assert targets[1].mode == "connect"  # UDP targets have no mode
     assert targets[0].interval_ns == 10_000_000
     assert targets[1].interval_ns == 50_000_000
 

@@ -234,7 +234,6 @@ def test_every_number_has_a_range(section: str, key: str, value: str, problem: s
         ("priority", "1e999", "must be a whole number"),
         ("priority", "10000000000", "must be from -1000000 to 1000000"),
         ("interval", "1e-300s", "must be at least 100us"),
-        ("size", "1000000000", "must be from 64 to 9000 bytes"),
         ("port", "0", "must be from 1 to 65535"),
     ],
 )
@@ -244,6 +243,17 @@ def test_app_numbers_have_ranges(key: str, value: str, problem: str) -> None:
     text = "critical_apps:\n  - " + "\n".join([*lines, f"    {key}: {value}"])[4:] + "\n"
     msg = refused(text + GOOD[GOOD.index("best_effort") :])
     assert f"critical_apps[0].{key}: {problem}, got " in msg, msg
+
+
+@pytest.mark.parametrize("value", ["1000000000", "47", "-1"])
+def test_app_size_is_checked_by_the_engine_target_at_its_line(value: str) -> None:
+    # One size rule for the config and `detnet probe --size`: the codec's 48..9000 bytes.
+    app = "  - {name: r, host: 127.0.0.1, port: 1, protocol: udp, max_latency_ms: 5,\n"
+    text = "critical_apps:\n" + app + f"      size: {value}}}\n" + GOOD[GOOD.index("best_effort") :]
+    msg = refused(text)
+    assert msg == (
+        f"bad.yaml:3: critical_apps[0].size: target r: probe size {value} is not in 48..9000 bytes"
+    )
 
 
 def test_list_lengths_have_ranges() -> None:

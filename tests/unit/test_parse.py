@@ -136,6 +136,14 @@ def test_bad_addresses(text: str, port_zero: bool, message: str) -> None:
     assert str(info.value).endswith(message)
 
 
+def test_a_destination_needs_a_host() -> None:
+    assert parse_address(":9108", port_zero=False) == ("0.0.0.0", 9108)  # a listener's
+    with pytest.raises(ParseError) as info:
+        parse_address(":9108", port_zero=False, host_required=True)
+    assert str(info.value) == "expected HOST:PORT (IPv6 as [ADDR]:PORT); the host is missing"
+    assert parse_address("[::1]:1", port_zero=False, host_required=True) == ("::1", 1)
+
+
 def test_hosts() -> None:
     for good in ("127.0.0.1", "::1", "robot-control", "a.b.c.", "x" * 63):
         assert parse_host(good) == good
