@@ -5,7 +5,8 @@
 TCP: it accepts connections (connect-latency probes just connect and close) and echoes
 framed probes (one frame = one probe packet, ``detnet.native.make_reply`` with realtime
 clock reads as reflector RX/TX). Garbage closes that connection and is counted; each source
-address has a token bucket for TCP frames too. Used by ``detnet reflect``, tests and the lab.
+address has a token bucket for TCP frames too (``native.SourceBuckets``, the table the UDP
+fast path uses). Used by ``detnet reflect``, tests and the lab.
 
 The TCP side is bounded: at most ``tcp_max_connections`` connections (below the
 file-descriptor limit) in a ``ConnectionTable`` that closes the one that has gone longest
@@ -24,7 +25,6 @@ import os
 import resource
 import socket
 import struct
-from collections import OrderedDict
 from dataclasses import dataclass
 from typing import cast
 
@@ -33,7 +33,6 @@ from detnet.engine.connections import ConnectionTable
 from detnet.engine.errors import EngineError
 
 _PREFIX = struct.Struct("!IBBH")  # magic, version, flags, length: the first 8 bytes
-_TCP_TABLE_SIZE = 4096
 _TCP_BACKLOG = 1024  # a burst of connect probes must not wait for SYN retransmits
 _TCP_DEFAULT_MAX_CONNECTIONS = 1024
 _FD_RESERVE = 64  # descriptors kept free for everything else the process opens
@@ -69,28 +68,6 @@ class ReflectorConfig:
             value = getattr(self, name)
             if not (math.isfinite(value) and value > 0):
                 raise ReflectorError(f"{name} {value}: must be a number of seconds > 0")
-
-
-class TokenBuckets:
-    """Per-source token buckets in a bounded table (sans-I/O: ``now_ns`` comes in)."""
-
-    def __init__(self, *, rate_pps: float, burst: int, size: int = _TCP_TABLE_SIZE) -> None:
-        self._rate = rate_pps
-        self._burst = float(burst)
-        self._size = size
-        self._table: OrderedDict[str, tuple[float, int]] = OrderedDict()
-
-    def allow(self, source: str, now_ns: int) -> bool:
-        """Take one token from ``source``'s bucket; False when it is empty."""
-        if self._rate <= 0:
-            return True
-        tokens, last = self._table.pop(source, (self._burst, now_ns))
-        tokens = min(self._burst, tokens + (now_ns - last) * self._rate / 1e9)
-        allowed = tokens >= 1.0
-        self._table[source] = (tokens - 1.0 if allowed else tokens, now_ns)
-        if len(self._table) > self._size:
-            self._table.popitem(last=False)  # the stalest source goes first
-        return allowed
 
 
 def _bind_udp(host: str, port: int) -> socket.socket:
@@ -316,7 +293,10 @@ class ReflectorServer:
         self._udp_sock: socket.socket | None = None
         self._reflector: native.Reflector | None = None
         self._tcp_server: asyncio.Server | None = None
-        self._tcp_buckets = TokenBuckets(rate_pps=config.rate_pps, burst=config.burst)
+        try:
+            self._tcp_buckets = native.SourceBuckets(rate_pps=config.rate_pps, burst=config.burst)
+        except ValueError as exc:
+            raise ReflectorError(f"reflector rate limit: {exc}") from exc
         self._table: ConnectionTable[_TcpEcho] = ConnectionTable(limit=1)  # sized by start()
         self._loop: asyncio.AbstractEventLoop | None = None
         self.udp_errors = 0

@@ -244,11 +244,3 @@ cdef struct session_t:
     uint32_t count
     sockaddr_storage name
     pending_t ring[64]
-
-
-# One source address's token bucket in the reflector's fixed-size table.
-cdef struct bucket_t:
-    uint8_t addr[16]
-    uint8_t used
-    double tokens
-    int64_t last_ns

@@ -276,6 +276,40 @@ class Reflector:
     def close(self) -> None:
         """Close the wake descriptor (the socket is the caller's)."""
 
+# --- Token buckets -------------------------------------------------------------------
+SOURCE_TABLE_SIZE: Final[int]  # 4096: sources SourceBuckets holds at once
+
+class TokenBucket:
+    """``rate`` tokens per second, holding at most ``burst``; full at ``now_ns``.
+
+    Sans-I/O: every call takes the time (ns, one monotonic clock; an earlier time than
+    the last counts as no time passed). The one token-bucket arithmetic of detnet."""
+
+    def __init__(self, *, rate: float, burst: float, now_ns: int) -> None: ...
+    @property
+    def rate(self) -> float: ...
+    @property
+    def burst(self) -> float: ...
+    @property
+    def tokens(self) -> float:
+        """Tokens as of the last call (negative: in debt)."""
+    def take(self, now_ns: int) -> bool:
+        """Take one token if there is one; False (nothing taken) when there is not."""
+    def borrow(self, now_ns: int) -> None:
+        """Take one token now, into debt if the bucket has none."""
+    def wait_ns(self, now_ns: int) -> int:
+        """Nanoseconds from ``now_ns`` until ``take()`` succeeds (0: now)."""
+
+class SourceBuckets:
+    """A token bucket per source address (text, as the socket API gives it) in a table
+    of at most ``SOURCE_TABLE_SIZE`` sources; the stalest is forgotten. ``rate_pps`` 0
+    means unlimited. The reflectors use the same table for their datagrams."""
+
+    def __init__(self, *, rate_pps: float, burst: float) -> None: ...
+    def __len__(self) -> int: ...
+    def allow(self, source: str, now_ns: int) -> bool:
+        """Take one token from ``source``'s bucket; False when it is empty."""
+
 # --- TCP -----------------------------------------------------------------------------
 def tcp_info_rtt(fd: int) -> tuple[int, int]:
     """(tcpi_rtt, tcpi_rttvar) in microseconds from TCP_INFO of a connected socket."""

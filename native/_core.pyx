@@ -6,8 +6,9 @@ the file descriptor with ``sendmmsg``/``recvmmsg``/``recvmsg(MSG_ERRQUEUE)`` ove
 buffers, reads kernel timestamps from control messages and writes numpy records
 directly: no Python object per packet (HMAC aside, which calls the C-implemented
 ``hmac.digest``). Same API as ``_fallback.py``; the contract is ``_core.pyi``. The parts
-are included from ``_codec.pxi``, ``_sockets.pxi``, ``_icmp.pxi`` and ``_reflector.pxi``
-(C declarations in ``_core.pxi``); what is not per packet lives once in ``_common.py``.
+are included from ``_bucket.pxi``, ``_codec.pxi``, ``_sockets.pxi``, ``_icmp.pxi`` and
+``_reflector.pxi`` (C declarations in ``_core.pxi``); what is not per packet lives once
+in ``_common.py``.
 """
 
 cimport numpy as cnp
@@ -55,6 +56,7 @@ from detnet.native._common import (
 )
 
 include "_core.pxi"
+include "_bucket.pxi"
 include "_codec.pxi"
 include "_sockets.pxi"
 include "_icmp.pxi"
@@ -84,6 +86,7 @@ __all__ = [
     "MIN_SIZE",
     "REPLY_DTYPE",
     "SENT_DTYPE",
+    "SOURCE_TABLE_SIZE",
     "TS_HARDWARE",
     "TS_KERNEL",
     "TS_UNKNOWN",
@@ -99,7 +102,9 @@ __all__ = [
     "Probe",
     "ProbeSocket",
     "Reflector",
+    "SourceBuckets",
     "TimestampPlan",
+    "TokenBucket",
     "clock_read_cost_ns",
     "decode_probe",
     "device_caps",

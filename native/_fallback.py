@@ -4,7 +4,8 @@ Used when the Cython extension is not built or ``DETNET_NO_EXTENSIONS=1``. It sp
 same packet format (docs/protocol.md) with ``struct``, reads kernel timestamps with
 ``socket.recvmsg`` ancillary data, and loops over ``sendmsg``/``recvmsg`` where the Cython
 build batches with ``sendmmsg``/``recvmmsg``. Correct, and several times slower. The
-parts live in ``_py_codec``, ``_py_sockets``, ``_py_icmp`` and ``_py_reflector``.
+parts live in ``_py_bucket``, ``_py_codec``, ``_py_sockets``, ``_py_icmp`` and
+``_py_reflector``.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from detnet.native._common import (
     plan_timestamping,
     route_device,
 )
+from detnet.native._py_bucket import SOURCE_TABLE_SIZE, SourceBuckets, TokenBucket
 from detnet.native._py_codec import (
     CAP_MAGIC,
     EXT_SIZE,
@@ -86,6 +88,7 @@ __all__ = [
     "MIN_SIZE",
     "REPLY_DTYPE",
     "SENT_DTYPE",
+    "SOURCE_TABLE_SIZE",
     "TS_HARDWARE",
     "TS_KERNEL",
     "TS_UNKNOWN",
@@ -101,7 +104,9 @@ __all__ = [
     "Probe",
     "ProbeSocket",
     "Reflector",
+    "SourceBuckets",
     "TimestampPlan",
+    "TokenBucket",
     "clock_read_cost_ns",
     "decode_probe",
     "device_caps",

@@ -32,6 +32,7 @@ from detnet.native._common import (
     SOF_TX_SOFTWARE,
     check_reflector_args,
 )
+from detnet.native._py_bucket import SourceBuckets
 from detnet.native._py_sockets import (
     ANC_SIZE,
     SO_TIMESTAMPING,
@@ -43,7 +44,6 @@ from detnet.native._py_sockets import (
     rx_stamps,
 )
 
-TABLE_SIZE = 4096  # source addresses with a token bucket; the stalest is evicted
 SESSIONS = 1024  # two-step sessions tracked at once
 PER_SESSION = 64  # stamps pending per session; more in flight get one-step replies
 SERVE_ROUNDS = 64
@@ -93,8 +93,6 @@ class _Session:
 class Reflector:
     """The reflector on a bound non-blocking UDP socket (recvmsg/sendmsg loop)."""
 
-    TABLE_SIZE = TABLE_SIZE
-
     def __init__(
         self,
         sock: socket.socket,
@@ -117,11 +115,10 @@ class Reflector:
         )
         self._sock = sock
         self._rate = float(rate_pps)
-        self._burst = float(burst)
         self._batch = batch
         self._wait = followup_wait_ns
         self._max_sessions = sessions
-        self._buckets: OrderedDict[object, tuple[float, int]] = OrderedDict()
+        self._buckets = SourceBuckets(rate_pps=rate_pps, burst=burst)
         self._sessions: OrderedDict[tuple[object, ...], _Session] = OrderedDict()
         self._by_key: dict[int, _Pending] = {}
         self._next_key = 0
@@ -157,17 +154,6 @@ class Reflector:
         if self._wake is not None:
             self._wake.close()
             self._wake = None
-
-    def _allow(self, source: object, now: int) -> bool:
-        tokens, last = self._buckets.pop(source, (self._burst, now))
-        tokens = min(self._burst, tokens + (now - last) * self._rate / 1e9)
-        allowed = tokens >= 1.0
-        if allowed:
-            tokens -= 1.0
-        self._buckets[source] = (tokens, now)
-        if len(self._buckets) > TABLE_SIZE:
-            self._buckets.popitem(last=False)
-        return allowed
 
     def _session(self, address: tuple[object, ...], session: int) -> _Session | None:
         """The session's entry (created if the table has room), or None."""
@@ -245,7 +231,7 @@ class Reflector:
             if c.check_hmac(self._key, f.flags, data, n) != c.OK:
                 self.bad_hmac += 1
                 continue
-            if self._rate > 0 and not self._allow(addr[0], now):
+            if self._rate > 0 and not self._buckets.allow(addr[0], now):
                 self.rate_limited += 1
                 continue
             rx_sw = rx_stamps(ancdata)[0]
@@ -398,7 +384,7 @@ class Reflector:
                     head.source = c.FOLLOWUP_LOST
                     self._by_key.pop(head.key, None)
                     self.lost += 1
-                if self._rate > 0 and not self._allow(entry.address[0], now):
+                if self._rate > 0 and not self._buckets.allow(str(entry.address[0]), now):
                     self.followups_limited += 1
                     continue
                 packet = bytearray(size)

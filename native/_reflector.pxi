@@ -3,8 +3,6 @@
 
 cdef enum:
     SERVE_ROUNDS = 64  # batches per serve(): a flood must not starve the event loop
-    TABLE_SIZE = 4096  # token buckets (a power of two)
-    TABLE_PROBES = 8
     GSO_MAX_SEGMENTS = 64  # the kernel's UDP_MAX_SEGMENTS
     GSO_MAX_SIZE = 1232  # fits any path MTU (IPv6 minimum 1280 - 48 header bytes)
     PER_SESSION = 64  # stamps pending per session (session_t.ring in _core.pxi)
@@ -16,14 +14,6 @@ cdef enum:
 DEFAULT_WAIT_NS = _DEFAULT_WAIT_NS
 cdef int64_t MIN_WAIT_NS = _MIN_WAIT_NS
 cdef int64_t MAX_WAIT_NS = _MAX_WAIT_NS
-
-
-cdef inline uint32_t _hash(const uint8_t* a) noexcept nogil:
-    cdef uint32_t h = 2166136261u  # FNV-1a
-    cdef int i
-    for i in range(16):
-        h = (h ^ a[i]) * 16777619u
-    return h
 
 
 cdef inline uint32_t _hash_session(const uint8_t* name, uint32_t n, uint32_t session) noexcept nogil:
@@ -51,11 +41,10 @@ cdef class Reflector:
     cdef int _wake
     cdef bytes _key
     cdef double _rate
-    cdef double _burst
     cdef int _batch
     cdef _Batch _buf
     cdef _Batch _fu
-    cdef bucket_t* _table
+    cdef SourceBuckets _buckets  # per source address (_bucket.pxi)
     cdef bint _gso
     cdef uint8_t* _gso_ctrl
     cdef int* _src  # reply k answers request _src[k] of the batch
@@ -101,7 +90,7 @@ cdef class Reflector:
             sessions=sessions,
         )
         self._rate = rate_pps
-        self._burst = burst
+        self._buckets = SourceBuckets(rate_pps=rate_pps, burst=burst)
         self._batch = batch
         self._wait = followup_wait_ns
         self._sock = sock
@@ -116,7 +105,6 @@ cdef class Reflector:
             self.two_step_enabled = bool(value & DETNET_SOF_OPT_ID)
         self._buf = _Batch(batch, C_MAX)
         self._fu = _Batch(ERR_BATCH, C_TWO_STEP_MIN + C_HMAC)
-        self._table = <bucket_t*>calloc(TABLE_SIZE, sizeof(bucket_t))
         self._gso_ctrl = <uint8_t*>calloc(batch, CMSG_SPACE(sizeof(uint32_t)))
         self._src = <int*>calloc(batch, sizeof(int))
         self._gcount = <int*>calloc(batch, sizeof(int))
@@ -128,7 +116,7 @@ cdef class Reflector:
         self._errmsgs = <mmsghdr*>calloc(ERR_BATCH, sizeof(mmsghdr))
         self._errctrl = <uint8_t*>calloc(ERR_BATCH, CTRL_SIZE)
         if (
-            self._table == NULL or self._gso_ctrl == NULL or self._src == NULL
+            self._gso_ctrl == NULL or self._src == NULL
             or self._gcount == NULL or self._txent == NULL or self._sessions == NULL
             or self._keymap == NULL or self._errmsgs == NULL or self._errctrl == NULL
         ):
@@ -137,7 +125,6 @@ cdef class Reflector:
         self._gso = True
 
     def __dealloc__(self):
-        free(self._table)
         free(self._gso_ctrl)
         free(self._src)
         free(self._gcount)
@@ -223,47 +210,6 @@ cdef class Reflector:
                 seg = <uint16_t>m.msg_iov[0].iov_len
                 memcpy(CMSG_DATA(c), &seg, sizeof(seg))
         return g + 1
-
-    cdef bint _allow(self, const sockaddr_storage* src, int64_t now) noexcept nogil:
-        """Token bucket of the source address (not port); the stalest slot is evicted."""
-        cdef uint8_t addr[16]
-        cdef uint32_t h
-        cdef bucket_t* b
-        cdef bucket_t* victim = NULL
-        cdef int i
-        memset(addr, 0, 16)
-        if src.ss_family == AF_INET:
-            addr[10] = 0xFF
-            addr[11] = 0xFF
-            memcpy(addr + 12, &(<const sockaddr_in*>src).sin_addr, 4)
-        elif src.ss_family == AF_INET6:
-            memcpy(addr, &(<const sockaddr_in6*>src).sin6_addr, 16)
-        h = _hash(addr)
-        for i in range(TABLE_PROBES):
-            b = &self._table[(h + <uint32_t>i) % <uint32_t>TABLE_SIZE]
-            if b.used and memcmp(b.addr, addr, 16) == 0:
-                break
-            if not b.used:
-                victim = b
-                b = NULL
-                break
-            if victim == NULL or b.last_ns < victim.last_ns:
-                victim = b
-            b = NULL
-        if b == NULL:
-            b = victim
-            memcpy(b.addr, addr, 16)
-            b.used = 1
-            b.tokens = self._burst
-            b.last_ns = now
-        b.tokens += (now - b.last_ns) * self._rate / 1e9
-        if b.tokens > self._burst:
-            b.tokens = self._burst
-        b.last_ns = now
-        if b.tokens >= 1.0:
-            b.tokens -= 1.0
-            return True
-        return False
 
     cdef int _session(self, const sockaddr_storage* name, uint32_t namelen, uint32_t session,
                       int64_t now) noexcept nogil:
@@ -387,7 +333,7 @@ cdef class Reflector:
                     if _check_hmac(self._key, h.flags, p, length) != OK:
                         self.bad_hmac += 1
                         continue
-                if self._rate > 0 and not self._allow(&buf.names[i], now_mono):
+                if self._rate > 0 and not self._buckets.allow_addr(&buf.names[i], now_mono):
                     self.rate_limited += 1
                     continue
                 si = -1
@@ -613,7 +559,7 @@ cdef class Reflector:
                 s.head = (s.head + 1) % PER_SESSION
                 s.count -= 1
                 self._pending -= 1
-                if self._rate > 0 and not self._allow(&s.name, now):
+                if self._rate > 0 and not self._buckets.allow_addr(&s.name, now):
                     self.followups_limited += 1
                     continue
                 p = self._fu.data + j * self._fu.slot

@@ -4,7 +4,7 @@ through that limiter, the retry loop (``controller/retry.py``) and the raw-JSON 
 
 The enforcer and the leader elector of one process share a ``KubeClient``, so their
 requests together stay within the configured QPS; the lease's calls go first (see
-``TokenBucket.acquire``) so a burst of pod patches can never cost us the lease.
+``QpsLimiter.acquire``) so a burst of pod patches can never cost us the lease.
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ import yaml
 from kubernetes_asyncio import client, config
 from kubernetes_asyncio.client.exceptions import ApiException
 
+from detnet import native
 from detnet.controller.errors import EnforcementError
 from detnet.controller.kube import DEFAULT_BURST, DEFAULT_QPS
 from detnet.controller.kube.objects import JsonObj
@@ -86,38 +87,33 @@ def new_api_client(configuration: client.Configuration, *, identity: str) -> cli
     return api
 
 
-class TokenBucket:
-    """Client-side rate limit: ``rate`` requests per second, bursts up to ``burst``."""
+class QpsLimiter:
+    """Client-side rate limit: ``qps`` requests per second, bursts up to ``burst``.
+
+    The asyncio side of ``detnet.native.TokenBucket`` (the bucket arithmetic, sans-I/O):
+    a caller that finds no token sleeps until the bucket says one is there."""
 
     def __init__(
         self,
-        rate: float,
-        burst: int,
         *,
-        clock: Callable[[], float] = time.monotonic,
+        qps: float,
+        burst: int,
+        clock: Callable[[], int] = time.monotonic_ns,
         sleep: Callable[[float], Awaitable[Any]] = asyncio.sleep,
     ) -> None:
-        if not rate > 0 or burst < 1:
-            raise ValueError(f"rate must be > 0 and burst >= 1, got {rate}, {burst}")
-        self._rate, self._burst = float(rate), float(burst)
+        self._bucket = native.TokenBucket(rate=qps, burst=burst, now_ns=clock())
         self._clock, self._sleep = clock, sleep
-        self._tokens, self._stamp = float(burst), clock()
         self._lock = asyncio.Lock()
 
     @property
     def rate(self) -> float:
         """Requests per second."""
-        return self._rate
+        return self._bucket.rate
 
     @property
     def burst(self) -> int:
         """The bucket's size."""
-        return int(self._burst)
-
-    def _refill(self) -> None:
-        now = self._clock()
-        self._tokens = min(self._burst, self._tokens + (now - self._stamp) * self._rate)
-        self._stamp = now
+        return int(self._bucket.burst)
 
     async def acquire(self, *, urgent: bool = False) -> None:
         """Wait for one token, first come first served (the lock queues the waiters).
@@ -127,17 +123,11 @@ class TokenBucket:
         which must renew within its deadline however many patches are queued (client-go
         gives leader election a client of its own for the same reason)."""
         if urgent:
-            self._refill()
-            self._tokens -= 1
+            self._bucket.borrow(self._clock())
             return
         async with self._lock:
-            while True:
-                self._refill()
-                # A sleep of exactly the deficit may refill to 0.999...: accept that.
-                if self._tokens >= 1 - 1e-9:
-                    self._tokens -= 1
-                    return
-                await self._sleep((1 - self._tokens) / self._rate)
+            while not self._bucket.take(self._clock()):
+                await self._sleep(self._bucket.wait_ns(self._clock()) / 1e9)
 
 
 class KubeClient:
@@ -154,7 +144,7 @@ class KubeClient:
         on_api_error: ApiErrorHook | None = None,
     ) -> None:
         self.api_client = api_client
-        self.bucket = TokenBucket(qps, burst)
+        self.bucket = QpsLimiter(qps=qps, burst=burst)
         self.retry = retry or RetryPolicy()
         self._on_api_error = on_api_error
 

@@ -23,7 +23,6 @@ from detnet.engine.reflector import (
     ReflectorConfig,
     ReflectorError,
     ReflectorServer,
-    TokenBuckets,
 )
 
 KEY = b"reflector test key"
@@ -267,12 +266,9 @@ async def test_tcp_connect_and_echo(udp_server: ReflectorServer) -> None:
     assert stats["tcp_connections"] == 2
 
 
-def test_token_buckets() -> None:
-    buckets = TokenBuckets(rate_pps=2.0, burst=2, size=2)
-    assert [buckets.allow("a", 0) for _ in range(3)] == [True, True, False]
-    assert buckets.allow("a", 500_000_000)  # half a second refills one token
-    assert not buckets.allow("a", 500_000_000)
-    assert buckets.allow("b", 0)
+def test_bad_rate_limit_is_a_reflector_error() -> None:
+    with pytest.raises(ReflectorError, match=r"reflector rate limit: rate_pps -1\.0 must be >= 0"):
+        ReflectorServer(ReflectorConfig(tcp=LOOPBACK, rate_pps=-1.0))
 
 
 async def test_port_in_use_is_a_clear_error(udp_server: ReflectorServer) -> None:

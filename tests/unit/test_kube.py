@@ -11,7 +11,7 @@ from detnet.controller.errors import EnforcementError
 from detnet.controller.kube import DEFAULT_BURST, DEFAULT_CONCURRENCY, DEFAULT_QPS
 from detnet.controller.kube.api import (
     USER_AGENT_PREFIX,
-    TokenBucket,
+    QpsLimiter,
     load_client_configuration,
     new_api_client,
 )
@@ -25,22 +25,26 @@ from detnet.controller.kube.objects import (
 
 
 class FakeTime:
-    """A clock that only moves when the bucket sleeps."""
+    """A nanosecond clock that only moves when the limiter sleeps (or a test says so)."""
 
     def __init__(self) -> None:
-        self.now = 0.0
+        self.now_ns = 0
         self.slept: list[float] = []
 
-    def clock(self) -> float:
-        return self.now
+    @property
+    def now(self) -> float:
+        return self.now_ns / 1e9
+
+    def clock(self) -> int:
+        return self.now_ns
 
     async def sleep(self, seconds: float) -> None:
         self.slept.append(seconds)
-        self.now += seconds
+        self.now_ns += round(seconds * 1e9)
 
 
-def bucket(rate: float, burst: int, t: FakeTime) -> TokenBucket:
-    return TokenBucket(rate, burst, clock=t.clock, sleep=t.sleep)
+def bucket(rate: float, burst: int, t: FakeTime) -> QpsLimiter:
+    return QpsLimiter(qps=rate, burst=burst, clock=t.clock, sleep=t.sleep)
 
 
 async def test_bucket_lets_a_burst_through_then_paces_at_the_rate() -> None:
@@ -51,8 +55,8 @@ async def test_bucket_lets_a_burst_through_then_paces_at_the_rate() -> None:
     assert t.slept == []
     for _ in range(4):
         await b.acquire()
-    assert t.now == pytest.approx(0.4)  # 4 more at 10/s
-    t.now += 10  # idle: refills, but never beyond the burst
+    assert t.slept == [0.1] * 4  # 4 more at 10/s, one sleep each: no spin on rounding
+    t.now_ns += 10_000_000_000  # idle: refills, but never beyond the burst
     for _ in range(3):
         await b.acquire()
     await b.acquire()
@@ -66,7 +70,7 @@ async def test_urgent_goes_first_and_the_queue_pays_its_debt() -> None:
     await b.acquire(urgent=True)  # at once, in debt
     assert t.slept == []
     await b.acquire()  # waits for the debt and its own token
-    assert t.now == pytest.approx(0.2)
+    assert t.slept == [pytest.approx(0.2)]
 
 
 async def test_waiters_are_served_in_order() -> None:
@@ -81,12 +85,13 @@ async def test_waiters_are_served_in_order() -> None:
     await asyncio.gather(*(take(i) for i in range(5)))
     assert order == [0, 1, 2, 3, 4]
     assert t.now == pytest.approx(0.04)
+    assert len(t.slept) == 4
 
 
 @pytest.mark.parametrize(("rate", "burst"), [(0, 1), (-1, 1), (1, 0), (float("nan"), 1)])
 def test_bucket_refuses_bad_settings(rate: float, burst: int) -> None:
-    with pytest.raises(ValueError, match="rate must be > 0"):
-        TokenBucket(rate, burst)
+    with pytest.raises(ValueError, match="rate must be > 0 and burst >= 1"):
+        QpsLimiter(qps=rate, burst=burst)
 
 
 def test_one_set_of_client_defaults() -> None:
