@@ -34,6 +34,7 @@ from dataclasses import dataclass
 from types import TracebackType
 from typing import IO
 
+from detnet.engine.tbf import tbf_burst_bytes
 from detnet.lab.errors import LabError
 
 NS_PREFIX = "detnet-lab-"
@@ -64,7 +65,7 @@ POD_DEVICE = "eth0"  # every pod's interface: what the tc enforcer shapes
 
 def tbf_args(*, rate_mbps: float, buffer_ms: float) -> list[str]:
     """``tc`` arguments for a tbf of ``rate_mbps`` holding ``buffer_ms`` of queue."""
-    burst = max(15_140, int(rate_mbps * 125))  # ~1 ms of tokens, at least 10 frames
+    burst = tbf_burst_bytes(rate_mbps)
     return ["tbf", "rate", f"{rate_mbps}mbit", "burst", str(burst), "latency", f"{buffer_ms}ms"]
 
 

@@ -30,6 +30,7 @@ from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from detnet.controller.errors import EnforcementError
+from detnet.engine.tbf import tbf_burst_bytes
 
 _TBF_HANDLE = 0x10000  # "1:", the handle iproute2 users expect for a root qdisc
 _MAX_MBPS = 34_000  # tbf's 32-bit byte/s rate field (no TCA_TBF_RATE64 in pyroute2)
@@ -48,15 +49,6 @@ class TcDevice:
 
     def __str__(self) -> str:
         return f"{self.device} in netns {self.netns}" if self.netns else self.device
-
-
-def default_burst_bytes(mbps: int) -> int:
-    """A bucket of ~1 ms at ``mbps``, never below 10 full-size frames.
-
-    Smaller buckets starve a high-rate shaper between timer ticks; larger ones let a
-    best-effort pod dump a burst into the shared bottleneck at line rate.
-    """
-    return max(15_140, mbps * 125)  # mbps * 1e6 / 8 bytes/s * 1 ms
 
 
 class TcEnforcer:
@@ -218,7 +210,7 @@ class TcEnforcer:
         present = self._root_tbf(workload)
         command = "change" if present is not None else "replace"
         handle = present["handle"] if present is not None else _TBF_HANDLE
-        burst = self._burst if self._burst is not None else default_burst_bytes(mbps)
+        burst = self._burst if self._burst is not None else tbf_burst_bytes(mbps)
         try:
             ipr.tc(
                 command,

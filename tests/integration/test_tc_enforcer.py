@@ -10,7 +10,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from detnet.controller.enforce.tc import TcDevice, TcEnforcer, default_burst_bytes
+from detnet.controller.enforce.tc import TcDevice, TcEnforcer
 from detnet.controller.errors import EnforcementError
 from tests.conftest import requires_root
 
@@ -119,5 +119,3 @@ def test_constructor_validates() -> None:
         TcEnforcer({})
     with pytest.raises(EnforcementError, match="burst"):
         TcEnforcer({"a": TcDevice("x")}, burst_bytes=10)
-    assert default_burst_bytes(10) == 15_140
-    assert default_burst_bytes(1000) == 125_000
