@@ -16,7 +16,7 @@ APT_BENCH := irtt sockperf
 
 all: test
 
-$(STAMP): pyproject.toml setup.py native/_core.pyx native/_core.pxi
+$(STAMP): pyproject.toml setup.py $(wildcard native/*.pyx native/*.pxi native/*.pxd)
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip setuptools wheel
 	$(PIP) install -q -e '.[dev,plot]'
