@@ -27,20 +27,22 @@ from pathlib import Path
 from detnet.controller.config.compat import is_configmap, unwrap_configmap
 from detnet.controller.config.model import (
     CONFIGMAP_KEY,
-    KINDS,
-    BestEffortTarget,
     Config,
     ControlSettings,
     CriticalApp,
-    KubernetesMode,
     KubernetesSettings,
-    TcDevice,
-    WorkloadKind,
 )
 from detnet.controller.config.reading import MAX_BYTES, Document
 from detnet.controller.config.resolve import resolve_targets
 from detnet.controller.config.schema import DEFAULT_LEASE_NAMESPACE, build_config, lease_namespace
 from detnet.controller.errors import ConfigError
+from detnet.controller.workloads import (
+    KINDS,
+    BestEffortTarget,
+    KubernetesMode,
+    TcDevice,
+    WorkloadKind,
+)
 
 __all__ = [
     "CONFIGMAP_KEY",

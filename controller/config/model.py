@@ -1,9 +1,12 @@
 """The validated config: frozen dataclasses, and pure accessors over them.
 
-Nothing here reads a file, the environment or DNS: ``Config.targets()`` builds the
-engine's targets with the names as written (``resolve.resolve_targets`` looks them up),
-and ``kubernetes.lease_namespace`` stays None when the file does not set it (the
-``control`` command applies ``POD_NAMESPACE``, see ``schema.lease_namespace``).
+The best-effort workload's types (``BestEffortTarget``, ``TcDevice``, the kinds and the
+Kubernetes modes) are ``controller/workloads.py``'s, shared with the enforcers (the
+config package re-exports them). Nothing here reads a file, the environment or DNS:
+``Config.targets()`` builds the engine's targets with the names as written
+(``resolve.resolve_targets`` looks them up), and ``kubernetes.lease_namespace`` stays
+None when the file does not set it (the ``control`` command applies ``POD_NAMESPACE``,
+see ``schema.lease_namespace``).
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ import yaml
 from detnet.controller.aimd import PolicyParams, Slo
 from detnet.controller.errors import ConfigError
 from detnet.controller.kube import DEFAULT_CONCURRENCY, DEFAULT_QPS
+from detnet.controller.workloads import DEFAULT_MODE, BestEffortTarget, KubernetesMode
 from detnet.engine.errors import TargetError
 from detnet.engine.parse import format_duration_ns
 from detnet.engine.targets import (
@@ -28,9 +32,6 @@ from detnet.engine.targets import (
 )
 
 CONFIGMAP_KEY = "critical-apps.yaml"
-WorkloadKind = Literal["Deployment", "StatefulSet", "DaemonSet"]
-KubernetesMode = Literal["annotation", "template"]
-KINDS: tuple[WorkloadKind, ...] = ("Deployment", "StatefulSet", "DaemonSet")
 _APP_FIELDS = ("name", "port", "mode", "size")  # Target fields spelled as an app's keys
 
 
@@ -69,31 +70,6 @@ class CriticalApp:
 
 
 @dataclass(frozen=True, kw_only=True)
-class TcDevice:
-    """Where the tc enforcer shapes a workload: an interface, optionally in a netns."""
-
-    device: str
-    netns: str | None = None
-
-
-@dataclass(frozen=True, kw_only=True)
-class BestEffortTarget:
-    """A best-effort workload whose egress is capped.
-
-    ``name`` is the policy's and the metrics' key. The workload is either ``kind``/
-    ``workload`` (a named Deployment, StatefulSet or DaemonSet) or ``selector`` (a label
-    selector over pods), in ``namespace``."""
-
-    name: str
-    namespace: str = "default"
-    kind: WorkloadKind = "Deployment"
-    workload: str | None = None
-    selector: str | None = None
-    initial_bandwidth: int | None = None  # Mbit/s; None: start at max_bandwidth
-    tc: TcDevice | None = None
-
-
-@dataclass(frozen=True, kw_only=True)
 class ControlSettings:
     """Cadences and the statistics window."""
 
@@ -108,7 +84,7 @@ class ControlSettings:
 class KubernetesSettings:
     """How the Kubernetes enforcer talks to the API server."""
 
-    mode: KubernetesMode = "annotation"
+    mode: KubernetesMode = DEFAULT_MODE
     qps: float = DEFAULT_QPS
     concurrency: int = DEFAULT_CONCURRENCY
     release_on_exit: bool = False

@@ -9,17 +9,15 @@ engine's target checks run here too, through ``Config.targets()``).
 from __future__ import annotations
 
 import re
+from typing import TypeVar
 
 from detnet.controller.aimd import PolicyParams
 from detnet.controller.config import compat
 from detnet.controller.config.model import (
-    KINDS,
-    BestEffortTarget,
     Config,
     ControlSettings,
     CriticalApp,
     KubernetesSettings,
-    TcDevice,
 )
 from detnet.controller.config.reading import (
     Document,
@@ -39,6 +37,16 @@ from detnet.controller.config.reading import (
 )
 from detnet.controller.errors import ConfigError
 from detnet.controller.kube import DEFAULT_CONCURRENCY, DEFAULT_QPS
+from detnet.controller.workloads import (
+    DEFAULT_KIND,
+    DEFAULT_MODE,
+    DEFAULT_NAMESPACE,
+    KINDS,
+    MODES,
+    BestEffortTarget,
+    TcDevice,
+    WorkloadKind,
+)
 from detnet.engine.core import DEFAULT_CAPACITY
 from detnet.engine.parse import show
 from detnet.engine.targets import (
@@ -51,6 +59,7 @@ from detnet.engine.targets import (
 )
 
 MS, S = 1_000_000, 1_000_000_000
+_W = TypeVar("_W", bound=str)
 DEFAULT_LEASE_NAMESPACE = "kube-system"
 
 # ------------------------------------------------------------------------- ranges
@@ -176,11 +185,11 @@ def _netns(value: Value) -> str:
     return v
 
 
-def _one_of(words: tuple[str, ...], rule: str) -> Reader[str]:
-    """One of ``words``, in any case; returned as spelled in ``words``."""
+def _one_of(words: tuple[_W, ...], rule: str) -> Reader[_W]:
+    """One of ``words``, in any case; returned as spelled in ``words`` (and typed so)."""
     spelled = {w.lower(): w for w in words}
 
-    def read(value: Value) -> str:
+    def read(value: Value) -> _W:
         match = spelled.get(text(value, max_chars=64).lower())
         if match is None:
             raise value.wrong(rule)
@@ -262,7 +271,7 @@ def _targets(doc: Document, top: Section) -> tuple[BestEffortTarget, ...]:
         given = [k for k in ("deployment", "workload", "selector") if s.has(k)]
         if len(given) > 1:
             raise s.err(given[1], f"give only one of deployment, workload, selector ({given[0]})")
-        kind = "Deployment"
+        kind: WorkloadKind = DEFAULT_KIND
         if s.has("kind"):
             if s.has("deployment") or s.has("selector"):
                 raise s.err("kind", "applies to workload (or name) only")
@@ -287,8 +296,8 @@ def _targets(doc: Document, top: Section) -> tuple[BestEffortTarget, ...]:
         out.append(
             BestEffortTarget(
                 name=name,
-                namespace=s.get("namespace", _NAMESPACE, "default"),
-                kind=kind,  # type: ignore[arg-type]
+                namespace=s.get("namespace", _NAMESPACE, DEFAULT_NAMESPACE),
+                kind=kind,
                 workload=workload,
                 selector=selector,
                 initial_bandwidth=s.get("initial_bandwidth", _BANDWIDTH, None),
@@ -336,11 +345,12 @@ def _control(doc: Document, ctl: Section) -> ControlSettings:
 
 def _kubernetes(doc: Document, top: Section) -> KubernetesSettings:
     ks = Section(doc, "kubernetes", top.value("kubernetes"), _K8S_KEYS)
-    mode = ks.get("mode", text, "annotation")
-    if mode not in ("annotation", "template"):
-        raise ks.err("mode", f"must be annotation or template, got {show(mode)}")
+    given = ks.get("mode", text, None)
+    mode = DEFAULT_MODE if given is None else next((m for m in MODES if m == given), None)
+    if mode is None:
+        raise ks.err("mode", f"must be {' or '.join(MODES)}, got {show(given)}")
     return KubernetesSettings(
-        mode=mode,  # type: ignore[arg-type]
+        mode=mode,
         qps=ks.get("qps", _QPS, DEFAULT_QPS),
         concurrency=ks.get("concurrency", _CONCURRENCY, DEFAULT_CONCURRENCY),
         release_on_exit=ks.get("release_on_exit", boolean, False),

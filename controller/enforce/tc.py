@@ -26,10 +26,10 @@ import os
 import time
 from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from detnet.controller.errors import EnforcementError
+from detnet.controller.workloads import TcDevice
 from detnet.engine.tbf import tbf_burst_bytes
 
 _TBF_HANDLE = 0x10000  # "1:", the handle iproute2 users expect for a root qdisc
@@ -38,17 +38,6 @@ _NETNS_DIR = "/var/run/netns"
 _CLONE_NEWNET = 0x40000000
 
 _T = TypeVar("_T")
-
-
-@dataclass(frozen=True)
-class TcDevice:
-    """Where a workload's egress is shaped: ``device`` inside ``netns`` (None = ours)."""
-
-    device: str
-    netns: str | None = None
-
-    def __str__(self) -> str:
-        return f"{self.device} in netns {self.netns}" if self.netns else self.device
 
 
 class TcEnforcer:

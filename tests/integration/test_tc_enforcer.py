@@ -10,8 +10,9 @@ from collections.abc import Iterator
 
 import pytest
 
-from detnet.controller.enforce.tc import TcDevice, TcEnforcer
+from detnet.controller.enforce.tc import TcEnforcer
 from detnet.controller.errors import EnforcementError
+from detnet.controller.workloads import TcDevice
 from tests.conftest import requires_root
 
 pytestmark = [requires_root, pytest.mark.root]
@@ -47,7 +48,7 @@ def _qdisc(ns: str, dev: str) -> str:
 
 
 async def test_sets_changes_and_reads_back_rate(netns: str) -> None:
-    enforcer = TcEnforcer({"bulk": TcDevice("va", netns)})
+    enforcer = TcEnforcer({"bulk": TcDevice(device="va", netns=netns)})
     assert await enforcer.start() == {}  # veth starts with noqueue: nothing to resume
     await enforcer.apply({"bulk": 80})
     assert re.search(r"qdisc tbf 1: root .*rate 80Mbit", _qdisc(netns, "va"))
@@ -58,7 +59,7 @@ async def test_sets_changes_and_reads_back_rate(netns: str) -> None:
     await enforcer.close()
 
     # a new enforcer (a restarted controller) resumes from what the kernel holds
-    again = TcEnforcer({"bulk": TcDevice("va", netns)})
+    again = TcEnforcer({"bulk": TcDevice(device="va", netns=netns)})
     assert await again.start() == {"bulk": 25}
     await again.close(restore={"bulk": 1000})
     assert re.search(r"rate 1Gbit", _qdisc(netns, "va"))
@@ -67,7 +68,9 @@ async def test_sets_changes_and_reads_back_rate(netns: str) -> None:
 async def test_changes_a_foreign_tbf_in_place(netns: str) -> None:
     foreign = "qdisc add dev va root handle 5: tbf rate 10mbit burst 20k latency 10ms"
     subprocess.run(["tc", "-n", netns, *foreign.split()], check=True)  # noqa: ASYNC221
-    enforcer = TcEnforcer({"bulk": TcDevice("va", netns)}, burst_bytes=30_000, latency_ms=15)
+    enforcer = TcEnforcer(
+        {"bulk": TcDevice(device="va", netns=netns)}, burst_bytes=30_000, latency_ms=15
+    )
     assert await enforcer.start() == {"bulk": 10}
     await enforcer.apply({"bulk": 40})
     assert re.search(r"qdisc tbf 5: root .*rate 40Mbit burst 30000b", _qdisc(netns, "va"))
@@ -75,7 +78,7 @@ async def test_changes_a_foreign_tbf_in_place(netns: str) -> None:
 
 
 async def test_usage_counts_tx_bytes(netns: str) -> None:
-    enforcer = TcEnforcer({"bulk": TcDevice("va", netns)})
+    enforcer = TcEnforcer({"bulk": TcDevice(device="va", netns=netns)})
     await enforcer.start()
     # send ~2 MB out of va from inside the namespace, to vb's address
     sender = (
@@ -97,14 +100,16 @@ async def test_usage_counts_tx_bytes(netns: str) -> None:
 
 async def test_missing_device_and_netns_are_clear_errors(netns: str) -> None:
     with pytest.raises(EnforcementError, match=r"interface nope in netns .* does not exist"):
-        await TcEnforcer({"bulk": TcDevice("nope", netns)}).start()
+        await TcEnforcer({"bulk": TcDevice(device="nope", netns=netns)}).start()
     with pytest.raises(EnforcementError, match="network namespace 'detnet-no-such-ns'"):
-        await TcEnforcer({"bulk": TcDevice("eth0", "detnet-no-such-ns")}).start()
+        await TcEnforcer({"bulk": TcDevice(device="eth0", netns="detnet-no-such-ns")}).start()
     assert not os.path.exists("/var/run/netns/detnet-no-such-ns")  # noqa: ASYNC240 - not created
 
 
 async def test_bad_limits_change_nothing(netns: str) -> None:
-    enforcer = TcEnforcer({"a": TcDevice("va", netns), "b": TcDevice("vb", netns)})
+    enforcer = TcEnforcer(
+        {"a": TcDevice(device="va", netns=netns), "b": TcDevice(device="vb", netns=netns)}
+    )
     await enforcer.start()
     with pytest.raises(EnforcementError, match="no tc device configured"):
         await enforcer.apply({"a": 50, "ghost": 10})
@@ -118,4 +123,4 @@ def test_constructor_validates() -> None:
     with pytest.raises(EnforcementError, match="no best-effort target"):
         TcEnforcer({})
     with pytest.raises(EnforcementError, match="burst"):
-        TcEnforcer({"a": TcDevice("x")}, burst_bytes=10)
+        TcEnforcer({"a": TcDevice(device="x")}, burst_bytes=10)
