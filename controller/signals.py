@@ -11,13 +11,10 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Literal
 
+from detnet.engine.slo import Signal, Slo
 from detnet.engine.stats import WindowStats
 
-Signal = Literal["jitter", "latency", "queue_delay", "loss"]
-
-SIGNALS: tuple[Signal, ...] = ("jitter", "latency", "queue_delay", "loss")
 # How each signal is spelled in a decision's reasons: says which statistic was used.
 SIGNAL_LABELS: dict[Signal, str] = {
     "jitter": "jitter_iqr",
@@ -25,27 +22,6 @@ SIGNAL_LABELS: dict[Signal, str] = {
     "queue_delay": "queue_delay",
     "loss": "loss_ratio",
 }
-
-
-@dataclass(frozen=True, kw_only=True)
-class Slo:
-    """One critical app's thresholds; None means the signal is not evaluated."""
-
-    app: str
-    max_jitter_ms: float | None = None
-    max_latency_ms: float | None = None
-    max_queue_delay_ms: float | None = None
-    max_loss_ratio: float | None = None
-
-    def thresholds(self) -> dict[Signal, float]:
-        """The configured thresholds by signal (ms for time signals, a ratio for loss)."""
-        raw: dict[Signal, float | None] = {
-            "jitter": self.max_jitter_ms,
-            "latency": self.max_latency_ms,
-            "queue_delay": self.max_queue_delay_ms,
-            "loss": self.max_loss_ratio,
-        }
-        return {signal: value for signal, value in raw.items() if value is not None}
 
 
 @dataclass(frozen=True)

@@ -8,8 +8,9 @@ for the live view and the plot (``series``).
 Definitions (docs/lab.md):
 
 - a *window* is one second; an app is *within SLO* in a window when it has probes there and
-  each configured SLO holds: IQR jitter, p99 RTT (``max_latency_ms``), queueing delay (p90
-  RTT minus the base RTT, the app's minimum RTT in the quiet phase), loss ratio;
+  each configured threshold of its ``Slo`` (``engine/slo.py``, the controller's type)
+  holds: IQR jitter, p99 RTT (``max_latency_ms``), queueing delay (p90 RTT minus the base
+  RTT, the app's minimum RTT in the quiet phase), loss ratio;
 - *time to protect*: seconds from congestion start to the start of the first one-second
   window (sliding in 0.1 s steps) in which every app is within SLO; None if none is;
 - *SLO attainment*: share of whole one-second windows from congestion start + time to
@@ -28,20 +29,11 @@ from typing import Any
 
 import numpy as np
 
+from detnet.engine.slo import Slo
+
 PHASES = ("quiet", "congestion", "recovery")
 _SLIDE_S = 0.1
 _FIGURES = ("rtt_p50_ms", "rtt_p99_ms", "jitter_iqr_ms", "queue_delay_ms", "loss_ratio")
-
-
-@dataclass(frozen=True, kw_only=True)
-class AppSlo:
-    """A critical app's thresholds; None means not evaluated."""
-
-    name: str
-    max_jitter_ms: float | None = None
-    max_latency_ms: float | None = None
-    max_queue_delay_ms: float | None = None
-    max_loss_ratio: float | None = None
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -132,17 +124,18 @@ def app_stats(rtt_ms: np.ndarray, *, base_ms: float | None) -> AppStats:
     )
 
 
-def within_slo(stats: AppStats, slo: AppSlo) -> bool:
+def within_slo(stats: AppStats, slo: Slo) -> bool:
     """True when every configured SLO holds; a span without replies never qualifies."""
     if stats.rtt_p50_ms is None:
         return False
-    checks = (
-        (stats.jitter_iqr_ms, slo.max_jitter_ms),
-        (stats.rtt_p99_ms, slo.max_latency_ms),
-        (stats.queue_delay_ms, slo.max_queue_delay_ms),
-        (stats.loss_ratio, slo.max_loss_ratio),
+    return slo.holds(
+        {
+            "jitter": stats.jitter_iqr_ms,
+            "latency": stats.rtt_p99_ms,
+            "queue_delay": stats.queue_delay_ms,
+            "loss": stats.loss_ratio,
+        }
     )
-    return all(limit is None or (value is not None and value <= limit) for value, limit in checks)
 
 
 def _span(samples: np.ndarray, start: float, end: float) -> np.ndarray:
@@ -150,27 +143,27 @@ def _span(samples: np.ndarray, start: float, end: float) -> np.ndarray:
     return samples[lo:hi, 1]
 
 
-def base_rtts(run: RunData, slos: Sequence[AppSlo], timeline: Timeline) -> dict[str, float | None]:
+def base_rtts(run: RunData, slos: Sequence[Slo], timeline: Timeline) -> dict[str, float | None]:
     """Each app's base RTT: its minimum in the quiet phase (else over the whole run)."""
     out: dict[str, float | None] = {}
     for slo in slos:
-        s = run.samples(slo.name)
+        s = run.samples(slo.app)
         quiet = _span(s, *timeline.bounds("quiet"))
         for candidate in (quiet, s[:, 1]):
             got = candidate[~np.isnan(candidate)]
             if got.size:
-                out[slo.name] = float(got.min())
+                out[slo.app] = float(got.min())
                 break
         else:
-            out[slo.name] = None
+            out[slo.app] = None
     return out
 
 
 def _all_within(
-    run: RunData, slos: Sequence[AppSlo], base: Mapping[str, float | None], start: float, end: float
+    run: RunData, slos: Sequence[Slo], base: Mapping[str, float | None], start: float, end: float
 ) -> bool:
     return all(
-        within_slo(app_stats(_span(run.samples(s.name), start, end), base_ms=base[s.name]), s)
+        within_slo(app_stats(_span(run.samples(s.app), start, end), base_ms=base[s.app]), s)
         for s in slos
     )
 
@@ -185,7 +178,7 @@ def _mean_goodput(run: RunData, start: float, end: float) -> float | None:
 def summarise_run(
     run: RunData,
     *,
-    slos: Sequence[AppSlo],
+    slos: Sequence[Slo],
     timeline: Timeline,
     bottleneck_mbps: float,
     critical_mbps: float = 0.0,
@@ -209,8 +202,8 @@ def summarise_run(
         start, end = timeline.bounds(phase)
         phases[phase] = {
             "apps": {
-                s.name: app_stats(
-                    _span(run.samples(s.name), start, end), base_ms=base[s.name]
+                s.app: app_stats(
+                    _span(run.samples(s.app), start, end), base_ms=base[s.app]
                 ).as_dict()
                 for s in slos
             },

@@ -27,8 +27,9 @@ from typing import IO, Any
 
 import yaml
 
+from detnet.engine.slo import Slo
 from detnet.lab.errors import LabError
-from detnet.lab.report import AppSlo, RunData, Timeline, build_report, summarise_run
+from detnet.lab.report import RunData, Timeline, build_report, summarise_run
 from detnet.lab.topology import BEST_EFFORT, POD_DEVICE, Topology
 
 UDP_PORT = 7000
@@ -89,18 +90,18 @@ class LabSettings:
             quiet_s=self.quiet_s, congestion_s=self.congestion_s, recovery_s=self.recovery_s
         )
 
-    def slos(self) -> list[AppSlo]:
+    def slos(self) -> list[Slo]:
         """The critical apps' SLOs, as the report evaluates them."""
         return [
-            AppSlo(
-                name="robot-control",
+            Slo(
+                app="robot-control",
                 max_jitter_ms=self.robot_jitter_ms,
                 max_latency_ms=self.robot_latency_ms,
                 max_queue_delay_ms=self.robot_queue_delay_ms,
                 max_loss_ratio=self.max_loss_ratio,
             ),
-            AppSlo(
-                name="safety-scanner",
+            Slo(
+                app="safety-scanner",
                 max_jitter_ms=self.scanner_jitter_ms,
                 max_latency_ms=self.scanner_latency_ms,
                 max_loss_ratio=self.max_loss_ratio,
@@ -113,31 +114,32 @@ class LabSettings:
         return 2 * _PROBE_BYTES * 8 / self.probe_interval_s / 1e6
 
 
+def _threshold_keys(slo: Slo) -> dict[str, float]:
+    """An SLO's thresholds as the config spells them (its field names), unset ones left out."""
+    return {k: v for k, v in asdict(slo).items() if k != "app" and v is not None}
+
+
 def controller_config(settings: LabSettings, topology: Topology) -> dict[str, Any]:
     """The ``detnet control``/``detnet probe`` config for this lab, in the controller's form."""
     s = settings
+    robot, scanner = s.slos()
     return {
         "critical_apps": [
             {
-                "name": "robot-control",
-                "host": topology.address("robot-control"),
+                "name": robot.app,
+                "host": topology.address(robot.app),
                 "port": UDP_PORT,
                 "protocol": "udp",
-                "max_jitter_ms": s.robot_jitter_ms,
-                "max_latency_ms": s.robot_latency_ms,
-                "max_queue_delay_ms": s.robot_queue_delay_ms,
-                "max_loss_ratio": s.max_loss_ratio,
+                **_threshold_keys(robot),
                 "priority": 100,
             },
             {
-                "name": "safety-scanner",
-                "host": topology.address("safety-scanner"),
+                "name": scanner.app,
+                "host": topology.address(scanner.app),
                 "port": TCP_PORT,
                 "protocol": "tcp",
                 "mode": "connect",
-                "max_jitter_ms": s.scanner_jitter_ms,
-                "max_latency_ms": s.scanner_latency_ms,
-                "max_loss_ratio": s.max_loss_ratio,
+                **_threshold_keys(scanner),
                 "priority": 90,
             },
         ],

@@ -24,7 +24,7 @@ import numpy as np
 from detnet.controller.aimd import AsymmetricAimd, Observation, PolicyParams, Scope, Slo
 from detnet.engine.ring import FLAG_KERNEL, FLAG_RECEIVED, RingSnapshot
 from detnet.engine.stats import WindowStats, window_stats
-from detnet.lab.report import AppSlo, RunData, Timeline, summarise_run
+from detnet.lab.report import RunData, Timeline, summarise_run
 
 TICK_S = 0.01
 Demand = Callable[[float], float]  # Mbit/s wanted at time t (math.inf: as much as allowed)
@@ -157,15 +157,8 @@ def run(
         goodput=per_second,
         decisions=decisions,
     )
-    app_slo = AppSlo(
-        name=slo.app,
-        max_jitter_ms=slo.max_jitter_ms,
-        max_latency_ms=slo.max_latency_ms,
-        max_queue_delay_ms=slo.max_queue_delay_ms,
-        max_loss_ratio=slo.max_loss_ratio,
-    )
     c0 = link(0.0)
-    summary = summarise_run(data, slos=[app_slo], timeline=timeline, bottleneck_mbps=c0)
+    summary = summarise_run(data, slos=[slo], timeline=timeline, bottleneck_mbps=c0)
     return FluidRun(data=data, summary=summary, caps=caps)
 
 

@@ -17,12 +17,13 @@ from typing import Any, Literal
 
 import yaml
 
-from detnet.controller.aimd import PolicyParams, Slo
+from detnet.controller.aimd import PolicyParams
 from detnet.controller.errors import ConfigError
 from detnet.controller.kube import DEFAULT_CONCURRENCY, DEFAULT_QPS
 from detnet.controller.workloads import DEFAULT_MODE, BestEffortTarget, KubernetesMode
 from detnet.engine.errors import TargetError
 from detnet.engine.parse import format_duration_ns
+from detnet.engine.slo import Slo
 from detnet.engine.targets import (
     DEFAULT_SIZE,
     DEFAULT_TCP_MODE,

@@ -8,8 +8,8 @@ import math
 import numpy as np
 import pytest
 
+from detnet.engine.slo import Slo
 from detnet.lab.report import (
-    AppSlo,
     RunData,
     Timeline,
     app_stats,
@@ -21,7 +21,7 @@ from detnet.lab.report import (
 )
 
 TL = Timeline(quiet_s=5.0, congestion_s=10.0, recovery_s=5.0)
-SLO = AppSlo(name="robot", max_jitter_ms=1.0, max_latency_ms=5.0, max_queue_delay_ms=2.0)
+SLO = Slo(app="robot", max_jitter_ms=1.0, max_latency_ms=5.0, max_queue_delay_ms=2.0)
 
 
 def _probes(rtt_at, *, step=0.01, end=20.0):
@@ -67,7 +67,7 @@ def test_within_slo_checks_every_configured_signal() -> None:
     assert not within_slo(standing_queue, SLO)  # no jitter, no p99 breach: queueing delay
     lossy = app_stats(np.r_[np.full(90, 0.3), np.full(10, math.nan)], base_ms=0.3)
     assert within_slo(lossy, SLO)
-    assert not within_slo(lossy, AppSlo(name="robot", max_loss_ratio=0.05))
+    assert not within_slo(lossy, Slo(app="robot", max_loss_ratio=0.05))
     assert not within_slo(app_stats(np.array([]), base_ms=None), SLO)  # no data: no credit
 
 
@@ -116,7 +116,7 @@ def test_attainment_counts_bad_windows_after_protection() -> None:
 
 
 def test_every_app_must_be_within_slo() -> None:
-    scanner = AppSlo(name="scanner", max_latency_ms=1.0)
+    scanner = Slo(app="scanner", max_latency_ms=1.0)
     run = RunData(
         probes={
             "robot": _probes(lambda t, i: 0.2),

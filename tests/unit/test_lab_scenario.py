@@ -22,7 +22,7 @@ def test_settings_validate() -> None:
         LabSettings(congestion_s=1.0)
     s = LabSettings()
     assert s.timeline.total_s == pytest.approx(30.0)
-    assert [slo.name for slo in s.slos()] == ["robot-control", "safety-scanner"]
+    assert [slo.app for slo in s.slos()] == ["robot-control", "safety-scanner"]
     assert 0 < s.critical_mbps < 1
 
 
@@ -45,6 +45,8 @@ def test_controller_config_loads_with_the_controllers_loader(tmp_path: Path) -> 
     loaded = config.load_config(path) if hasattr(config, "load_config") else config.load(path)
     assert [a.name for a in loaded.critical_apps] == ["robot-control", "safety-scanner"]
     assert all(t.tc is not None for t in loaded.best_effort_targets)
+    # The controller judges the lab's apps by the very SLOs the lab's report uses.
+    assert loaded.slos() == LabSettings().slos()
 
 
 def test_tbf_args() -> None:
