@@ -89,7 +89,7 @@ class _Fields:
         key_node, node = self._nodes[key]
         path = f"{self._value.path}.{key}" if self._value.path else key
         self._value.doc.lines[path] = key_node.line
-        return Value(self._value.doc, node, path)
+        return Value(self._value.doc, node, path=path)
 
 
 @dataclass(frozen=True, kw_only=True)

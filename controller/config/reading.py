@@ -66,7 +66,7 @@ class _Node:
     __slots__ = ("children", "kind", "line", "plain", "tag", "text")
 
     def __init__(
-        self, kind: Literal["scalar", "list", "mapping"], line: int, tag: str, text: str = ""
+        self, kind: Literal["scalar", "list", "mapping"], *, line: int, tag: str, text: str = ""
     ) -> None:
         self.kind = kind
         self.line = line
@@ -116,7 +116,7 @@ def _compose(text: str, *, source: str, line_offset: int) -> _Node | None:
             if isinstance(event, yaml.ScalarEvent):
                 if tag is None:
                     tag = _RESOLVER.resolve(yaml.ScalarNode, event.value, event.implicit)
-                node = _Node("scalar", line, tag, event.value)
+                node = _Node("scalar", line=line, tag=tag, text=event.value)
                 node.plain = event.style is None
             else:
                 is_map = isinstance(event, yaml.MappingStartEvent)
@@ -124,7 +124,9 @@ def _compose(text: str, *, source: str, line_offset: int) -> _Node | None:
                     raise fail(line, f"unsupported YAML tag {show(tag)}")
                 if len(stack) >= MAX_DEPTH:
                     raise fail(line, f"nested deeper than {MAX_DEPTH} levels")
-                node = _Node("mapping" if is_map else "list", line, _MAP if is_map else _SEQ)
+                node = _Node(
+                    "mapping" if is_map else "list", line=line, tag=_MAP if is_map else _SEQ
+                )
             if stack:
                 stack[-1].children.append(node)
             else:
@@ -178,7 +180,7 @@ class Value:
 
     __slots__ = ("doc", "node", "path")
 
-    def __init__(self, doc: Document, node: _Node, path: str) -> None:
+    def __init__(self, doc: Document, node: _Node, *, path: str) -> None:
         self.doc, self.node, self.path = doc, node, path
 
     @property
@@ -210,7 +212,7 @@ class Value:
         for i, node in enumerate(self.node.children):
             path = f"{self.path}[{i}]"
             self.doc.lines[path] = node.line
-            out.append(Value(self.doc, node, path))
+            out.append(Value(self.doc, node, path=path))
         return out
 
     def length(self) -> int:
@@ -244,7 +246,7 @@ class Document:
         self.source = source
         self.lines: dict[str, int] = {}
         node = _compose(text, source=source, line_offset=line_offset)
-        self.root = None if node is None else Value(self, node, "")
+        self.root = None if node is None else Value(self, node, path="")
         if node is not None:
             self.lines[""] = node.line
 
@@ -267,7 +269,7 @@ class Section:
     prototype spelling) under one of our keys; errors about it still name its own path."""
 
     def __init__(
-        self, doc: Document, path: str, value: Value | None, allowed: Sequence[str]
+        self, doc: Document, path: str, *, value: Value | None, allowed: Sequence[str]
     ) -> None:
         self.doc, self.path = doc, path
         self.values: dict[str, Value] = {}
@@ -289,7 +291,7 @@ class Section:
             if key in self.values:
                 raise ConfigError(f"{doc.source}:{key_node.line}: {sub}: duplicate key")
             doc.lines[sub] = key_node.line
-            self.values[key] = Value(doc, value_node, sub)
+            self.values[key] = Value(doc, value_node, path=sub)
 
     def sub(self, key: str) -> str:
         """The path of ``key`` in this section."""

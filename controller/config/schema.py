@@ -219,7 +219,7 @@ def _apps(doc: Document, top: Section) -> tuple[CriticalApp, ...]:
     for i, item in enumerate(_list(doc, top, "critical_apps", MAX_APPS)):
         if not item.is_mapping:
             raise item.wrong("must be a mapping")
-        s = Section(doc, item.path, item, _APP_KEYS)
+        s = Section(doc, item.path, value=item, allowed=_APP_KEYS)
         name = s.need("name", _APP)
         if name in seen:
             raise s.err(
@@ -267,7 +267,7 @@ def _targets(doc: Document, top: Section) -> tuple[BestEffortTarget, ...]:
     for i, item in enumerate(_list(doc, top, "best_effort_targets", MAX_TARGETS)):
         if not item.is_mapping:
             raise item.wrong("must be a mapping")
-        s = Section(doc, item.path, item, _TARGET_KEYS)
+        s = Section(doc, item.path, value=item, allowed=_TARGET_KEYS)
         given = [k for k in ("deployment", "workload", "selector") if s.has(k)]
         if len(given) > 1:
             raise s.err(given[1], f"give only one of deployment, workload, selector ({given[0]})")
@@ -291,7 +291,7 @@ def _targets(doc: Document, top: Section) -> tuple[BestEffortTarget, ...]:
         seen[name] = i
         tc = None
         if s.has("tc"):
-            ts = Section(doc, f"{item.path}.tc", s.value("tc"), ("device", "netns"))
+            ts = Section(doc, f"{item.path}.tc", value=s.value("tc"), allowed=("device", "netns"))
             tc = TcDevice(device=ts.need("device", _interface), netns=ts.get("netns", _netns, None))
         out.append(
             BestEffortTarget(
@@ -308,7 +308,7 @@ def _targets(doc: Document, top: Section) -> tuple[BestEffortTarget, ...]:
 
 
 def _policy(doc: Document, top: Section, ctl: Section) -> tuple[PolicyParams, tuple[str, ...]]:
-    pol = Section(doc, "policy", top.value("policy"), _POLICY_KEYS)
+    pol = Section(doc, "policy", value=top.value("policy"), allowed=_POLICY_KEYS)
     legacy = compat.adopt_legacy_policy(top, ctl, pol)
     min_bw = pol.get("min_bandwidth", _BANDWIDTH, 10)
     max_bw = pol.get("max_bandwidth", _BANDWIDTH, 1000)
@@ -344,7 +344,7 @@ def _control(doc: Document, ctl: Section) -> ControlSettings:
 
 
 def _kubernetes(doc: Document, top: Section) -> KubernetesSettings:
-    ks = Section(doc, "kubernetes", top.value("kubernetes"), _K8S_KEYS)
+    ks = Section(doc, "kubernetes", value=top.value("kubernetes"), allowed=_K8S_KEYS)
     given = ks.get("mode", text, None)
     mode = DEFAULT_MODE if given is None else next((m for m in MODES if m == given), None)
     if mode is None:
@@ -361,10 +361,10 @@ def _kubernetes(doc: Document, top: Section) -> KubernetesSettings:
 
 def build_config(doc: Document) -> Config:
     """The Config a (top-level mapping) document describes; ConfigError when it is bad."""
-    top = Section(doc, "", doc.root, _TOP_KEYS)
+    top = Section(doc, "", value=doc.root, allowed=_TOP_KEYS)
     apps = _apps(doc, top)
     targets = _targets(doc, top)
-    ctl = Section(doc, "control", top.value("control"), _CONTROL_KEYS)
+    ctl = Section(doc, "control", value=top.value("control"), allowed=_CONTROL_KEYS)
     policy, warnings = _policy(doc, top, ctl)
     for i, t in enumerate(targets):
         if t.initial_bandwidth is not None and not (
@@ -375,7 +375,7 @@ def build_config(doc: Document) -> Config:
                 f"must be within min_bandwidth..max_bandwidth "
                 f"({policy.min_bandwidth}..{policy.max_bandwidth}), got {t.initial_bandwidth}",
             )
-    ms = Section(doc, "metrics", top.value("metrics"), ("listen",))
+    ms = Section(doc, "metrics", value=top.value("metrics"), allowed=("listen",))
     config = Config(
         source=doc.source,
         critical_apps=apps,
