@@ -1,12 +1,13 @@
 """The agent's Prometheus metrics, built at scrape time from its state (the collector
-runs on the HTTP server's thread; it copies what it reads, and the snapshot it reads is
-immutable). Names are in docs/metrics.md ("Agent") and docs/agent.md.
+runs on the HTTP server's thread: it copies the counters it reads, and gets the
+snapshot, which is immutable, through ``AgentParts.snapshot``). Names are in
+docs/agent.md ("Metrics").
 """
 
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -24,7 +25,7 @@ if TYPE_CHECKING:
     from detnet.controller.agent.auth import Authenticator
     from detnet.controller.agent.pods import NodePods
     from detnet.controller.agent.procfs import ProcResolver
-    from detnet.controller.agent.sampler import Sampler
+    from detnet.controller.agent.sampler import Sampler, Snapshot
     from detnet.controller.agent.server import UsageRoute
 
 
@@ -38,6 +39,7 @@ class AgentParts:
     sampler: Sampler
     auth: Authenticator
     route: UsageRoute
+    snapshot: Callable[[], Snapshot | None]
     api_errors: Counter[str] = field(default_factory=Counter)
     skipped_samples: int = 0
 
@@ -52,7 +54,7 @@ class AgentCollector(Collector):
         """Fresh metric families from the current state."""
         p = self._p
         node = [p.node]
-        snap = p.sampler.snapshot
+        snap = p.snapshot()
         egress = GaugeMetricFamily(
             "detnet_agent_egress_bytes_per_second",
             "Egress of the node's measured pods over the last interval (their sum)",

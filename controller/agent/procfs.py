@@ -33,7 +33,7 @@ from collections.abc import Callable, Collection
 from dataclasses import dataclass
 
 from detnet.controller.agent.cgroups import MAX_CGROUP_BYTES, parse_proc_cgroup
-from detnet.controller.agent.netdev import MAX_NET_DEV_BYTES, NetDevError, parse_net_dev
+from detnet.controller.agent.netdev import MAX_NET_DEV_BYTES
 
 log = logging.getLogger(__name__)
 
@@ -44,14 +44,12 @@ _STAT_MAX = 4096
 _GONE = (ProcessLookupError, FileNotFoundError)
 
 
-@dataclass(frozen=True)
-class Reading:
-    """One pod's counters (``{interface: (rx, tx)}``, None when unreadable) at
-    ``t_ns``; ``source`` changes whenever the pod is re-resolved to a process."""
-
-    t_ns: int
-    counters: dict[str, tuple[int, int]] | None
-    source: int
+Reading = tuple[int, bytes | None, int]
+"""One pod's reading: ``(t_ns, data, source)``: the bytes of its ``/proc/PID/net/dev``
+(None when unreadable; ``rates.NodeMeter`` parses all of a tick's together) and the
+source, which changes whenever the pod is re-resolved to another process. A plain
+tuple, not a frozen dataclass: one is made for every pod at every sample, and a frozen
+dataclass costs thirty times more to build."""
 
 
 @dataclass
@@ -61,6 +59,7 @@ class _Attached:
     pidfd: int
     netdev: int
     source: int
+    size: int = 4096  # read buffer: grows when a read fills it
 
 
 class ProcResolver:
@@ -190,7 +189,10 @@ class ProcResolver:
         try:
             if not self._parent_outside(pid, key):
                 return False
-            netdev = os.open(f"{self._proc}/{pid}/net/dev", os.O_RDONLY | os.O_CLOEXEC)
+            # Non-blocking: nothing in /proc blocks, but a FIFO in a tree given as --proc would.
+            netdev = os.open(
+                f"{self._proc}/{pid}/net/dev", os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC
+            )
             # The PID may have been reused between the scan's read and pidfd_open: only
             # if the cgroup still names the pod, with the pidfd's process alive, is this it.
             if self._pod_of(pid) != key or _exited(pidfd):
@@ -227,22 +229,30 @@ class ProcResolver:
                 self._detach(att.key)
                 self._next_pass_ns = 0
         out: dict[str, Reading] = {}
-        for key, att in list(self._by_key.items()):
-            counters: dict[str, tuple[int, int]] | None
+        pread, clock = os.pread, self._clock
+        failed = []
+        for key, att in self._by_key.items():
             try:
-                data = os.pread(att.netdev, MAX_NET_DEV_BYTES, 0)
-                counters = parse_net_dev(data)
+                raw = pread(att.netdev, att.size, 0)
+                while len(raw) >= att.size and att.size < MAX_NET_DEV_BYTES:
+                    att.size = min(att.size * 4, MAX_NET_DEV_BYTES)
+                    raw = pread(att.netdev, att.size, 0)
             except OSError as exc:
                 self._note("netdev_unreadable", f"/proc/{att.pid}/net/dev: {exc.strerror or exc}")
-                counters = None
-            except NetDevError as exc:
-                self._note("netdev_malformed", f"/proc/{att.pid}/net/dev: {exc}")
-                counters = None
-            out[key] = Reading(t_ns=self._clock(), counters=counters, source=att.source)
-            if counters is None:
-                self._detach(key)  # try another process of the pod next time
-                self._next_pass_ns = 0
+                out[key] = (clock(), None, att.source)
+                failed.append(key)
+            else:
+                out[key] = (clock(), raw, att.source)
+        for key in failed:
+            self.forget(key)
         return out
+
+    def forget(self, key: str) -> None:
+        """Stop reading a pod through its process (its file no longer reads or parses):
+        resolve it again, through another process if there is one."""
+        if key in self._by_key:
+            self._detach(key)
+            self._next_pass_ns = 0
 
     def close(self) -> None:
         """Close every pidfd and file (idempotent)."""

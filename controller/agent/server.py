@@ -22,7 +22,7 @@ from aiohttp import web
 
 from detnet.controller.agent.auth import AUDIENCE, AuthDecision
 from detnet.controller.agent.sampler import Snapshot
-from detnet.controller.agent.wire import PodUsage, encode
+from detnet.controller.agent.wire import PodEncoder, PodUsage, encode_document
 from detnet.controller.kube.selectors import LabelSelector, SelectorError, parse_selector
 from detnet.engine.parse import escape, show
 
@@ -63,15 +63,22 @@ def parse_query(params: Mapping[str, str], keys: list[str]) -> UsageQuery:
     return UsageQuery(namespace=namespace, selector=selector)
 
 
+def selected(snapshot: Snapshot, query: UsageQuery) -> list[int]:
+    """The indexes of the pods of ``snapshot`` that ``query`` asks for."""
+    ns, sel = query.namespace, query.selector
+    return [
+        i
+        for i, s in enumerate(snapshot.pods)
+        if (ns is None or s.pod.namespace == ns) and (sel.empty or sel.matches(s.pod.labels))
+    ]
+
+
 def select(snapshot: Snapshot, query: UsageQuery) -> list[PodUsage]:
     """The pods of ``snapshot`` that ``query`` asks for, as the wire writes them."""
     out = []
-    for s in snapshot.pods:
+    for i in selected(snapshot, query):
+        s = snapshot.pods[i]
         pod = s.pod
-        if query.namespace is not None and pod.namespace != query.namespace:
-            continue
-        if not query.selector.empty and not query.selector.matches(pod.labels):
-            continue
         r = s.rates
         out.append(
             PodUsage(
@@ -96,12 +103,16 @@ class UsageRoute:
     def __init__(
         self,
         *,
-        snapshot: Callable[[], Snapshot | None],
+        snapshot: Callable[[], Awaitable[Snapshot | None]],
         authenticate: Callable[[str | None], Awaitable[AuthDecision]],
     ) -> None:
         self._snapshot = snapshot
         self._authenticate = authenticate
         self.requests: Counter[str] = Counter()
+        # The snapshot last encoded, and each of its pods as JSON: requests between two
+        # ticks (and filtered ones) reuse them. Only this server's thread touches it.
+        self._encoded: tuple[Snapshot, list[bytes]] | None = None
+        self._encoder = PodEncoder()
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
         """Answer one request."""
@@ -127,12 +138,20 @@ class UsageRoute:
             query = parse_query(request.query, [k for k, _ in request.query.items()])
         except QueryError as exc:
             return _text(400, str(exc))
-        snap = self._snapshot()
+        snap = await self._snapshot()
         if snap is None:
             return _text(503, "no sample yet", {"Retry-After": "1"})
-        body = encode(
-            node=snap.node, at=snap.at, interval_s=snap.interval_s, pods=select(snap, query)
+        if self._encoded is None or self._encoded[0] is not snap:
+            enc = self._encoder.encode
+            fragments = [enc(s.pod.namespace, s.pod.name, s.pod.uid, s.rates) for s in snap.pods]
+            self._encoded = (snap, fragments)
+        fragments = self._encoded[1]
+        chosen = (
+            fragments
+            if query.namespace is None and query.selector.empty
+            else [fragments[i] for i in selected(snap, query)]
         )
+        body = encode_document(node=snap.node, at=snap.at, interval_s=snap.interval_s, pods=chosen)
         return web.Response(
             body=body, content_type="application/json", headers={"Cache-Control": "no-store"}
         )

@@ -2,16 +2,17 @@
 the HTTP server; started, health-checked and closed as one.
 
 Two threads: the event loop (watch, sampling ticks, TokenReviews: all the state) and
-the HTTP server's own loop (``engine/httpserver.py``). The HTTP side reads the sampler's
-latest snapshot, which is immutable and replaced whole, and hands each authentication
-to the main loop (``run_coroutine_threadsafe``), so no state is shared across threads
-unguarded. Ticks run on absolute deadlines (``engine/scheduler.py``): a late loop skips
-and counts the missed ticks instead of bursting.
+the HTTP server's own loop (``engine/httpserver.py``). The HTTP side hands each
+authentication and each snapshot to the main loop (``run_coroutine_threadsafe``) and
+gets back immutable values, so no state is shared across threads unguarded. Ticks
+run on absolute deadlines (``engine/scheduler.py``): a late loop skips and counts the
+missed ticks instead of bursting.
 """
 
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import logging
 import time
@@ -100,7 +101,7 @@ class Agent:
             review=reviewer or token_reviewer(self.kube, audience=config.audience),
             allow=config.allow,
         )
-        self.route = UsageRoute(snapshot=self.served_snapshot, authenticate=self._authenticate)
+        self.route = UsageRoute(snapshot=self._snapshot_async, authenticate=self._authenticate)
         self.parts = AgentParts(
             node=config.node,
             pods=self.pods,
@@ -108,6 +109,7 @@ class Agent:
             sampler=self.sampler,
             auth=self.auth,
             route=self.route,
+            snapshot=self._snapshot_blocking,
             api_errors=self.api_errors,
         )
         self.registry = registry or CollectorRegistry()
@@ -186,9 +188,31 @@ class Agent:
         self.resolver.close()
 
     def served_snapshot(self) -> Snapshot | None:
-        """The snapshot to serve: the latest, once one was taken after the pod list
-        synced (before that, "no pods" would be a lie)."""
-        return self.sampler.snapshot if self.sampler.synced_snapshot else None
+        """The snapshot to serve (on the main loop): the latest tick's, once a tick ran
+        after the pod list synced (before that, "no pods" would be a lie)."""
+        return self.sampler.snapshot() if self.sampler.synced else None
+
+    async def _served_on_loop(self) -> Snapshot | None:
+        return self.served_snapshot()
+
+    async def _snapshot_async(self) -> Snapshot | None:
+        # Called on the HTTP server's loop; the sampler lives on ours.
+        assert self._loop is not None
+        future = asyncio.run_coroutine_threadsafe(self._served_on_loop(), self._loop)
+        return await asyncio.wrap_future(future)
+
+    def _snapshot_blocking(self) -> Snapshot | None:
+        """For a scrape on the HTTP thread: the snapshot from the main loop, or the last
+        one built when the loop does not answer within half a second (it is closing)."""
+        loop = self._loop
+        if loop is None or not loop.is_running():
+            return self.sampler.last_snapshot
+        future = asyncio.run_coroutine_threadsafe(self._served_on_loop(), loop)
+        try:
+            return future.result(timeout=0.5)
+        except concurrent.futures.TimeoutError:
+            future.cancel()
+            return self.sampler.last_snapshot
 
     def healthz(self) -> tuple[bool, str]:
         """Alive: the sampling loop ticked recently and the watch task runs."""
@@ -203,11 +227,9 @@ class Agent:
         """Ready: the pods of the node are listed and sampled."""
         if not self.pods.synced:
             return False, "pods of the node not listed yet"
-        if not self.sampler.synced_snapshot:
+        if not self.sampler.synced:
             return False, "not sampled yet"
-        snap = self.sampler.snapshot
-        assert snap is not None
-        return True, f"ok: {snap.measured} pods measured, {snap.unknown} unknown"
+        return True, f"ok: {len(self.pods.pods)} pods, {self.sampler.ticks} samples"
 
     def _api_error(self, code: str) -> None:
         self.api_errors[code] += 1

@@ -66,21 +66,63 @@ def format_at(wall_s: float) -> str:
 
 def encode(*, node: str, at: str, interval_s: float, pods: Iterable[PodUsage]) -> bytes:
     """The document, as compact JSON bytes."""
-    doc = {
-        "node": node,
-        "at": at,
-        "interval_s": interval_s,
-        "pods": [
-            {
-                "namespace": p.namespace,
-                "name": p.name,
-                "uid": p.uid,
-                **{f: _finite(getattr(p, f)) for f in RATE_FIELDS},
-            }
-            for p in pods
-        ],
+    return encode_document(
+        node=node, at=at, interval_s=interval_s, pods=[encode_pod(p) for p in pods]
+    )
+
+
+def encode_pod(p: PodUsage) -> bytes:
+    """One entry of ``pods``, as JSON bytes (``encode_document`` joins them)."""
+    entry = {
+        "namespace": p.namespace,
+        "name": p.name,
+        "uid": p.uid,
+        **{f: _finite(getattr(p, f)) for f in RATE_FIELDS},
     }
-    return json.dumps(doc, separators=(",", ":"), allow_nan=False).encode()
+    return json.dumps(entry, separators=(",", ":"), allow_nan=False).encode()
+
+
+class PodEncoder:
+    """Writes ``encode_pod``'s bytes, fast: each pod's names are encoded once and kept,
+    its rates formatted each time (``repr`` of a finite float is its JSON). For the
+    agent, which writes every pod's entry at every snapshot asked for."""
+
+    def __init__(self, *, keep: int = 2 * MAX_PODS) -> None:
+        self._keep = keep
+        self._heads: dict[tuple[str, str, str], str] = {}
+
+    def encode(
+        self,
+        namespace: str,
+        name: str,
+        uid: str,
+        rates: tuple[float | None, float | None, float | None, float | None],
+    ) -> bytes:
+        """The entry of one pod; ``rates`` in ``RATE_FIELDS`` order."""
+        key = (namespace, name, uid)
+        head = self._heads.get(key)
+        if head is None:
+            if len(self._heads) >= self._keep:
+                self._heads.clear()  # pods come and go: start again rather than grow
+            entry = {"namespace": namespace, "name": name, "uid": uid}
+            head = json.dumps(entry, separators=(",", ":"))[:-1]
+            self._heads[key] = head
+        e, i, e1, i1 = (_json_rate(v) for v in rates)
+        return (
+            f'{head},"egress_bps":{e},"ingress_bps":{i},"egress_bps_1s":{e1},"ingress_bps_1s":{i1}}}'
+        ).encode()
+
+
+def _json_rate(value: float | None) -> str:
+    return repr(float(value)) if value is not None and math.isfinite(value) else "null"
+
+
+def encode_document(*, node: str, at: str, interval_s: float, pods: list[bytes]) -> bytes:
+    """The document around already encoded ``pods`` entries."""
+    head = json.dumps(
+        {"node": node, "at": at, "interval_s": interval_s}, separators=(",", ":"), allow_nan=False
+    ).encode()
+    return head[:-1] + b',"pods":[' + b",".join(pods) + b"]}"
 
 
 def _finite(value: float | None) -> float | None:

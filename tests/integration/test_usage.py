@@ -35,7 +35,7 @@ from detnet.controller.usage import (
 from detnet.lab.kubeapi import ApiServerEmulator
 from tests.integration.test_agent import MS, until
 from tests.unit.test_agent_procfs import FakeProc, cgroup
-from tests.unit.test_usage import _kubelet_projected
+from tests.unit.test_usage_client import _kubelet_projected
 
 CONTROLLER = "system:serviceaccount:detnet-system:detnet-controller"
 UID_A = "88f6f4e3-59c0-4ce8-9ecf-391c8b5a60ad"

@@ -90,13 +90,13 @@ def test_resolves_a_pod_and_rereads_its_counters(proc: FakeProc) -> None:
     assert r.unresolved == {UID_A}
     assert r.scan(0) > 0
     assert r.pid_of(UID_A) == pid
-    first = r.read()[UID_A]
-    assert first.counters == {"lo": (5, 5), "eth0": (0, 1000)}
+    t1, data1, source1 = r.read()[UID_A]
+    assert data1 == net_dev(1000)
     proc.set_tx(pid, 5000)
-    second = r.read()[UID_A]
-    assert second.counters == {"lo": (5, 5), "eth0": (0, 5000)}
-    assert second.source == first.source
-    assert second.t_ns >= first.t_ns
+    t2, data2, source2 = r.read()[UID_A]
+    assert data2 == net_dev(5000)  # the same open file, read again from its start
+    assert source2 == source1
+    assert t2 >= t1
     r.close()
 
 
@@ -136,7 +136,7 @@ def test_a_process_that_exits_is_replaced_by_another_of_the_pod(proc: FakeProc) 
     r.want({UID_A})
     r.scan(0)
     assert r.pid_of(UID_A) == first
-    source = r.read()[UID_A].source
+    source = r.read()[UID_A][2]
     second = proc.process(cgroup(UID_A, "b" * 64), tx=100)
     proc.kill(first)
     assert UID_A not in r.read()  # gone: unknown until resolved again
@@ -144,7 +144,7 @@ def test_a_process_that_exits_is_replaced_by_another_of_the_pod(proc: FakeProc) 
     assert r.unresolved == {UID_A}
     r.scan(1)
     assert r.pid_of(UID_A) == second
-    assert r.read()[UID_A].source != source  # a new segment for the rates
+    assert r.read()[UID_A][2] != source  # a new segment for the rates
     r.close()
 
 
@@ -170,13 +170,26 @@ def test_unreadable_entries_are_counted_not_fatal(proc: FakeProc) -> None:
     r.scan(0)
     assert r.errors["proc_unreadable"] == 1
     assert r.pid_of(UID_A) == pid
-    # A net/dev that stops parsing: unknown, counted, resolved again
-    with open(proc.root / str(pid) / "net" / "dev", "r+b") as f:
-        f.truncate(0)
-        f.write(b"garbage\n")
-    assert r.read()[UID_A].counters is None
-    assert r.errors["netdev_malformed"] == 1
+    r.forget(UID_A)  # the sampler's answer to a file that does not parse
     assert r.pid_of(UID_A) is None
+    assert r.unresolved == {UID_A}
+    r.scan(1)
+    assert r.pid_of(UID_A) == pid
+    r.close()
+
+
+def test_a_net_dev_that_cannot_be_read_is_counted_and_resolved_again(proc: FakeProc) -> None:
+    pid = proc.process(cgroup(UID_A))
+    dev = proc.root / str(pid) / "net" / "dev"
+    dev.unlink()
+    os.mkfifo(dev)  # pread on it fails (ESPIPE), as an unreadable entry would
+    r = ProcResolver(proc=str(proc.root))
+    r.want({UID_A})
+    r.scan(0)
+    assert r.pid_of(UID_A) == pid
+    assert r.read()[UID_A][1] is None
+    assert r.errors["netdev_unreadable"] == 1
+    assert r.pid_of(UID_A) is None  # resolved again at the next scan
     r.close()
 
 

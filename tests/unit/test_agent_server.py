@@ -16,10 +16,12 @@ from detnet.controller.agent.server import QueryError, UsageQuery, parse_query, 
 from detnet.controller.agent.wire import (
     MAX_DOCUMENT_BYTES,
     NodeUsage,
+    PodEncoder,
     PodUsage,
     WireError,
     decode,
     encode,
+    encode_pod,
     format_at,
 )
 
@@ -201,6 +203,25 @@ def _pod_doc(**override: object) -> bytes:
 def test_the_reader_refuses_anything_off_shape(data: bytes, message: str) -> None:
     with pytest.raises(WireError, match=message):
         decode(data)
+
+
+@pytest.mark.parametrize(
+    "rates",
+    [
+        (None, None, None, None),
+        (1.2e7, 3.1e4, 1.1e7, 2.9e4),
+        (0.0, 1.0, None, 123456789.123456789),
+        (float("inf"), float("nan"), 5e-324, 1.7976931348623157e308),
+    ],
+)
+def test_the_fast_encoder_writes_exactly_what_encode_pod_writes(
+    rates: tuple[float | None, float | None, float | None, float | None],
+) -> None:
+    encoder = PodEncoder()
+    for _ in range(2):  # the second time from its cache of names
+        got = encoder.encode("factory", "erp-0", "u-2", rates)
+        assert got == encode_pod(PodUsage("factory", "erp-0", "u-2", *rates))
+    assert json.loads(got)["namespace"] == "factory"
 
 
 def test_non_finite_rates_are_never_written() -> None:
