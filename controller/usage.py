@@ -23,7 +23,6 @@ names, within a deadline, with unknown made explicit.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import os
 import time
@@ -392,9 +391,9 @@ class UsageClient:
             _, late = await asyncio.wait(asked.values(), timeout=deadline)
             for task in late:
                 task.cancel()
-            for task in late:
-                with contextlib.suppress(asyncio.CancelledError):
-                    await task
+            # Whatever they end with (cancelled, or a timeout of their own that won the
+            # race): read below, never raised here.
+            await asyncio.gather(*late, return_exceptions=True)
         received: dict[str, NodeUsage] = {}
         for node, task in asked.items():
             if task.cancelled():
@@ -447,10 +446,10 @@ class UsageClient:
                         f"http_{resp.status}", f"HTTP {resp.status} from {agent.url}"
                     )
                 body = await _read_bounded(resp)
+        except TimeoutError as exc:  # before OSError: TimeoutError is one
+            raise _AgentFailed("timeout", f"{agent.url}: timed out") from exc
         except (aiohttp.ClientError, OSError) as exc:
             raise _AgentFailed("connection", f"{agent.url}: {type(exc).__name__}: {exc}") from exc
-        except TimeoutError as exc:
-            raise _AgentFailed("timeout", f"{agent.url}: timed out") from exc
         try:
             usage = decode(body)
         except WireError as exc:
