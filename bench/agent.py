@@ -31,7 +31,6 @@ import contextlib
 import os
 import re
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -84,14 +83,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def agent_command() -> list[str]:
-    """``detnet agent`` of this installation; its own entry point while the CLI's command
-    list does not name it yet."""
-    probe = subprocess.run(
-        [*detnet_command(), "agent", "--help"], capture_output=True, timeout=60, check=False
-    )
-    if probe.returncode == 0:
-        return [*detnet_command(), "agent"]
-    return [sys.executable, "-m", "detnet.controller.agent.cli", "agent"]
+    """``detnet agent`` of this installation."""
+    return [*detnet_command(), "agent"]
 
 
 def main(args: argparse.Namespace) -> dict[str, Any]:

@@ -2,8 +2,7 @@
 
 ``register(subparsers)`` adds the subcommand (as the modules of ``controller/cli`` do);
 ``run(args)`` validates every flag before anything starts, then runs the agent until
-SIGTERM/SIGINT, exit status 0. ``python -m detnet.controller.agent.cli agent ...`` runs
-the subcommand on its own, with the CLI's contract (a user error is one line, exit 2).
+SIGTERM/SIGINT, exit status 0 (``detnet`` lists it in ``controller/cli``'s COMMANDS).
 The node comes from ``--node``, else ``NODE_NAME`` (the DaemonSet sets it from the
 downward API). Heavy imports (aiohttp, kubernetes-asyncio) happen in ``run``, so
 listing the CLI's commands stays fast.
@@ -19,7 +18,7 @@ import sys
 from typing import TYPE_CHECKING
 
 from detnet.controller.agent.auth import AUDIENCE, CONTROLLER_ACCOUNT, parse_account
-from detnet.controller.errors import USER_ERRORS, CommandError
+from detnet.controller.errors import CommandError
 from detnet.engine.parse import ParseError, parse_address, parse_duration_ns, show
 
 if TYPE_CHECKING:
@@ -177,21 +176,3 @@ async def _serve(config: AgentConfig, *, kubeconfig: str | None) -> int:
     finally:
         await api.close()
     return 0
-
-
-def main(argv: list[str] | None = None) -> int:
-    """``detnet agent`` alone: the same parser and error contract as ``detnet``'s."""
-    parser = argparse.ArgumentParser(prog="detnet")
-    register(parser.add_subparsers(dest="command", required=True, metavar="COMMAND"))
-    args = parser.parse_args(argv)
-    try:
-        return int(args.func(args))
-    except USER_ERRORS as exc:
-        print(f"detnet {args.command}: error: {exc}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        return 130
-
-
-if __name__ == "__main__":
-    sys.exit(main())

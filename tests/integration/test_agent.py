@@ -332,13 +332,8 @@ async def test_malformed_and_huge_requests_are_refused_and_survived(agent: Agent
 
 
 def agent_command() -> list[str]:
-    """``detnet agent`` of this installation (through its own entry point until the
-    CLI's command list names it)."""
-    from detnet.controller import cli
-
-    if "agent" in cli.COMMANDS:
-        return [sys.executable, "-m", "detnet.controller", "agent"]
-    return [sys.executable, "-m", "detnet.controller.agent.cli", "agent"]
+    """``detnet agent`` of this installation."""
+    return [sys.executable, "-m", "detnet.controller", "agent"]
 
 
 @pytest.mark.parametrize(

@@ -82,7 +82,7 @@ def unprivileged_python() -> list[str]:
         pytest.skip(f"{SYSTEM_PYTHON} missing: this venv's own interpreter is under /root")
     bootstrap = (
         f"import site, sys; site.addsitedir({str(SITE_PACKAGES)!r}); "
-        "from detnet.controller.agent.cli import main; sys.exit(main())"
+        "from detnet.controller.cli import main; sys.exit(main())"
     )
     return [
         "setpriv", f"--reuid={AGENT_UID}", f"--regid={AGENT_UID}", "--clear-groups",
