@@ -18,6 +18,7 @@ import asyncio
 import contextlib
 import fnmatch
 import json
+import socket
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -109,16 +110,22 @@ class ApiServerEmulator(Cluster):
     async def __aexit__(self, *exc: object) -> None:
         await self.close()
 
-    async def start(self) -> None:
-        """Listen on an ephemeral port of ``host``."""
+    async def start(self, *, sock: socket.socket | None = None) -> None:
+        """Listen on an ephemeral port of ``host``, or on ``sock``: a bound TCP socket
+        made elsewhere (the cluster lab makes it inside its control-plane namespace)."""
         app = web.Application(client_max_size=3 * 1024 * 1024)  # the real server's limit
         app.router.add_route("*", "/{tail:.*}", self._handle)
         self._runner = web.AppRunner(app, access_log=None, shutdown_timeout=1.0)
         await self._runner.setup()
-        site = web.TCPSite(self._runner, self._host, 0)
-        await site.start()
-        port = self._runner.addresses[0][1]
-        self.url = f"http://{self._host}:{port}"
+        if sock is None:
+            site: web.BaseSite = web.TCPSite(self._runner, self._host, 0)
+            await site.start()
+            host, port = self._host, self._runner.addresses[0][1]
+        else:
+            site = web.SockSite(self._runner, sock)
+            await site.start()
+            host, port = sock.getsockname()[:2]
+        self.url = f"http://{host}:{port}"
 
     async def close(self) -> None:
         """End open watches and stop listening."""
