@@ -5,8 +5,11 @@ Run as ``python -m detnet.lab.traffic``:
 - ``sink --listen HOST:PORT``: accepts TCP connections, discards the data and prints one
   JSON line per second, ``{"ts": UNIX_S, "bytes": {"PEER_IP": N, ...}}``, so the lab knows
   each best-effort pod's goodput second by second.
-- ``send --to HOST:PORT --mode steady --flows N``: N parallel bulk flows, reconnecting if
-  a connection drops (erp-dashboard).
+- ``send --to HOST:PORT --mode steady --flows N [--rate MBIT]``: N parallel bulk flows,
+  reconnecting if a connection drops (erp-dashboard); ``--rate`` paces each flow to
+  MBIT Mbit/s with the kernel's TCP pacing (``SO_MAX_PACING_RATE``: TCP paces itself
+  without the fq qdisc since Linux 4.13), so a steady sender stays below a link
+  without bursts (the cluster lab's node-b).
 - ``send --to HOST:PORT --mode bursty --flows N --upload-bytes B --period S``: every S
   seconds, N parallel uploads of B bytes each (telemetry-upload); a period whose uploads
   overrun simply starts late, it never piles uploads up.
@@ -34,6 +37,7 @@ from dataclasses import dataclass
 from detnet.engine.parse import ParseError, parse_address, show
 
 _CHUNK = b"\0" * 65536
+SO_MAX_PACING_RATE = getattr(socket, "SO_MAX_PACING_RATE", 47)  # asm-generic/socket.h
 
 
 @dataclass(frozen=True)
@@ -102,11 +106,16 @@ async def run_sink(listen: Endpoint, *, interval_s: float = 1.0) -> None:
 # --------------------------------------------------------------------------- senders
 
 
-def _upload(to: Endpoint, stop: threading.Event, limit: int | None) -> int:
-    """Send ``limit`` bytes (None: until stopped) over one connection; return bytes sent."""
+def _upload(
+    to: Endpoint, stop: threading.Event, limit: int | None, rate_bytes: int | None = None
+) -> int:
+    """Send ``limit`` bytes (None: until stopped) over one connection, paced to
+    ``rate_bytes`` per second when given; return bytes sent."""
     sent = 0
     try:
         with socket.create_connection((to.host, to.port), timeout=5.0) as sock:
+            if rate_bytes is not None:
+                sock.setsockopt(socket.SOL_SOCKET, SO_MAX_PACING_RATE, rate_bytes)
             sock.settimeout(0.5)  # so a stop request is seen even when the cap stalls us
             while not stop.is_set() and (limit is None or sent < limit):
                 chunk = _CHUNK if limit is None else _CHUNK[: min(len(_CHUNK), limit - sent)]
@@ -120,12 +129,15 @@ def _upload(to: Endpoint, stop: threading.Event, limit: int | None) -> int:
     return sent
 
 
-def run_steady(to: Endpoint, *, flows: int, stop: threading.Event) -> None:
-    """``flows`` parallel bulk flows until ``stop`` is set."""
+def run_steady(
+    to: Endpoint, *, flows: int, stop: threading.Event, rate_mbps: float | None = None
+) -> None:
+    """``flows`` parallel bulk flows until ``stop`` is set, each paced to ``rate_mbps``."""
+    rate = None if rate_mbps is None else max(1, int(rate_mbps * 1e6 / 8))
 
     def flow() -> None:
         while not stop.is_set():
-            _upload(to, stop, None)
+            _upload(to, stop, None, rate)
 
     threads = [threading.Thread(target=flow, daemon=True) for _ in range(flows)]
     for t in threads:
@@ -171,6 +183,7 @@ def _parser() -> argparse.ArgumentParser:
     send.add_argument("--upload-bytes", type=int, default=4_000_000, metavar="B")
     send.add_argument("--period", type=float, default=1.0, metavar="S")
     send.add_argument("--start-at", type=float, default=None, metavar="UNIX_S")
+    send.add_argument("--rate", type=float, default=None, metavar="MBIT", help="per flow")
     return p
 
 
@@ -183,6 +196,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 2
         asyncio.run(run_sink(args.listen, interval_s=args.interval))
         return 0
+    if args.rate is not None and not 0 < args.rate <= 100_000:
+        print("traffic send: --rate must be within (0, 100000] Mbit/s", file=sys.stderr)
+        return 2
     if args.flows < 1 or args.upload_bytes < 1 or args.period <= 0:
         print(
             "traffic send: --flows, --upload-bytes and --period must be positive", file=sys.stderr
@@ -195,7 +211,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         stop.wait(max(0.0, args.start_at - time.time()))
     if args.mode == "steady":
         worker = threading.Thread(
-            target=run_steady, args=(args.to,), kwargs={"flows": args.flows, "stop": stop}
+            target=run_steady,
+            args=(args.to,),
+            kwargs={"flows": args.flows, "stop": stop, "rate_mbps": args.rate},
         )
     else:
         worker = threading.Thread(
