@@ -175,6 +175,12 @@ def _mean_goodput(run: RunData, start: float, end: float) -> float | None:
     return float(np.mean(vals)) if vals else None
 
 
+def mean_goodput(run: RunData, start: float, end: float) -> float | None:
+    """Mean best-effort goodput (Mbit/s) of the one-second reports wholly inside
+    [start, end); None when there is none (the cluster lab's per-node figures)."""
+    return _mean_goodput(run, start, end)
+
+
 def summarise_run(
     run: RunData,
     *,

@@ -168,6 +168,26 @@ def controller_config(settings: LabSettings, topology: Topology) -> dict[str, An
 # ------------------------------------------------------------------------ recording
 
 
+def probe_sample(rec: Any, *, mono_to_unix: float) -> tuple[str, float, float] | None:
+    """(target, unix send time, RTT ms or NaN when lost) of one ``--stream`` record;
+    None when ``rec`` is not a probe record."""
+    if not isinstance(rec, dict):
+        return None
+    try:
+        sent_s = int(rec["sent_ns"]) / 1e9
+        name = str(rec["target"])
+    except (KeyError, TypeError, ValueError):
+        return None
+    # sent_ns is CLOCK_REALTIME or CLOCK_MONOTONIC: tell them apart by magnitude
+    if abs(sent_s - time.time()) > 86_400:
+        sent_s += mono_to_unix
+    rtt = rec.get("rtt_ns")
+    if rtt is None:
+        rtt = rec.get("user_rtt_ns")
+    rtt_ms = math.nan if rec.get("lost") or rtt is None else float(rtt) / 1e6
+    return name, sent_s, rtt_ms
+
+
 class _Recorder:
     """Collects one run's probes (from the stream file), goodput and decisions."""
 
@@ -203,18 +223,12 @@ class _Recorder:
                 continue
             try:
                 rec = json.loads(line)
-                sent_ns = int(rec["sent_ns"])
-                name = str(rec["target"])
-            except (ValueError, KeyError, TypeError):
+            except ValueError:
+                continue
+            sample = probe_sample(rec, mono_to_unix=self._mono_to_unix)
+            if sample is None:
                 continue  # a line that is not a probe record (a stats line, a warning)
-            # sent_ns is CLOCK_REALTIME or CLOCK_MONOTONIC: tell them apart by magnitude
-            sent_s = sent_ns / 1e9
-            if abs(sent_s - time.time()) > 86_400:
-                sent_s += self._mono_to_unix
-            rtt = rec.get("rtt_ns")
-            if rtt is None:
-                rtt = rec.get("user_rtt_ns")
-            rtt_ms = math.nan if rec.get("lost") or rtt is None else float(rtt) / 1e6
+            name, sent_s, rtt_ms = sample
             self.probes.setdefault(name, []).append((sent_s - self.t0, rtt_ms))
             n += 1
         return n
