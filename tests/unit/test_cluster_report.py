@@ -1,0 +1,182 @@
+"""The cluster lab's report from synthetic runs (lab/cluster/report.py): the endpoint
+figures, the per-node goodput and limits, the decision-to-wire join, the table."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import pytest
+
+from detnet.engine.slo import Slo
+from detnet.lab.cluster.report import (
+    ClusterRunData,
+    ClusterSetup,
+    PodRef,
+    build_cluster_report,
+    changed_scopes,
+    enforcement_latencies,
+    format_cluster_table,
+    summarise_cluster_run,
+)
+from detnet.lab.report import Timeline
+
+TA = "telemetry-upload@node-a"
+TIMELINE = Timeline(quiet_s=2.0, congestion_s=6.0, recovery_s=2.0)
+PODS = [
+    PodRef(name="t-a", workload="telemetry-upload", node="node-a"),
+    PodRef(name="t-b", workload="telemetry-upload", node="node-b"),
+    PodRef(name="erp-b", workload="erp-dashboard", node="node-b"),
+]
+SETUP = ClusterSetup(
+    slos={
+        "robot-control": Slo(app="robot-control", max_jitter_ms=1.0, max_latency_ms=5.0),
+        "safety-scanner": Slo(app="safety-scanner", max_latency_ms=10.0),
+    },
+    endpoints=["robot-control@node-a", "robot-control@node-b", "safety-scanner@node-a"],
+    pods=PODS,
+    nodes=["node-a", "node-b"],
+    congested=["node-a"],
+    uplink_mbps=100.0,
+    critical_mbps={"node-a": 0.0, "node-b": 0.0},
+)
+
+
+def synthetic_run() -> ClusterRunData:
+    """robot-control@node-a queues (20 ms, alternating with 1 ms) from congestion start
+    (2 s) until 4 s; everything else is quiet. node-a sends 90 Mbit/s until 4 s, then 60;
+    node-b 58 throughout the congestion."""
+    robot_a, scanner = [], []
+    for i in range(1000):
+        t = i * 0.01
+        bad = 2.0 <= t < 4.0
+        robot_a.append((t, (20.0 if i % 2 else 1.0) if bad else 0.1))
+        scanner.append((t, 0.2))
+    goodput = {
+        "node-a": [(float(e), 90.0 if e <= 4 else 60.0) for e in range(3, 9)],
+        "node-b": [(float(e), 58.0) for e in range(3, 9)],
+    }
+    bandwidth: list[dict[str, Any]] = [
+        {"event": "bandwidth", "pod": "t-a", "value": "80M", "rate_bytes_per_s": 10_000_000,
+         "seen": 100.02, "applied": 100.03},
+        {"event": "bandwidth", "pod": "t-b", "value": None, "rate_bytes_per_s": None,
+         "seen": 99.0, "applied": 99.01},
+    ]  # fmt: skip
+    decisions = [
+        {"ts": 100.0, "t_s": 2.5, "action": "decrease",
+         "limits": {"telemetry-upload@node-a": 80}, "previous": {"telemetry-upload@node-a": 100}},
+    ]  # fmt: skip
+    return ClusterRunData(
+        probes={"robot-control@node-a": robot_a, "safety-scanner@node-a": scanner},
+        goodput=goodput,
+        decisions=decisions,
+        bandwidth=bandwidth,
+        patches=[
+            {"namespace": "be", "pod": "t-a", "t_s": 2.5},
+            {"namespace": "be", "pod": "t-a", "t_s": 3.0},
+        ],
+    )  # fmt: skip
+
+
+def test_summary_of_a_synthetic_run() -> None:
+    run = summarise_cluster_run(
+        synthetic_run(), setup=SETUP, timeline=TIMELINE, enforcer="kubernetes", usage_source="agent"
+    )
+    assert run["time_to_protect_s"] == pytest.approx(2.0)
+    assert run["slo_attainment"] == 1.0  # 4 whole windows from 4 s to 8 s, all within SLO
+    assert run["best_effort_utilisation"] == pytest.approx(0.6)  # node-a: 60 of 100
+    assert run["endpoints"] == ["robot-control@node-a", "safety-scanner@node-a"]  # probed
+    assert (run["enforcer"], run["usage_source"]) == ("kubernetes", "agent")
+    assert (run["patches"], run["patched_pods"]) == (2, 1)
+    assert run["nodes"]["node-a"]["best_effort_mbps"] == pytest.approx(70.0)  # 90, 90, 60 x4
+    assert run["nodes"]["node-b"]["best_effort_mbps"] == pytest.approx(58.0)
+    assert run["nodes"]["node-b"]["utilisation"] == pytest.approx(0.58)
+    assert run["nodes"]["node-a"]["limits_mbps"] == {"telemetry-upload": 80.0}
+    assert run["nodes"]["node-b"]["limits_mbps"] == {
+        "telemetry-upload": None,
+        "erp-dashboard": None,
+    }
+    lat = run["enforcement_latency_ms"]
+    assert (lat["n"], lat["p50"], lat["seen_p50"]) == (1, pytest.approx(30.0), pytest.approx(20.0))
+    congestion = run["phases"]["congestion"]
+    assert set(congestion["apps"]) == {"robot-control", "safety-scanner"}
+    assert congestion["apps"]["robot-control"]["robot-control@node-a"]["rtt_p99_ms"] > 5.0
+    assert congestion["best_effort_mbps"] == {
+        "node-a": pytest.approx(70.0),
+        "node-b": pytest.approx(58.0),
+    }
+    assert (
+        run["phases"]["quiet"]["apps"]["safety-scanner"]["safety-scanner@node-a"]["loss_ratio"]
+        == 0.0
+    )
+
+
+def test_a_run_never_protected() -> None:
+    data = synthetic_run()
+    broken = {k: [(t, math.nan) for t, _ in v] for k, v in data.probes.items()}
+    run = summarise_cluster_run(
+        ClusterRunData(probes=broken, goodput=data.goodput),
+        setup=SETUP, timeline=TIMELINE, enforcer="dry-run", usage_source="none",
+    )  # fmt: skip
+    assert (run["time_to_protect_s"], run["slo_attainment"]) == (None, 0.0)
+    assert run["enforcement_latency_ms"] == {
+        "p50": None, "p99": None, "seen_p50": None, "seen_p99": None, "n": 0
+    }  # fmt: skip
+
+
+def test_changed_scopes() -> None:
+    d = {"limits": {"a@n1": 80, "a@n2": 100, "b": 50}, "previous": {"a@n1": 100, "a@n2": 100}}
+    assert changed_scopes(d) == {"a@n1": 80, "b": 50}
+    assert changed_scopes({"limits": None}) == {}
+
+
+def test_latency_join_per_scope() -> None:
+    decisions = [
+        {"ts": 100.0, "limits": {TA: 80}, "previous": {TA: 100}},
+        {"ts": 101.5, "limits": {TA: 64}, "previous": {TA: 80}},
+        {"ts": 103.0, "limits": {"erp-dashboard": 50}, "previous": {"erp-dashboard": 1000}},
+    ]  # fmt: skip
+    bandwidth = [
+        {"pod": "t-a", "value": "80M", "seen": 100.02, "applied": 100.03},
+        {"pod": "t-a", "value": "64M", "seen": 101.52, "applied": 101.56},
+        {"pod": "erp-b", "value": "50M", "seen": 103.1, "applied": 103.2},
+        {"pod": "t-b", "value": "80M", "seen": 100.5, "applied": 100.6},  # not node-a: no change
+        {"pod": "erp-b", "value": "50M", "seen": 103.0, "applied": 103.1, "error": "tc failed"},
+    ]
+    got = sorted(enforcement_latencies(decisions, bandwidth, PODS))
+    assert got == [
+        pytest.approx((0.02, 0.03)), pytest.approx((0.02, 0.06)), pytest.approx((0.1, 0.2))
+    ]  # fmt: skip
+
+
+def test_latency_join_does_not_borrow_a_later_changes_record() -> None:
+    scope = "telemetry-upload@node-a"
+    decisions = [
+        {"ts": 100.0, "limits": {scope: 80}, "previous": {scope: 100}},  # never applied
+        {"ts": 101.0, "limits": {scope: 64}, "previous": {scope: 80}},
+        {"ts": 102.0, "limits": {scope: 80}, "previous": {scope: 64}},
+    ]
+    bandwidth = [
+        {"pod": "t-a", "value": "64M", "seen": 101.01, "applied": 101.02},
+        {"pod": "t-a", "value": "80M", "seen": 102.01, "applied": 102.03},
+    ]
+    got = sorted(enforcement_latencies(decisions, bandwidth, PODS))
+    assert got == [pytest.approx((0.01, 0.02)), pytest.approx((0.01, 0.03))]
+
+
+def test_table_shows_runs_side_by_side() -> None:
+    run = summarise_cluster_run(
+        synthetic_run(), setup=SETUP, timeline=TIMELINE, enforcer="kubernetes", usage_source="agent"
+    )
+    report = build_cluster_report(
+        {"lab": {}}, {"cluster_scope": run, "node_scope": {"skipped": "no node scope here"}}
+    )
+    assert report["kind"] == "cluster"
+    text = format_cluster_table(report)
+    header = text.splitlines()[0]
+    assert "cluster scope" in header
+    assert "node scope" in header
+    assert "robot-control@node-a" in text
+    assert "best effort node-b, Mbit/s" in text
+    assert "node_scope: skipped: no node scope here" in text
+    assert "telemetry=80" in text
