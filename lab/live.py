@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import shutil
 from typing import Any, TextIO
 
 import numpy as np
@@ -41,3 +42,28 @@ class LiveView:
             self.out.write("\n")
             self.out.flush()
             self._dirty = False
+
+
+class ClusterLiveView(LiveView):
+    """The cluster lab's live line: each probed endpoint's p50 RTT over the last second,
+    each node's best-effort goodput, the last decision's limits."""
+
+    def __call__(self, run: str, t_s: float, phase: str, rec: Any) -> None:
+        """Render one tick; ``rec`` is the cluster scenario's recorder of the run."""
+        parts = [f"{run.replace('_', ' '):<18} {t_s:5.1f}s {phase:<10}"]
+        for endpoint, samples in sorted(rec.probes.items()):
+            got = np.asarray([r for t, r in samples[-400:] if t >= t_s - 1.0 and not math.isnan(r)])
+            short = endpoint.replace("robot-control", "robot").replace("safety-scanner", "scanner")
+            parts.append(f"{short} {np.median(got):6.2f} ms" if got.size else f"{short} -")
+        parts.append(
+            "BE " + " ".join(f"{n[-1]}:{v:5.1f}" for n, v in sorted(rec.goodput_by_node.items()))
+        )
+        if rec.decisions:
+            limits = rec.decisions[-1].get("limits") or {}
+            parts.append("caps " + " ".join(f"{k[:3]}{k[k.find('@'):] if '@' in k else ''}={v}"
+                                            for k, v in limits.items()))  # fmt: skip
+        # One terminal line, or the carriage return rewrites only its last part.
+        width = shutil.get_terminal_size((160, 24)).columns - 1
+        self.out.write("\r\x1b[2K" + " | ".join(parts)[:width])
+        self.out.flush()
+        self._dirty = True

@@ -1,17 +1,20 @@
-"""The lab's timeline plot (matplotlib, an optional extra): robot-control's RTT and jitter,
-best-effort caps and goodput, without and with the controller."""
+"""The lab's plots (matplotlib, an optional extra): the one-node lab's timeline
+(robot-control's RTT and jitter, best-effort caps and goodput, without and with the
+controller) and the cluster lab's runs side by side, per endpoint and per node."""
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import math
+from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
+from detnet.lab.cluster.report import ClusterRunData
 from detnet.lab.errors import LabError
 from detnet.lab.report import RunData, Timeline, series
 
 
-def plot_timeline(runs: Mapping[str, RunData], timeline: Timeline, path: Path) -> None:
-    """Write a PNG of both runs on one time axis to ``path``."""
+def _pyplot() -> Any:
     try:
         import matplotlib
 
@@ -19,6 +22,21 @@ def plot_timeline(runs: Mapping[str, RunData], timeline: Timeline, path: Path) -
         import matplotlib.pyplot as plt
     except ImportError as exc:
         raise LabError("--plot needs matplotlib: pip install 'detnet[plot]'") from exc
+    return plt
+
+
+def _save(plt: Any, fig: Any, path: Path) -> None:
+    try:
+        fig.savefig(path)
+    except OSError as exc:
+        raise LabError(f"cannot write {path}: {exc}") from exc
+    finally:
+        plt.close(fig)
+
+
+def plot_timeline(runs: Mapping[str, RunData], timeline: Timeline, path: Path) -> None:
+    """Write a PNG of both runs on one time axis to ``path``."""
+    plt = _pyplot()
     fig, axes = plt.subplots(3, 1, sharex=True, figsize=(10, 8))
     for name, run in runs.items():
         label = name.replace("_", " ")
@@ -42,9 +60,62 @@ def plot_timeline(runs: Mapping[str, RunData], timeline: Timeline, path: Path) -
     axes[2].set_title("best-effort")
     axes[2].set_xlabel("seconds since the run started (shaded: congestion)")
     fig.tight_layout()
-    try:
-        fig.savefig(path)
-    except OSError as exc:
-        raise LabError(f"cannot write {path}: {exc}") from exc
-    finally:
-        plt.close(fig)
+    _save(plt, fig, path)
+
+
+def plot_cluster(
+    runs: Mapping[str, ClusterRunData],
+    timeline: Timeline,
+    path: Path,
+    *,
+    nodes: Sequence[str],
+    ylim_mbps: float = 130.0,
+) -> None:
+    """Write a PNG of the cluster lab: the runs side by side (columns), per row one
+    probed endpoint's p50 RTT and IQR, then each node's best-effort goodput and the
+    limits the Cilium stand-in applied to its pods (dashed; none drawn: no limit)."""
+    plt = _pyplot()
+    endpoints = sorted({e for run in runs.values() for e in run.probes})
+    rows = len(endpoints) + len(nodes)
+    fig, axes = plt.subplots(
+        rows, max(1, len(runs)), sharex=True, sharey="row", figsize=(5 * len(runs), 2.2 * rows),
+        squeeze=False,
+    )  # fmt: skip
+    for col, (name, run) in enumerate(runs.items()):
+        axes[0][col].set_title(name.replace("_", " "))
+        flat = RunData(probes=run.probes)
+        for row, endpoint in enumerate(endpoints):
+            ax = axes[row][col]
+            s = series(flat, endpoint)
+            ax.plot(s["t"], s["p50"], label="p50 RTT")
+            ax.plot(s["t"], s["iqr"], label="IQR jitter")
+            ax.set_ylabel(f"{endpoint}\nms", fontsize="small")
+        for i, node in enumerate(nodes):
+            ax = axes[len(endpoints) + i][col]
+            if run.goodput.get(node):
+                t, mbps = zip(*run.goodput[node], strict=True)
+                ax.plot(t, mbps, label="best-effort goodput")
+            limits: dict[str, list[tuple[float, float]]] = {}
+            for r in run.bandwidth:
+                if r.get("node") == node and isinstance(r.get("t_s"), int | float):
+                    rate = r.get("rate_bytes_per_s")
+                    mbps_cap = rate * 8 / 1e6 if isinstance(rate, int | float) else math.nan
+                    limits.setdefault(str(r.get("pod")), []).append((r["t_s"], mbps_cap))
+            for pod, steps in sorted(limits.items()):
+                steps = sorted(steps)
+                steps.append((max(timeline.total_s, steps[-1][0]), steps[-1][1]))  # to the end
+                t, caps = zip(*steps, strict=True)
+                ax.step(
+                    t, caps, where="post", linestyle="--", label=f"limit {pod.rsplit('-', 2)[0]}"
+                )
+            ax.set_ylim(0, ylim_mbps)
+            ax.set_ylabel(f"{node}\nMbit/s", fontsize="small")
+        for row in range(rows):
+            start, end = timeline.bounds("congestion")
+            axes[row][col].axvspan(start, end, alpha=0.1, color="red")
+        axes[-1][col].set_xlabel("s since the run started (shaded: congestion)")
+    for ax in axes.flat:
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(loc="upper right", fontsize="x-small")
+    fig.tight_layout()
+    _save(plt, fig, path)

@@ -3,7 +3,9 @@ figures, the per-node goodput and limits, the decision-to-wire join, the table."
 
 from __future__ import annotations
 
+import io
 import math
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -180,3 +182,46 @@ def test_table_shows_runs_side_by_side() -> None:
     assert "best effort node-b, Mbit/s" in text
     assert "node_scope: skipped: no node scope here" in text
     assert "telemetry=80" in text
+
+
+def test_plot_writes_the_runs_side_by_side(tmp_path: Path) -> None:
+    pytest.importorskip("matplotlib")
+    from detnet.lab.plot import plot_cluster
+
+    data = synthetic_run()
+    with_limits = ClusterRunData(
+        probes=data.probes,
+        goodput=data.goodput,
+        bandwidth=[{"node": "node-a", "pod": "telemetry-upload-abc-12345", "t_s": 2.5,
+                    "rate_bytes_per_s": 10_000_000}],
+    )  # fmt: skip
+    path = tmp_path / "cluster.png"
+    plot_cluster({"without_controller": data, "cluster_scope": with_limits}, TIMELINE, path,
+                 nodes=["node-a", "node-b"])  # fmt: skip
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_live_view_line(tmp_path: Path) -> None:
+    from detnet.lab.cluster.scenario import ClusterRecorder
+    from detnet.lab.live import ClusterLiveView
+
+    rec = ClusterRecorder(
+        stream=tmp_path / "none.jsonl",
+        endpoint_of=lambda r: None,
+        node_of_ip={"198.18.1.12": "node-a", "198.18.2.11": "node-b"},
+    )
+    rec.probes["robot-control@node-a"] = [(4.5, 2.0), (4.9, 4.0)]
+    rec.t0 = 100.0
+    rec.sink_line(b'{"ts": 105.0, "bytes": {"198.18.1.12": 8875000, "198.18.2.11": 7250000}}')
+    rec.control_line(
+        b'{"event": "decision", "ts": 104.0, "limits": {"telemetry-upload@node-a": 80}}'
+    )
+    out = io.StringIO()
+    view = ClusterLiveView(out)
+    view("cluster_scope", 5.0, "congestion", rec)
+    view.close()
+    line = out.getvalue()
+    assert "robot@node-a   3.00 ms" in line
+    assert "a: 71.0 b: 58.0" in line
+    assert "tel@node-a=80" in line
+    assert rec.run_data([]).decisions[0]["t_s"] == 4.0
