@@ -143,10 +143,10 @@ class ControlLoop:
 
     def __init__(
         self,
+        *,
         engine: StatsSource,
         policy: AsymmetricAimd,
         enforcer: Enforcer,
-        *,
         interval_s: float = 0.25,
         metrics: ControllerMetrics | None = None,
         clock: Clock | None = None,

@@ -8,8 +8,10 @@ value differs from the current limit: on ``apply()``, and whenever the watch sho
 that does not carry it (a new pod gets the limit as soon as it is Running). The limit is
 also recorded on the workload's own ``metadata.annotations`` (never its pod template) so
 a restarted or newly elected controller resumes from it (``start()``).
-``mode="template"`` patches the pod template instead, for CNIs that read the annotation
-only at pod start: that restarts the pods. Every call goes through a ``KubeClient``
+The workloads are the config's ``BestEffortTarget``s and the modes its words
+(``controller/workloads.py``): ``mode="annotation"`` patches the running pods,
+``mode="template"`` the pod template instead, for CNIs that read the annotation only at
+pod start: that restarts the pods. Every call goes through a ``KubeClient``
 (``kube/api.py``: QPS limiter, retries), writes through a concurrency bound; Events
 record each change on the workload. See docs/kubernetes.md.
 """
@@ -22,7 +24,7 @@ import re
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any, Literal
+from typing import Any
 
 import aiohttp
 from kubernetes_asyncio import client
@@ -34,15 +36,14 @@ from detnet.controller.kube.api import KubeClient, load_client_configuration
 from detnet.controller.kube.listwatch import ListWatch
 from detnet.controller.kube.objects import JsonObj, WatchEvent, annotations_of
 from detnet.controller.retry import ApiErrorHook, NotFound, RetryPolicy
+from detnet.controller.workloads import DEFAULT_MODE, KINDS, MODES, BestEffortTarget, KubernetesMode
 
 __all__ = [
     "EGRESS_ANNOTATION",
-    "KINDS",
     "MERGE_PATCH",
     "RECORD_ANNOTATION",
     "RECORD_TIME_ANNOTATION",
     "KubernetesEnforcer",
-    "WorkloadRef",
     "annotation_value",
     "load_client_configuration",
     "parse_annotation_value",
@@ -54,27 +55,7 @@ log = logging.getLogger(__name__)
 RECORD_ANNOTATION = "detnet.io/egress-bandwidth"
 RECORD_TIME_ANNOTATION = "detnet.io/egress-bandwidth-updated"
 MERGE_PATCH = "application/merge-patch+json"
-KINDS = ("Deployment", "StatefulSet", "DaemonSet")
 _VALUE_RE = re.compile(r"^[1-9][0-9]*M$")
-
-
-@dataclass(frozen=True)
-class WorkloadRef:
-    """A best-effort workload: ``name`` is the key limits use (the config's name);
-    ``workload`` the object's name (default ``name``); ``selector`` a label selector
-    that picks the pods instead of the workload's own ``spec.selector``."""
-
-    name: str
-    namespace: str
-    kind: str = "Deployment"
-    workload: str | None = None
-    selector: str | None = None
-    initial_mbps: int | None = None
-
-    @property
-    def object_name(self) -> str:
-        """The workload object's name."""
-        return self.workload or self.name
 
 
 def annotation_value(mbps: int) -> str:
@@ -117,9 +98,9 @@ def selector_from_spec(selector: Mapping[str, Any] | None) -> str:
 
 @dataclass
 class _Workload:
-    ref: WorkloadRef
-    selector: str = ""
-    cache: PodCache = field(default_factory=PodCache)  # the watch cache (pod mode)
+    ref: BestEffortTarget
+    selector: str = ""  # its pods' label selector: the given one, else the workload's
+    cache: PodCache = field(default_factory=PodCache)  # the watch cache (annotation mode)
     watch: ListWatch | None = None
     task: asyncio.Task[None] | None = None
 
@@ -135,7 +116,7 @@ class KubernetesEnforcer:
 
     def __init__(
         self,
-        workloads: Sequence[WorkloadRef],
+        workloads: Sequence[BestEffortTarget],
         *,
         kube: KubeClient | None = None,
         api_client: client.ApiClient | None = None,
@@ -144,7 +125,7 @@ class KubernetesEnforcer:
         burst: int | None = None,
         retry: RetryPolicy | None = None,
         on_api_error: ApiErrorHook | None = None,
-        mode: Literal["pod", "template"] = "pod",
+        mode: KubernetesMode = DEFAULT_MODE,
         max_concurrency: int = DEFAULT_CONCURRENCY,
         events: bool = True,
         reporter: str = "detnet",
@@ -153,8 +134,10 @@ class KubernetesEnforcer:
         resync_s: float = 300.0,
         request_timeout_s: float = 10.0,
     ) -> None:
-        if mode not in ("pod", "template"):
-            raise EnforcementError(f"unknown kubernetes enforcer mode {mode!r}: pod or template")
+        if mode not in MODES:
+            raise EnforcementError(
+                f"unknown kubernetes enforcer mode {mode!r}: {' or '.join(MODES)}"
+            )
         if kube is not None and any(
             x is not None for x in (api_client, configuration, qps, burst, retry, on_api_error)
         ):
@@ -197,8 +180,8 @@ class KubernetesEnforcer:
     # --- the Enforcer protocol -----------------------------------------------------
 
     async def start(self) -> Mapping[str, int]:
-        """Connect, resolve every workload and read back the recorded limits; in pod
-        mode start the pod watches (which bring pods to a resumed limit)."""
+        """Connect, resolve every workload and read back the recorded limits; in
+        annotation mode start the pod watches (which bring pods to a resumed limit)."""
         if self._kube is None:
             api = self._api_client
             if api is None:
@@ -217,7 +200,7 @@ class KubernetesEnforcer:
             await self._close_client()
             raise
         self._limits.update(resumed)
-        if self.mode == "pod":
+        if self.mode == "annotation":
             for wl in self._workloads.values():
                 wl.watch = self._pod_watch(wl)
                 wl.task = asyncio.create_task(
@@ -357,7 +340,7 @@ class KubernetesEnforcer:
         self._limits[ref.name] = mbps
         if ref.workload or not ref.selector:
             await self._record(wl, value)
-        if self.mode == "pod":
+        if self.mode == "annotation":
             if not wl.cache.synced:
                 items, _ = await (wl.watch or self._pod_watch(wl)).list()
                 wl.cache.replace(items)

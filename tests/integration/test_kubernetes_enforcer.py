@@ -4,6 +4,7 @@ kubernetes-asyncio client over real HTTP on 127.0.0.1."""
 from __future__ import annotations
 
 import asyncio
+import re
 from collections import Counter
 from collections.abc import AsyncIterator, Callable
 
@@ -14,11 +15,11 @@ from detnet.controller.enforce.kubernetes import (
     EGRESS_ANNOTATION,
     RECORD_ANNOTATION,
     KubernetesEnforcer,
-    WorkloadRef,
 )
 from detnet.controller.errors import EnforcementError
 from detnet.controller.kube.api import KubeClient
 from detnet.controller.retry import NotFound, RetryPolicy
+from detnet.controller.workloads import BestEffortTarget
 from detnet.lab.kubeapi import DROP, ApiServerEmulator
 
 NS = "best-effort"
@@ -39,8 +40,28 @@ def _guard(no_leftover_tasks: None) -> None:
     """Every test here must leave no asyncio task behind."""
 
 
-def refs() -> list[WorkloadRef]:
-    return [WorkloadRef("telemetry-upload", NS), WorkloadRef("erp-dashboard", NS)]
+def refs() -> list[BestEffortTarget]:
+    return [
+        BestEffortTarget(name="telemetry-upload", namespace=NS),
+        BestEffortTarget(name="erp-dashboard", namespace=NS),
+    ]
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"mode": "pod"}, "unknown kubernetes enforcer mode 'pod': annotation or template"),
+        ({"workloads": [BestEffortTarget(name="a")] * 2}, "workload names must be unique"),
+        ({"workloads": [BestEffortTarget(name="a", kind="Job")]}, "a: kind must be one of"),  # type: ignore[arg-type]
+        (
+            {"mode": "template", "workloads": [BestEffortTarget(name="a", selector="x=y")]},
+            "a: template mode needs a workload",
+        ),
+    ],
+)
+def test_constructor_refuses_what_it_cannot_enforce(kwargs: dict, message: str) -> None:
+    with pytest.raises(EnforcementError, match=f"^{re.escape(message)}"):
+        KubernetesEnforcer(**{"workloads": refs(), **kwargs})
 
 
 @pytest.fixture
@@ -275,8 +296,8 @@ async def test_statefulset_with_match_expressions_and_selector_refs(api, make) -
     sts = api.workload("StatefulSet", NS, "db")
     assert sts["spec"]["selector"] == {"matchLabels": {"tier": "db"}}
     workloads = [
-        WorkloadRef("db", NS, kind="StatefulSet"),
-        WorkloadRef("by-label", NS, selector="app in (erp-dashboard)"),
+        BestEffortTarget(name="db", namespace=NS, kind="StatefulSet"),
+        BestEffortTarget(name="by-label", namespace=NS, selector="app in (erp-dashboard)"),
     ]
     enforcer = make(workloads=workloads)
     await enforcer.start()
@@ -320,7 +341,7 @@ async def test_close_restores_and_finishes_in_flight_patches(api, make) -> None:
 
 
 async def test_start_fails_clearly_for_a_missing_workload(api, make) -> None:
-    enforcer = make(workloads=[WorkloadRef("ghost", NS)])
+    enforcer = make(workloads=[BestEffortTarget(name="ghost", namespace=NS)])
     with pytest.raises(NotFound, match="ghost"):
         await enforcer.start()
     await enforcer.close()

@@ -16,10 +16,10 @@ from kubernetes_asyncio import client
 from detnet.controller.enforce.kubernetes import (
     EGRESS_ANNOTATION,
     KubernetesEnforcer,
-    WorkloadRef,
     load_client_configuration,
 )
 from detnet.controller.leader import LeaseElector
+from detnet.controller.workloads import BestEffortTarget
 
 pytestmark = [
     pytest.mark.slow,
@@ -61,7 +61,9 @@ async def test_enforcer_and_lease_on_a_real_cluster() -> None:
                 if len([p for p in pods if p.status.phase == "Running"]) == 2:
                     break
                 await asyncio.sleep(1)
-            enforcer = KubernetesEnforcer([WorkloadRef("be", ns)], api_client=ac)
+            enforcer = KubernetesEnforcer(
+                [BestEffortTarget(name="be", namespace=ns)], api_client=ac
+            )
             await enforcer.start()
             try:
                 await enforcer.apply({"be": 42})

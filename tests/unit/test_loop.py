@@ -76,9 +76,9 @@ def make(
     out = io.StringIO()
     metrics = ControllerMetrics(CollectorRegistry())
     loop = ControlLoop(
-        engine,
-        policy,
-        enforcer,
+        engine=engine,
+        policy=policy,
+        enforcer=enforcer,
         interval_s=0.25,
         metrics=metrics,
         clock=clock,
