@@ -3,28 +3,14 @@ arbitrary arrivals is in test_native_parity.py)."""
 
 from __future__ import annotations
 
-import importlib
 from types import ModuleType
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from detnet.native import _fallback
+from tests.unit.test_recorder import BACKENDS  # the two native backends, one param each
 
-try:
-    _core: ModuleType | None = importlib.import_module("detnet.native._core")
-except ImportError:  # the extension is not built: the fallback alone is tested
-    _core = None
-
-BACKENDS = [
-    pytest.param(_fallback, id="python"),
-    pytest.param(
-        _core,
-        id="cython",
-        marks=pytest.mark.skipif(_core is None, reason="Cython extension not built"),
-    ),
-]
 S = 1_000_000_000
 
 
