@@ -1,9 +1,12 @@
-"""The controller's error classes, and the set of errors the CLI reports as one line."""
+"""The controller's error classes, and the set of errors the CLI reports as one line.
+
+Every command module imports this one: it imports nothing heavy (not the native core),
+so that ``detnet COMMAND --help`` stays fast.
+"""
 
 from __future__ import annotations
 
 from detnet.engine.errors import EngineError
-from detnet.native import PacketError
 
 
 class ControllerError(Exception):
@@ -22,11 +25,11 @@ class CommandError(ControllerError):
     """A bad combination of command-line options, or a missing file or permission."""
 
 
-# Every error a user can cause; anything else is a bug and keeps its traceback.
+# Every error a user can cause; anything else is a bug and keeps its traceback. (The
+# native core's PacketError is not one: the engine and the reflector catch every one.)
 USER_ERRORS: tuple[type[BaseException], ...] = (
     ControllerError,
     EngineError,
-    PacketError,
     FileNotFoundError,
     PermissionError,
 )

@@ -12,6 +12,7 @@ import importlib
 import time
 from types import ModuleType
 
+from detnet.controller.cli import COMMANDS
 from detnet.controller.errors import CommandError
 
 BENCHMARKS = {
@@ -30,7 +31,7 @@ def _module(name: str) -> ModuleType:
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     """Add the ``bench`` subcommand and one sub-subcommand per benchmark."""
-    parser = sub.add_parser("bench", help="benchmark probe precision and speed")
+    parser = sub.add_parser("bench", description=COMMANDS["bench"].help)
     benches = parser.add_subparsers(dest="benchmark", required=True, metavar="BENCHMARK")
     for name, text in BENCHMARKS.items():
         p = benches.add_parser(name, help=text, description=text)

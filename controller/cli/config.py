@@ -9,12 +9,12 @@ from __future__ import annotations
 import argparse
 import sys
 
-from detnet.controller.config import load_config, resolve_targets
+from detnet.controller.cli import COMMANDS
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     """Add the `config` subcommand."""
-    p = sub.add_parser("config", help="check a controller config file")
+    p = sub.add_parser("config", description=COMMANDS["config"].help)
     actions = p.add_subparsers(dest="config_command", required=True, metavar="ACTION")
     check = actions.add_parser(
         "check", help="validate FILE and print the effective config (defaults filled)"
@@ -30,6 +30,8 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
 
 def run_check(args: argparse.Namespace) -> int:
     """Validate, optionally resolve, and print; ConfigError propagates to the CLI (exit 2)."""
+    from detnet.controller.config import load_config, resolve_targets
+
     cfg = load_config(args.file)
     if args.resolve:
         resolve_targets(cfg)

@@ -24,7 +24,6 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     """Add the `lab` subcommand."""
     p = sub.add_parser(
         "lab",
-        help="run the closed loop on network namespaces and report",
         description="Build a node of pods out of network namespaces, congest its uplink with "
         "best-effort TCP, and compare the critical traffic without and with the controller.",
     )

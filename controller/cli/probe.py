@@ -3,26 +3,21 @@
 Targets come from ``--target NAME=udp://HOST:PORT`` / ``NAME=tcp://HOST:PORT?mode=...``
 (repeatable) or from the controller's config (``--config``: its critical apps). The engine
 runs on uvloop until ``--duration`` passes or SIGINT/SIGTERM arrives; then probes in flight
-finish (reply or timeout) and the summary is printed. ``--stream`` writes one JSON line
-per finished probe as it happens; ``--json`` prints the summary object at the end; on a
-terminal without either, a live table refreshes twice a second.
+finish (reply or timeout) and the summary is printed; the exit status is 0, or 130
+after SIGINT. ``--stream`` writes one JSON line per finished probe as it happens (a
+reader that goes away, ``| head``, ends the run quietly); ``--json`` prints the summary
+object at the end; on a terminal without either, a live table refreshes twice a second.
 """
 
 from __future__ import annotations
 
 import argparse
-import asyncio
-import contextlib
 import json
 import sys
-from dataclasses import dataclass, replace
-from typing import Any, TextIO
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
-from detnet.controller.config import ControlSettings, load_config
 from detnet.controller.errors import CommandError
-from detnet.engine import runloop
-from detnet.engine.core import ProbeEngine
-from detnet.engine.httpserver import MetricsServer
 from detnet.engine.parse import (
     ParseError,
     parse_address,
@@ -30,9 +25,14 @@ from detnet.engine.parse import (
     read_key_file,
     show,
 )
-from detnet.engine.recorder import Sample
-from detnet.engine.stats import WindowStats
-from detnet.engine.targets import MAX_BATCH, Target, parse_target
+
+if TYPE_CHECKING:  # imported when the command runs, not for --help
+    from detnet.controller.cli.process import PipeOutput
+    from detnet.controller.config import ControlSettings
+    from detnet.engine.core import ProbeEngine
+    from detnet.engine.recorder import Sample
+    from detnet.engine.stats import WindowStats
+    from detnet.engine.targets import Target
 
 _MAX_CAPACITY = 1 << 22
 
@@ -67,7 +67,6 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     """Add the `probe` subcommand."""
     p = sub.add_parser(
         "probe",
-        help="probe critical services: RTT, IQR jitter, IPDV, queueing delay, loss",
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -106,10 +105,12 @@ def _read_key(path: str | None) -> bytes | None:
 
 def build_targets(args: argparse.Namespace) -> tuple[list[Target], Window]:
     """The targets and the window the flags (and --config) ask for."""
+    from dataclasses import replace
+
+    from detnet.engine.targets import parse_target
+
     if not args.target and not args.config:
         raise CommandError("give at least one --target NAME=URL, or --config FILE")
-    if args.batch < 1 or args.batch > MAX_BATCH:
-        raise CommandError(f"--batch must be 1..{MAX_BATCH}")
     interval = _duration_ns("--interval", args.interval) if args.interval else None
     timeout = _duration_ns("--timeout", args.timeout) if args.timeout else None
     window = parse_window(args.window) if args.window else None
@@ -122,6 +123,8 @@ def build_targets(args: argparse.Namespace) -> tuple[list[Target], Window]:
         common["size"] = args.size
     targets: list[Target] = []
     if args.config:
+        from detnet.controller.config import load_config
+
         cfg = load_config(args.config)
         # The config's own targets, with what the flags set on top of them.
         flags: dict[str, Any] = dict(common)
@@ -234,7 +237,14 @@ def render_table(stats: dict[str, WindowStats]) -> str:
     return "\n".join(rows)
 
 
-async def _probe(args: argparse.Namespace, out: TextIO) -> int:
+async def _probe(args: argparse.Namespace, out: PipeOutput) -> int:
+    import asyncio
+    import contextlib
+
+    from detnet.controller.cli.process import StopSignals
+    from detnet.engine.core import ProbeEngine
+    from detnet.engine.httpserver import MetricsServer
+
     targets, window = build_targets(args)
     duration = _duration_ns("--duration", args.duration) if args.duration else None
     listen = None
@@ -247,8 +257,7 @@ async def _probe(args: argparse.Namespace, out: TextIO) -> int:
     if args.stream:
 
         def on_sample(s: Sample) -> None:
-            out.write(_sample_json(s) + "\n")
-            out.flush()
+            out.line(_sample_json(s))
 
     engine = ProbeEngine(
         targets,
@@ -265,36 +274,38 @@ async def _probe(args: argparse.Namespace, out: TextIO) -> int:
         registry.register(engine.collector())
         server = MetricsServer(listen[0], listen[1], registry=registry)
     stop = asyncio.Event()
-    runloop.stop_on_signals(stop)
+    out.on_closed = stop.set  # the reader has gone: stop, print nothing more, exit 0
     live = out.isatty() and not args.json and not args.stream
-    try:
-        await engine.start()
-        if server is not None:
-            host, port = server.start()
-            print(f"detnet probe: metrics on http://{host}:{port}/metrics", file=sys.stderr)
-        loop = asyncio.get_running_loop()
-        if duration is not None:
-            loop.call_later(duration / 1e9, stop.set)
-        while not stop.is_set():
-            if live:
-                out.write("\x1b[H\x1b[2J" + render_table(engine.stats()) + "\n")
-                out.flush()
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stop.wait(), 0.5)
-    finally:
-        await engine.aclose()
-        runloop.clear_signals()
+    with StopSignals(stop.set) as signals:
+        try:
+            await engine.start()
+            if server is not None:
+                host, port = server.start()
+                print(f"detnet probe: metrics on http://{host}:{port}/metrics", file=sys.stderr)
+            if duration is not None:
+                asyncio.get_running_loop().call_later(duration / 1e9, stop.set)
+            while not stop.is_set():
+                if live:
+                    out.write("\x1b[H\x1b[2J" + render_table(engine.stats()) + "\n")
+                    out.flush()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(stop.wait(), 0.5)
+        finally:
+            await engine.aclose()
+            if server is not None:
+                server.stop()
     stats = engine.stats()
     if args.json:
         out.write(json.dumps(summary(engine, stats)) + "\n")
     elif not args.stream or out.isatty():
         out.write(render_table(stats) + "\n")
     out.flush()
-    if server is not None:
-        server.stop()
-    return 0
+    return signals.status
 
 
 def run(args: argparse.Namespace) -> int:
-    """Entry point of `detnet probe`."""
-    return runloop.run(_probe(args, sys.stdout))
+    """Entry point of `detnet probe`: 0 when done, 130 after SIGINT."""
+    from detnet.controller.cli.process import PipeOutput
+    from detnet.engine import runloop
+
+    return runloop.run(_probe(args, PipeOutput(sys.stdout)))

@@ -241,7 +241,7 @@ def _apps(doc: Document, top: Section) -> tuple[CriticalApp, ...]:
             port=port,
             service=s.get("service", host, None),
             host=s.get("host", host, None),
-            mode=mode,  # type: ignore[arg-type]
+            mode=mode,
             max_jitter_ms=s.get("max_jitter_ms", _THRESHOLD_MS, None),
             max_latency_ms=s.get("max_latency_ms", _THRESHOLD_MS, None),
             max_queue_delay_ms=s.get("max_queue_delay_ms", _THRESHOLD_MS, None),

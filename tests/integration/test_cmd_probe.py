@@ -97,24 +97,6 @@ async def test_metrics_endpoint_while_probing(reflector):
             await proc.wait()
 
 
-async def test_sigterm_ends_the_run_and_still_prints_the_summary(reflector):
-    up = reflector.udp_address[1]
-    proc = await asyncio.create_subprocess_exec(
-        *DETNET, "probe", "--target", f"robot=udp://127.0.0.1:{up}", "--interval", "5ms",
-        "--json", stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
-    )  # fmt: skip
-    try:
-        await asyncio.sleep(1.5)
-        proc.terminate()
-        out, err = await asyncio.wait_for(proc.communicate(), 20)
-        assert proc.returncode == 0, err.decode()
-        assert json.loads(out)["targets"]["robot"]["sent"] > 0
-    finally:
-        if proc.returncode is None:
-            proc.kill()
-            await proc.wait()
-
-
 @pytest.mark.parametrize(
     ("args", "message"),
     [
