@@ -50,6 +50,24 @@ def probe_size_range(*, keyed: bool) -> tuple[int, int]:
     return native.MIN_SIZE + (native.HMAC_SIZE if keyed else 0), native.MAX_SIZE
 
 
+@dataclass(frozen=True)
+class Endpoint:
+    """What a probe target stands for: an ``app``, and for one replica its ``pod`` and
+    ``node`` (None when the target is the app's Service address). Kubernetes names: at
+    most 253 characters each."""
+
+    app: str
+    node: str | None = None
+    pod: str | None = None
+
+    def __post_init__(self) -> None:
+        for key, value in (("app", self.app), ("node", self.node), ("pod", self.pod)):
+            if value is None and key != "app":
+                continue
+            if not isinstance(value, str) or not 0 < len(value) <= 253 or not value.isprintable():
+                raise TargetFieldError(f"endpoint {key} {show(value)}: not a name", field=key)
+
+
 @dataclass(frozen=True, kw_only=True)
 class Target:
     """One critical service to probe."""
@@ -65,6 +83,7 @@ class Target:
     key: bytes | None = field(default=None, repr=False)
     poisson: bool = False
     batch: int = 1  # probes sent per deadline (one sendmmsg), for high probe rates
+    endpoint: Endpoint | None = None  # what it stands for; None: the app named like it
 
     def __post_init__(self) -> None:
         if not isinstance(self.name, str) or not NAME_PATTERN.fullmatch(self.name):
