@@ -192,18 +192,18 @@ class AsymmetricAimd:
     """The policy. Keeps timers, knees and usage means; everything else comes in."""
 
     def __init__(
-        self, policy: PolicyParams, slos: Sequence[Slo], workloads: Mapping[str, int | None]
+        self, *, params: PolicyParams, slos: Sequence[Slo], workloads: Mapping[str, int | None]
     ) -> None:
         """``workloads`` maps each best-effort workload to its initial limit (or None)."""
         if not workloads:
             raise ValueError("the policy needs at least one best-effort workload")
-        self.params = policy
+        self.params = params
         self.slos = tuple(slos)
         self.workloads = dict(workloads)
         self._groups: dict[str, _Group] = {}
-        self._usage: UsageMeter[Scope] = UsageMeter(_ns(policy.usage_window_s))
-        self._knees: KneeMemory[Scope] = KneeMemory(_ns(policy.knee_memory_s))
-        self._watch = QueueWatch(WarningParams(fraction=policy.early_warning_fraction))
+        self._usage: UsageMeter[Scope] = UsageMeter(_ns(params.usage_window_s))
+        self._knees: KneeMemory[Scope] = KneeMemory(_ns(params.knee_memory_s))
+        self._watch = QueueWatch(WarningParams(fraction=params.early_warning_fraction))
         self._escalated_by: set[str] = set()  # violated nodes that widened the cut
         self._basis = {slo.app: _tightest_ms(slo) for slo in slos}
 

@@ -170,7 +170,7 @@ class Daemon:
     def _new_loop(self, enforcer: Enforcer) -> ControlLoop:
         """A loop with a fresh policy (cut/dwell timers) around ``enforcer``."""
         cfg = self.plan.config
-        policy = AsymmetricAimd(cfg.policy, cfg.slos(), cfg.workloads())
+        policy = AsymmetricAimd(params=cfg.policy, slos=cfg.slos(), workloads=cfg.workloads())
         self.loop = ControlLoop(
             engine=self.engine,
             policy=policy,

@@ -77,7 +77,7 @@ def run(
 ) -> FluidRun:
     """Run ``timeline`` with the policy in the loop; demands start with congestion."""
     rng = random.Random(seed)
-    policy = AsymmetricAimd(params, [slo], {name: None for name in demands})
+    policy = AsymmetricAimd(params=params, slos=[slo], workloads={name: None for name in demands})
     limits: dict[Scope, int] = policy.initial_limits()
     pending: list[tuple[float, dict[Scope, int]]] = []
     applied = dict(limits)

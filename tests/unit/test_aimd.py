@@ -95,7 +95,7 @@ def named(limits: Mapping[Scope, int]) -> dict[str, int]:
 
 def policy(**overrides: object) -> AsymmetricAimd:
     params = PolicyParams(**{**PARAMS.__dict__, **overrides})
-    return AsymmetricAimd(params, SLOS, WORKLOADS)
+    return AsymmetricAimd(params=params, slos=SLOS, workloads=WORKLOADS)
 
 
 # --------------------------------------------------------------------- table cases
@@ -462,7 +462,7 @@ step = st.fixed_dictionaries(
 )
 def test_invariants(steps: list[dict[str, object]], start: int, severity: float) -> None:
     params = PolicyParams(min_bandwidth=10, max_bandwidth=1000, severity_max_multiplier=severity)
-    p = AsymmetricAimd(params, SLOS, {"telemetry": None, "erp": 50})
+    p = AsymmetricAimd(params=params, slos=SLOS, workloads={"telemetry": None, "erp": 50})
     limits = {"telemetry": start, "erp": start}
     now = 0
     last_cut: int | None = None

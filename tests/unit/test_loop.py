@@ -69,7 +69,9 @@ def make(
 ) -> tuple[ControlLoop, FakeEngine, FakeClock, DryRunEnforcer, io.StringIO, ControllerMetrics]:
     params = PolicyParams(decrease_cooldown_s=1.0, increase_interval_s=2.0)
     policy = AsymmetricAimd(
-        params, [Slo(app="robot-control", max_jitter_ms=1.0)], {"telemetry": 100, "erp": None}
+        params=params,
+        slos=[Slo(app="robot-control", max_jitter_ms=1.0)],
+        workloads={"telemetry": 100, "erp": None},
     )
     engine, clock = FakeEngine(), FakeClock()
     enforcer = enforcer or DryRunEnforcer()

@@ -35,7 +35,7 @@ A_TEL, B_TEL, B_ERP = (
 
 def policy(**overrides: object) -> AsymmetricAimd:
     params = PolicyParams(**{"scope": "node", "min_bandwidth": 10, **overrides})  # type: ignore[arg-type]
-    return AsymmetricAimd(params, SLOS, {"telemetry": None, "erp": None})
+    return AsymmetricAimd(params=params, slos=SLOS, workloads={"telemetry": None, "erp": None})
 
 
 def stats(
