@@ -24,19 +24,27 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     """Add the `lab` subcommand."""
     p = sub.add_parser(
         "lab",
-        description="Build a node of pods out of network namespaces, congest its uplink with "
-        "best-effort TCP, and compare the critical traffic without and with the controller.",
+        description="Build a cluster of three nodes (or, with --topology node, one node) out of "
+        "network namespaces, congest an uplink with best-effort TCP, and compare the critical "
+        "traffic without and with the controller.",
+    )
+    p.add_argument(
+        "--topology",
+        choices=("cluster", "node"),
+        default="cluster",
+        help="cluster: the Kubernetes path (API server, agents, a Cilium stand-in; default); "
+        "node: one node with the tc enforcer",
     )
     g = p.add_argument_group("timeline")
     g.add_argument("--quiet", type=float, default=5.0, metavar="S", help="quiet phase (5)")
-    g.add_argument("--congestion", type=float, default=20.0, metavar="S", help="(20)")
+    g.add_argument("--congestion", type=float, metavar="S", help="(cluster 30, node 20)")
     g.add_argument("--recovery", type=float, default=5.0, metavar="S", help="(5)")
     n = p.add_argument_group("network and traffic")
-    n.add_argument("--rate", type=float, default=100.0, metavar="MBIT", help="bottleneck (100)")
+    n.add_argument("--rate", type=float, default=100.0, metavar="MBIT", help="uplinks (100)")
     n.add_argument("--buffer", type=float, default=30.0, metavar="MS", help="its queue (30)")
     n.add_argument("--steady-flows", type=int, default=2, metavar="N", help="erp-dashboard (2)")
     n.add_argument("--bursty-flows", type=int, default=4, metavar="N", help="telemetry (4)")
-    s = p.add_argument_group("SLOs (robot-control unless named)")
+    s = p.add_argument_group("SLOs of the node topology (robot-control unless named)")
     s.add_argument("--max-jitter", type=float, default=1.0, metavar="MS", help="IQR (1.0)")
     s.add_argument("--max-latency", type=float, default=5.0, metavar="MS", help="p99 (5.0)")
     s.add_argument("--max-queue-delay", type=float, default=2.0, metavar="MS", help="(2.0)")
@@ -106,9 +114,27 @@ def _reexec_unshared() -> int:
     return 1  # not reached
 
 
+def _cluster_settings(args: argparse.Namespace) -> Any:
+    from detnet.lab.cluster.scenario import ClusterSettings
+    from detnet.lab.errors import LabError
+
+    try:
+        return ClusterSettings(
+            quiet_s=args.quiet,
+            congestion_s=args.congestion,
+            recovery_s=args.recovery,
+            uplink_mbps=args.rate,
+            buffer_ms=args.buffer,
+        )
+    except LabError as exc:
+        raise CommandError(str(exc)) from exc
+
+
 def run(args: argparse.Namespace) -> int:
     """Run the lab; print the report table; write --json/--plot."""
-    settings = _settings(args)
+    if args.congestion is None:
+        args.congestion = 30.0 if args.topology == "cluster" else 20.0
+    settings = _cluster_settings(args) if args.topology == "cluster" else _settings(args)
     if args.plot is not None:
         try:
             import matplotlib  # noqa: F401
@@ -129,6 +155,16 @@ def run(args: argparse.Namespace) -> int:
         raise CommandError(f"the lab needs {', '.join(missing)} (Debian package iproute2)")
 
     from detnet.lab.errors import LabError
+
+    if args.topology == "cluster":
+        from detnet.lab.cluster.command import run_command
+
+        try:
+            run_command(settings, json_path=args.json, plot_path=args.plot)
+        except LabError as exc:
+            raise CommandError(str(exc)) from exc
+        return 0
+
     from detnet.lab.live import LiveView
     from detnet.lab.report import format_table
     from detnet.lab.scenario import run_lab

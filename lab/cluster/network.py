@@ -87,10 +87,16 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def _kill_pids(pids: Sequence[int]) -> None:
+def _kill_pids(pids: Sequence[int], *, wait_s: float = 5.0) -> None:
+    """SIGKILL ``pids`` and wait (bounded) until they are gone: reaped by their parent,
+    or by init for the orphans of a dead lab."""
     for pid in pids:
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.kill(pid, signal.SIGKILL)
+    deadline = time.monotonic() + wait_s
+    for pid in pids:
+        while _alive(pid) and time.monotonic() < deadline:
+            time.sleep(0.01)
 
 
 def _cgroup_pids(root: Path) -> list[int]:

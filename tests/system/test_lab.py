@@ -41,7 +41,7 @@ def test_shortened_lab_meets_the_claims(tmp_path: Path) -> None:
     report_path = tmp_path / "lab.json"
     done = subprocess.run(
         [
-            *(sys.executable, "-m", "detnet.controller", "lab"),
+            *(sys.executable, "-m", "detnet.controller", "lab", "--topology", "node"),
             *("--quiet", "4", "--congestion", "16", "--recovery", "3"),
             *("--json", str(report_path)),
         ],
