@@ -8,5 +8,7 @@ processes, cleanup of a killed run), ``controlplane`` (the API server emulation 
 from inside the lab's control-plane namespace), ``cilium`` (the per-node stand-in for
 Cilium's bandwidth manager, ``python -m detnet.lab.cluster.cilium``), ``detnetconfig``
 (the controller's config, in one function, and which features this detnet has),
-``report`` (the figures: pure), ``scenario`` (the runs). docs/lab.md describes it all.
+``recording`` (what a run records as it happens), ``report`` (the figures: pure),
+``scenario`` (the cluster and its runs), ``command`` (``detnet lab --topology cluster``).
+docs/lab.md describes it all.
 """

@@ -346,7 +346,8 @@ class ClusterNetwork:
         except OSError as exc:
             self.cgroups_missing = (
                 f"cannot create cgroups under {exc.filename or '/sys/fs/cgroup'}: "
-                f"{exc.strerror or exc} (a user namespace cannot)"
+                f"{exc.strerror or exc}: pod cgroups need root on the host, which a user "
+                "namespace is not"
             )
 
     def _mkdirs(self, path: Path) -> None:

@@ -32,12 +32,11 @@ import math
 import os
 import subprocess
 import sys
-import threading
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 import yaml
 
@@ -58,6 +57,7 @@ from detnet.lab.cluster.detnetconfig import (
     detect_features,
 )
 from detnet.lab.cluster.network import ClusterNetwork, Container
+from detnet.lab.cluster.recording import ClusterRecorder, Forward, Tail, pump
 from detnet.lab.cluster.report import (
     ClusterRunData,
     ClusterSetup,
@@ -68,7 +68,6 @@ from detnet.lab.cluster.report import (
 from detnet.lab.errors import LabError
 from detnet.lab.kubeapi import RecordedRequest
 from detnet.lab.report import Timeline
-from detnet.lab.scenario import probe_sample
 
 RUNS = ("without_controller", "cluster_scope", "node_scope")
 SCOPES = {"without_controller": "cluster", "cluster_scope": "cluster", "node_scope": "node"}
@@ -125,144 +124,6 @@ class ClusterSettings:
         )
 
 
-# ------------------------------------------------------------------- recording
-
-
-class _Tail:
-    """The lines appended to a file since the last read (a torn last line waits)."""
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        self._offset = 0
-        self._partial = b""
-
-    def lines(self) -> list[bytes]:
-        try:
-            with self.path.open("rb") as f:
-                f.seek(self._offset)
-                data = f.read()
-        except FileNotFoundError:
-            return []
-        self._offset += len(data)
-        lines = (self._partial + data).split(b"\n")
-        self._partial = lines.pop()
-        return [ln for ln in lines if ln.strip()]
-
-    def records(self) -> list[dict[str, Any]]:
-        out = []
-        for line in self.lines():
-            try:
-                rec = json.loads(line)
-            except ValueError:
-                continue
-            if isinstance(rec, dict):
-                out.append(rec)
-        return out
-
-
-class ClusterRecorder:
-    """One run's probes (per endpoint), goodput (per node), decisions and the
-    stand-ins' changes; ``probes``, ``goodput_by_node`` and ``decisions`` are read by the
-    live view."""
-
-    def __init__(
-        self, *, stream: Path, endpoint_of: Callable[[Mapping[str, Any]], str | None],
-        node_of_ip: Mapping[str, str],
-    ) -> None:  # fmt: skip
-        self.stream = _Tail(stream)
-        self.endpoint_of = endpoint_of
-        self.node_of_ip = node_of_ip
-        self.t0 = time.time()
-        self.probes: dict[str, list[tuple[float, float]]] = {}
-        self.goodput: dict[str, list[tuple[float, float]]] = {}
-        self.goodput_by_node: dict[str, float] = {}
-        self.decisions: list[dict[str, Any]] = []
-        self.bandwidth: list[dict[str, Any]] = []
-        self.unknown_targets: set[str] = set()
-        self._mono_to_unix = time.time() - time.monotonic()
-        self._lock = threading.Lock()
-
-    def read_stream(self) -> None:
-        """Take in the probe records appended since the last call."""
-        for line in self.stream.lines():
-            try:
-                rec = json.loads(line)
-            except ValueError:
-                continue
-            sample = probe_sample(rec, mono_to_unix=self._mono_to_unix)
-            if sample is None:
-                continue
-            endpoint = self.endpoint_of(rec)
-            if endpoint is None:
-                self.unknown_targets.add(sample[0])
-                continue
-            self.probes.setdefault(endpoint, []).append((sample[1] - self.t0, sample[2]))
-
-    def sink_line(self, line: bytes) -> None:
-        """A line of the sink's per-second report: bytes per pod address."""
-        try:
-            rec = json.loads(line)
-            ts, counts = float(rec["ts"]), rec["bytes"]
-        except (ValueError, KeyError, TypeError):
-            return
-        per_node = dict.fromkeys(set(self.node_of_ip.values()), 0.0)
-        for ip, n in counts.items():
-            node = self.node_of_ip.get(ip)
-            if node is not None and isinstance(n, int | float):
-                per_node[node] += n * 8 / 1e6
-        with self._lock:
-            self.goodput_by_node = per_node
-            for node, mbps in per_node.items():
-                self.goodput.setdefault(node, []).append((ts - self.t0, mbps))
-
-    def control_line(self, line: bytes) -> None:
-        """A line of the controller's stdout; decisions are kept."""
-        try:
-            rec = json.loads(line)
-        except ValueError:
-            return
-        if not isinstance(rec, dict) or rec.get("event") != "decision":
-            return
-        if not isinstance(rec.get("ts"), int | float):
-            rec["ts"] = time.time()
-        with self._lock:
-            self.decisions.append(rec)
-
-    def run_data(self, patches: Sequence[Mapping[str, Any]]) -> ClusterRunData:
-        """What was recorded, for the report."""
-        with self._lock:
-            return ClusterRunData(
-                probes={k: list(v) for k, v in self.probes.items()},
-                goodput={k: list(v) for k, v in self.goodput.items()},
-                decisions=[{**d, "t_s": round(d["ts"] - self.t0, 3)} for d in self.decisions],
-                bandwidth=list(self.bandwidth),
-                patches=list(patches),
-            )
-
-
-def _pump(stream: IO[bytes] | None, handle: Callable[[bytes], None]) -> threading.Thread:
-    def loop() -> None:
-        assert stream is not None
-        for line in stream:
-            handle(line)
-
-    t = threading.Thread(target=loop, daemon=True)
-    t.start()
-    return t
-
-
-class _Forward:
-    """Routes the sink's reports (read for the whole lab) to the current run."""
-
-    def __init__(self) -> None:
-        self.rec: ClusterRecorder | None = None
-
-    def __call__(self, line: bytes) -> None:
-        rec = self.rec
-        if rec is not None:
-            rec.sink_line(line)
-
-
 # ------------------------------------------------------------------------ the lab
 
 View = Callable[[str, float, str, ClusterRecorder], None]
@@ -289,10 +150,8 @@ class ClusterLab:
         self.nodes = net.nodes
         self.pods: dict[str, PodObject] = {}
         self.apps: dict[str, Container] = {}  # each pod's app container
-        self.stand_in_logs = {
-            n.name: _Tail(self.tmp / f"cilium-{n.name}.jsonl") for n in self.nodes
-        }
-        self.forward = _Forward()
+        self.stand_in_logs = {n.name: Tail(self.tmp / f"cilium-{n.name}.jsonl") for n in self.nodes}
+        self.forward = Forward()
 
     # ------------------------------------------------------------ setting up
 
@@ -344,7 +203,7 @@ class ClusterLab:
             self.net.sink, [*_TRAFFIC, "sink", "--listen", f"0.0.0.0:{P.SINK_PORT}"],
             stdout=subprocess.PIPE,
         )  # fmt: skip
-        _pump(sink.stdout, self.forward)
+        pump(sink.stdout, self.forward)
         for pod in self.pods.values():
             role, ns = pod.plan.workload.role, self.net.pod_ns(pod.plan)
             if role == "reflect-udp":
@@ -356,6 +215,23 @@ class ClusterLab:
         self._wait_port(self.net.sink, P.SINK_PORT, "tcp")
         for node in self.nodes:
             self._wait_stand_in_ready(node.name)
+        self._controller_tokens()
+
+    def _controller_tokens(self) -> None:
+        """The controller's API token (its kubeconfig) and its projected token for the
+        agents (audience detnet-agent), bound to its pod as the kubelet's would be."""
+        api, ctl = self.cp.api, self.pod("detnet-controller", "node-c")
+        token = self.cp.call(
+            api.issue_token, P.CONTROLLER_NAMESPACE, P.CONTROLLER_ACCOUNT, pod=ctl.name
+        )
+        self._kubeconfig("controller", token)
+        agent_token = self.cp.call(
+            api.issue_token, P.CONTROLLER_NAMESPACE, P.CONTROLLER_ACCOUNT,
+            audiences=[P.AGENT_AUDIENCE], pod=ctl.name,
+        )  # fmt: skip
+        token_dir = self.tmp / "agent-token"
+        token_dir.mkdir(mode=0o755, exist_ok=True)
+        (token_dir / "token").write_text(agent_token)
 
     def _start_stand_in(self, node: str) -> None:
         token = f"cilium-{node}-{os.urandom(8).hex()}"
@@ -428,7 +304,7 @@ class ClusterLab:
         raise LabError(f"nothing listens on {proto} port {port} in {netns} after {timeout_s:g} s")
 
     def _wait_stand_in_ready(self, node: str, timeout_s: float = 20.0) -> None:
-        tail = _Tail(self.stand_in_logs[node].path)
+        tail = Tail(self.stand_in_logs[node].path)
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             if any(r.get("event") == "ready" for r in tail.records()):
@@ -596,7 +472,7 @@ class ClusterLab:
                 stdout=subprocess.PIPE,
                 stderr=err,
             )  # fmt: skip
-        _pump(proc.stdout, rec.control_line)
+        pump(proc.stdout, rec.control_line)
         senders: list[subprocess.Popen[bytes]] = []
         try:
             self._wait_warm(rec, proc, name)
@@ -702,7 +578,6 @@ def run_cluster_lab(
         with ControlPlane(netns=net.control_plane, host=P.API_ADDRESS, port=P.API_PORT) as cp:
             lab = ClusterLab(settings, net, cp, features=features, log=log)
             lab.setup()
-            _controller_tokens(lab)
             runs: dict[str, Any] = {}
             configs: dict[str, Any] = {}
             for name in settings.runs:
@@ -724,18 +599,3 @@ def run_cluster_lab(
             },
         }
         return build_cluster_report(config, runs)
-
-
-def _controller_tokens(lab: ClusterLab) -> None:
-    """The controller's API token (its kubeconfig) and its projected token for the agents
-    (audience detnet-agent), bound to its pod as the kubelet's would be."""
-    api, ctl = lab.cp.api, lab.pod("detnet-controller", "node-c")
-    token = lab.cp.call(api.issue_token, P.CONTROLLER_NAMESPACE, P.CONTROLLER_ACCOUNT, pod=ctl.name)
-    lab._kubeconfig("controller", token)
-    agent_token = lab.cp.call(
-        api.issue_token, P.CONTROLLER_NAMESPACE, P.CONTROLLER_ACCOUNT,
-        audiences=[P.AGENT_AUDIENCE], pod=ctl.name,
-    )  # fmt: skip
-    token_dir = lab.tmp / "agent-token"
-    token_dir.mkdir(mode=0o755, exist_ok=True)
-    (token_dir / "token").write_text(agent_token)

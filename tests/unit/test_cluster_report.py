@@ -202,7 +202,7 @@ def test_plot_writes_the_runs_side_by_side(tmp_path: Path) -> None:
 
 
 def test_live_view_line(tmp_path: Path) -> None:
-    from detnet.lab.cluster.scenario import ClusterRecorder
+    from detnet.lab.cluster.recording import ClusterRecorder
     from detnet.lab.live import ClusterLiveView
 
     rec = ClusterRecorder(
