@@ -168,11 +168,9 @@ class RttRing:
             count = min(self._total, self.capacity)
             if last_n is not None:
                 count = min(count, max(last_n, 0))
-            order = self._order(count)
             if since_ns is not None and count:
-                times = self._t[order]
-                skip = int(np.searchsorted(times, since_ns, side="left"))
-                order = order[skip:]
+                count -= self._older_than(count, since_ns)
+            order = self._order(count)
             return RingSnapshot(
                 t_ns=self._t[order],
                 sent_ns=self._sent[order],
@@ -183,6 +181,17 @@ class RttRing:
                 back_ns=self._back[order],
                 flags=self._flags[order],
             )
+
+    def _older_than(self, count: int, since_ns: int) -> int:
+        """How many of the newest ``count`` records completed before ``since_ns``: a binary
+        search of the ring's two sorted runs in place, no copy of the ring (a short recent
+        window of a full ring costs microseconds, not a copy of every record)."""
+        start = (self._total - count) % self.capacity
+        first = self._t[start : min(start + count, self.capacity)]
+        if first.shape[0] and since_ns <= first[-1]:
+            return int(np.searchsorted(first, since_ns, side="left"))
+        wrapped = self._t[: max(start + count - self.capacity, 0)]
+        return first.shape[0] + int(np.searchsorted(wrapped, since_ns, side="left"))
 
     def _order(self, count: int) -> npt.NDArray[np.int64]:
         """Ring indices of the newest ``count`` records, oldest first."""

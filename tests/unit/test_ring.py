@@ -110,3 +110,22 @@ def test_histogram_buckets_are_cumulative_and_never_decrease(batches):
     for edge, cum in zip(RTT_EDGES_S, snap.cumulative, strict=False):
         assert cum == sum(1 for v in seen if v <= round(edge * 1e9))
     assert snap.sum_s == pytest.approx(sum(seen) / 1e9)
+
+
+@given(
+    st.lists(st.integers(0, 40), max_size=30),
+    st.integers(2, 50),
+    st.integers(-5, 1500),
+    st.one_of(st.none(), st.integers(0, 60)),
+)
+def test_a_time_window_is_the_records_completed_since(batches, capacity, since, last_n):
+    ring = RttRing(capacity)
+    total = 0
+    for size in batches:
+        _append(ring, np.arange(total, total + size, dtype=np.int64))
+        total += size
+    newest = list(range(max(total - capacity, 0), total))
+    if last_n is not None:
+        newest = newest[len(newest) - min(last_n, len(newest)) :]
+    expected = [s for s in newest if s * 10 >= since]  # t_ns = 10 * seq
+    assert ring.snapshot(since_ns=since, last_n=last_n).seq.tolist() == expected
