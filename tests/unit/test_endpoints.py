@@ -26,6 +26,7 @@ from detnet.controller.endpoints.slices import (
     SliceCache,
     reduce_slices,
 )
+from detnet.controller.endpoints.watch import service_info
 from detnet.controller.kube.objects import WatchEvent
 from detnet.engine.targets import NAME_PATTERN, Target
 
@@ -559,6 +560,17 @@ def _res(names: frozenset[str], out: frozenset[str]) -> Resolution:
 
 
 # ------------------------------------------------------------------------ the Service
+
+
+def test_service_info_reads_the_primary_family_and_the_selector() -> None:
+    ref = ServiceRef("robot", "crit")
+    dual = {"spec": {"selector": {"app": "robot"}, "ipFamilies": ["IPv6", "IPv4"]}}
+    assert (service_info(dual, ref).family, service_info(dual, ref).selector) == ("IPv6", True)
+    assert (service_info({"spec": {}}, ref).family, service_info({}, ref).selector) == (
+        "IPv4",
+        False,
+    )
+    assert service_info({"spec": {"ipFamilies": ["IPX"]}}, ref).family == "IPv4"
 
 
 @pytest.mark.parametrize(
