@@ -7,6 +7,7 @@ equals numpy's default ``np.percentile`` (method "linear") on the same samples.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections import deque
 from collections.abc import Sequence
@@ -65,28 +66,51 @@ _RFC3550_TERMS = 1024
 
 def percentiles(values: npt.ArrayLike, qs: Sequence[float]) -> F64:
     """Percentiles ``qs`` (0..100) of ``values``, equal to ``np.percentile(values, qs)``
-    (method "linear"), found with one ``np.partition`` at the neighbouring ranks.
+    (method "linear"), read at the neighbouring ranks after one sort (small inputs) or one
+    ``np.partition`` (large ones).
 
     Raises ValueError on an empty input.
     """
-    arr = np.array(values, dtype=np.float64)  # a copy: partition works in place
+    arr = np.array(values, dtype=np.float64)  # a copy: sort and partition work in place
     n = arr.shape[0]
     if n == 0:
         raise ValueError("percentiles of an empty sample")
-    # The same arithmetic as numpy's linear method, so results are bit-identical.
+    lower, upper, gamma, high, kth = _ranks(n, tuple(float(q) for q in qs))
+    # Both leave the same values at the ranks read; for a window's few hundred samples
+    # one sort is cheaper than finding the distinct ranks to partition at.
+    if n <= _SORT_BELOW:
+        arr.sort()
+    else:
+        arr.partition(kth)
+    a = arr[lower]
+    b = arr[upper]
+    diff = b - a
+    out = a + diff * gamma
+    out[high] = (b - diff * (1 - gamma))[high]
+    return out
+
+
+_SORT_BELOW = 1024
+
+
+@functools.lru_cache(maxsize=256)
+def _ranks(
+    n: int, qs: tuple[float, ...]
+) -> tuple[
+    npt.NDArray[np.intp], npt.NDArray[np.intp], F64, npt.NDArray[np.bool_], npt.NDArray[np.intp]
+]:
+    """The ranks and weights of ``qs`` in ``n`` samples: numpy's linear-method arithmetic,
+    step for step, so results are bit-identical (cached: windows repeat their sizes)."""
     quantiles = np.true_divide(np.asarray(qs, dtype=np.float64), 100)
     virtual = (n - 1) * quantiles
     lower = np.floor(virtual).astype(np.intp)
     upper = np.minimum(lower + 1, n - 1)
-    arr.partition(np.unique(np.concatenate((lower, upper))))
-    a = arr[lower]
-    b = arr[upper]
     gamma = virtual - lower
-    diff = b - a
-    out = a + diff * gamma
+    kth = np.unique(np.concatenate((lower, upper)))
     high = gamma >= 0.5
-    out[high] = (b - diff * (1 - gamma))[high]
-    return out
+    for a in (lower, upper, gamma, high, kth):
+        a.flags.writeable = False  # shared by every caller through the cache
+    return lower, upper, gamma, high, kth
 
 
 def iqr(values: npt.ArrayLike) -> float:

@@ -20,6 +20,16 @@ def test_percentiles_equal_numpy(values, qs):
     assert np.array_equal(percentiles(values, qs), np.percentile(values, qs))
 
 
+@given(
+    st.integers(1020, 5000),
+    st.lists(st.floats(min_value=0, max_value=100), min_size=1, max_size=8),
+    st.integers(0, 2**32 - 1),
+)
+def test_percentiles_of_large_samples_equal_numpy(n, qs, seed):
+    values = np.random.default_rng(seed).integers(1, 10**9, n).astype(np.float64)
+    assert np.array_equal(percentiles(values, qs), np.percentile(values, qs))
+
+
 @given(rtts)
 def test_iqr_is_q3_minus_q1(values):
     q1, q3 = np.percentile(values, [25, 75])
