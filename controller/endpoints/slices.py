@@ -40,6 +40,7 @@ from typing import Any, Literal
 from detnet.controller.kube.objects import JsonObj, WatchEvent, metadata_of, name_of
 from detnet.controller.kube.objects import resource_version as rv_of
 from detnet.engine.parse import show
+from detnet.engine.targets import Endpoint, Target
 
 SERVICE_NAME_LABEL = "kubernetes.io/service-name"
 AddressFamily = Literal["IPv4", "IPv6"]
@@ -87,6 +88,19 @@ class ProbeEndpoint:
     port: int
     pod: str | None
     node: str | None
+
+    def as_target(self, *, protocol: Literal["udp", "tcp"], **fields: Any) -> Target:
+        """The engine's ``Target`` for this endpoint, carrying its app, pod and node;
+        ``fields`` are the app's other Target fields (interval_ns, timeout_ns, mode,
+        size, key...). TargetError when the engine refuses them."""
+        return Target(
+            name=self.name,
+            protocol=protocol,
+            host=self.address,
+            port=self.port,
+            endpoint=Endpoint(app=self.app, node=self.node, pod=self.pod),
+            **fields,
+        )
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -332,11 +346,16 @@ class SliceCache:
     synced: bool = False
 
     def replace(self, items: Iterable[JsonObj]) -> None:
-        """A list result: the cache becomes exactly its slices of this Service."""
-        self.views.clear()
-        self.versions.clear()
+        """A list result: the cache becomes exactly its slices of this Service (a slice
+        whose resourceVersion it already holds is not parsed again: a re-list is cheap)."""
+        old_views, old_versions = self.views, self.versions
+        self.views, self.versions = {}, {}
         for item in items:
-            self.put(item)
+            name, version = name_of(item), rv_of(item)
+            if version and old_versions.get(name) == version and belongs_to(item, self.service):
+                self.views[name], self.versions[name] = old_views[name], version
+            else:
+                self.put(item)
         self.synced = True
 
     def put(self, obj: JsonObj) -> None:

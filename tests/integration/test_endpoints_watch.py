@@ -210,6 +210,7 @@ async def test_a_change_missed_while_the_watch_was_gone_arrives_with_the_relist(
     assert (h.diffs[1].added, h.diffs[1].removed, h.diffs[1].changed) == ((), (R0,), ())
     assert h.names(w) == [R1.name]
     # It came with the re-list: no watch was open between the refused one and the list.
+    assert await wait_for(lambda: len(h.requests("watch")) == 3)
     lists = [r.at for r in h.api.requests if r.verb == "list" and r.path == SLICES]
     watches = [r.at for r in h.api.requests if r.verb == "watch" and r.path == SLICES]
     assert len(lists) == 3
@@ -276,23 +277,23 @@ async def test_an_address_moving_between_slices_never_leaves(
     moving = endpoint("198.18.1.31", node_name="node-b")
     manual_slice(h, "manual-a", endpoint("198.18.1.30", node_name="node-a"), moving)
     manual_slice(h, "manual-b")
-    w = await h.run(h.watch("manual", removal_grace_ns=2_000_000_000))
+    w = await h.run(h.watch("manual", removal_grace_ns=300_000_000))
     assert h.names(w) == [f"{APP}/198.18.1.30", f"{APP}/198.18.1.31"]
     stay = endpoint("198.18.1.30", node_name="node-a")
     if add_first:
         set_endpoints(h, "manual-b", moving)
-        await asyncio.sleep(0.1)
+        await asyncio.sleep(0.05)
         set_endpoints(h, "manual-a", stay)
     else:
         set_endpoints(h, "manual-a", stay)
-        await asyncio.sleep(0.1)
+        await asyncio.sleep(0.05)
         set_endpoints(h, "manual-b", moving)
     # Both writes are seen (the watch is past them), and nothing was ever said.
     rv = h.api.get("EndpointSlice", "manual-b" if not add_first else "manual-a", namespace=NS)
     assert await wait_for(
         lambda: int(w.resource_version or 0) >= int(rv["metadata"]["resourceVersion"])
     )
-    await asyncio.sleep(0.1)
+    await asyncio.sleep(0.5)  # past the grace: a held removal would be out
     assert len(h.diffs) == 1
     assert h.names(w) == [f"{APP}/198.18.1.30", f"{APP}/198.18.1.31"]
 

@@ -28,7 +28,7 @@ from detnet.controller.endpoints.slices import (
 )
 from detnet.controller.endpoints.watch import service_info
 from detnet.controller.kube.objects import WatchEvent
-from detnet.engine.targets import NAME_PATTERN, Target
+from detnet.engine.targets import NAME_PATTERN, Endpoint
 
 SVC = "robot"
 UDP = EndpointSpec(app="robot-control", port=7000, protocol="udp")
@@ -364,9 +364,22 @@ def test_target_names_are_app_slash_pod_or_address() -> None:
     reason="engine/targets.py NAME_PATTERN has no '/' (nor ':' for IPv6) yet: the rule "
     "change is proposed in the issue 13 report; drop this mark when it lands",
 )
-def test_target_names_pass_the_engines_target_rule() -> None:
-    for name in ("robot-control/robot-7d9f8b6c4-x2k9p", "robot-control/fd00::b"):
-        Target(name=name, protocol="udp", host="10.0.0.1", port=7000)
+def test_an_endpoint_becomes_an_engine_target() -> None:
+    (e,) = probed(slice_("robot-a", ep("10.0.0.1", pod="robot-7d9f8b6c4-x2k9p")))
+    t = e.as_target(protocol="udp", interval_ns=20_000_000)
+    assert (t.name, t.protocol, t.host, t.port, t.interval_ns) == (
+        "robot-control/robot-7d9f8b6c4-x2k9p",
+        "udp",
+        "10.0.0.1",
+        7000,
+        20_000_000,
+    )
+    assert t.endpoint == Endpoint(app="robot-control", node="node-a", pod="robot-7d9f8b6c4-x2k9p")
+    v6 = ProbeEndpoint(
+        app="robot-control", name="robot-control/fd00::b", address="fd00::b", port=7000,
+        pod=None, node=None,
+    )  # fmt: skip
+    assert v6.as_target(protocol="udp").endpoint == Endpoint(app="robot-control")
 
 
 # ------------------------------------------------------------ order of events (hypothesis)
@@ -661,3 +674,17 @@ def test_service_name_error_is_a_parse_error() -> None:
     from detnet.engine.parse import ParseError
 
     assert issubclass(ServiceNameError, ParseError)  # the config reports it as one
+
+
+def test_a_relist_reuses_the_slices_it_already_holds() -> None:
+    cache = SliceCache(spec=UDP, service=SVC)
+    cache.replace([slice_("robot-a", ep("10.0.0.1"), rv=5), slice_("robot-b", rv=6)])
+    held = cache.views["robot-a"]
+    cache.replace(
+        [
+            slice_("robot-a", ep("10.0.0.1"), rv=5),
+            slice_("robot-b", ep("10.0.0.2", pod="robot-1"), rv=7),
+        ]
+    )
+    assert cache.views["robot-a"] is held  # same resourceVersion: not parsed again
+    assert sorted(cache.resolve().endpoints) == ["robot-control/robot-0", "robot-control/robot-1"]
