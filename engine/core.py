@@ -50,7 +50,8 @@ from detnet.engine.scheduler import Cadence, Timetable
 from detnet.engine.stats import WindowStats, window_stats
 from detnet.engine.targets import Target
 
-DEFAULT_CAPACITY = 1 << 16
+DEFAULT_CAPACITY = 1 << 16  # ring slots of a target whose window is not bounded
+MIN_CAPACITY = 1024
 # How often overdue probes are turned into losses when no send or reply does it first.
 _SWEEP_MIN_S, _SWEEP_MAX_S = 0.001, 0.1
 
@@ -114,6 +115,20 @@ def _timer_slack_ns(loop: asyncio.AbstractEventLoop) -> int:
     return 500_000 if type(loop).__module__.startswith("uvloop") else 0
 
 
+def ring_capacity(target: Target, *, window_ns: int | None, window_samples: int | None) -> int:
+    """Ring slots for ``target``'s window: its records at the target's own rate, a quarter
+    spare, as a power of two from MIN_CAPACITY to DEFAULT_CAPACITY. A ring is 65 bytes a
+    slot: sized for a 5 s window at 10 Hz it is 66 kB, where 64k slots were 4 MB per
+    endpoint (400 MB for 100 of them)."""
+    needs = [] if window_samples is None else [window_samples]
+    if window_ns is not None:
+        needs.append(-(-window_ns // target.interval_ns) * target.batch)
+    if not needs:
+        return DEFAULT_CAPACITY
+    want = int(min(needs) * 1.25) + 64
+    return min(max(1 << (want - 1).bit_length(), MIN_CAPACITY), DEFAULT_CAPACITY)
+
+
 def _cadence(t: Target) -> Cadence:
     return Cadence(interval_ns=t.interval_ns, batch=t.batch, poisson=t.poisson)
 
@@ -123,7 +138,9 @@ class ProbeEngine:
 
     The window is the last ``window_ns`` of finished probes and/or the last
     ``window_samples`` of them (both: whichever is smaller); neither: the whole ring.
-    ``capacity`` is the number of records each target's ring keeps. ``on_sample`` is
+    ``capacity`` is the number of records each target's ring keeps (default: enough for
+    the window, ``ring_capacity``; a ``windows(window_ns=...)`` longer than the engine's
+    window sees only what the ring holds). ``on_sample`` is
     called on the loop with one ``Sample`` per finished probe (received or lost).
     An engine refuses to start without targets unless ``allow_empty`` (targets that come
     later through ``add_target``). ``max_total_rate_pps`` caps the probes per second of
@@ -136,7 +153,7 @@ class ProbeEngine:
         *,
         window_ns: int | None = None,
         window_samples: int | None = None,
-        capacity: int = DEFAULT_CAPACITY,
+        capacity: int | None = None,
         on_sample: SampleCallback | None = None,
         allow_empty: bool = False,
         max_total_rate_pps: float | None = None,
@@ -365,7 +382,10 @@ class ProbeEngine:
         """Resolve and open ``t``'s prober; TargetError (nothing left open) on failure."""
         loop = asyncio.get_running_loop()
         address = await _resolve(loop, t)
-        prober = make_prober(t, address=address, capacity=self.capacity, on_sample=self.on_sample)
+        capacity = self.capacity or ring_capacity(
+            t, window_ns=self.window_ns, window_samples=self.window_samples
+        )
+        prober = make_prober(t, address=address, capacity=capacity, on_sample=self.on_sample)
         try:
             await prober.open()
         except (OSError, TimeoutError) as exc:

@@ -15,7 +15,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from detnet.engine.collector import COUNTERS
 from detnet.engine.core import ProbeEngine
-from detnet.engine.errors import EngineError, TargetError
+from detnet.engine.errors import TargetError
 from detnet.engine.recorder import Sample
 from detnet.engine.reflector import ReflectorConfig, ReflectorServer
 from detnet.engine.ring import FLAG_LOST, FLAG_RECEIVED
@@ -172,14 +172,6 @@ async def test_bad_additions_change_nothing(reflectors):
         await engine.aclose()
     with pytest.raises(TargetError, match="closed"):
         await engine.add_target(_udp("late", reflectors[1]))
-
-
-def test_an_empty_engine_needs_the_explicit_flag():
-    with pytest.raises(TargetError, match="no targets"):
-        ProbeEngine([])
-    assert ProbeEngine([], allow_empty=True).targets == {}
-    with pytest.raises(EngineError, match="rate cap"):
-        ProbeEngine([], allow_empty=True, max_total_rate_pps=0)
 
 
 async def test_replace_targets_applies_the_set_difference(reflectors):
