@@ -333,3 +333,11 @@ def test_listen_on_a_busy_port_is_a_clear_error():
         port = first.address[1]
         with pytest.raises(HttpServerError, match="cannot listen"):
             MetricsServer("127.0.0.1", port, registry=registry).start()
+
+
+@requires_tool("promtool", "prometheus")
+def test_promtool_accepts_endpoint_labels_and_the_rate_gauges():
+    capped = ProbeRate(cap_pps=500.0, demand_pps=1000.0, planned_pps=480.0, stretch=2.0)
+    text = generate_latest_of(EngineCollector(FakeEngine(ENDPOINTS, capped)))
+    proc = subprocess.run(["promtool", "check", "metrics"], input=text, capture_output=True)
+    assert proc.returncode == 0, proc.stdout.decode() + proc.stderr.decode()
