@@ -15,8 +15,8 @@ Which endpoints are probed (``discovery.k8s.io/v1`` ``EndpointConditions``):
   probes, and its losses are not the network's.
 - The first address of each endpoint is its address (the API: the addresses of one
   endpoint are fungible; kube-proxy uses the first). It must be an address of the
-  slice's ``addressType``; ``FQDN`` slices (and unknown types) are not probed. Unspecified
-  and multicast addresses are not probed.
+  slice's ``addressType``; ``FQDN`` slices (and unknown types) are not probed. Unspecified,
+  multicast and scoped (``fe80::1%eth0``) addresses are not probed.
 - The port is the app's number, or, when the app names a port, that port of the endpoint's
   slice (slices group endpoints by their port numbers); a slice without it is not
   probed, and says so.
@@ -246,8 +246,8 @@ def parse_slice(obj: Mapping[str, Any], spec: EndpointSpec) -> SliceView:
         if ip is None or ip.version != version:
             notes.add(f"address not an {family} address: not probed", first or "")
             continue
-        if ip.is_unspecified or ip.is_multicast:
-            notes.add("unspecified or multicast address: not probed", first)
+        if ip.is_unspecified or ip.is_multicast or getattr(ip, "scope_id", None):
+            notes.add("unspecified, multicast or scoped address: not probed", first)
             continue
         ref = ep.get("targetRef")
         pod = None
@@ -256,7 +256,7 @@ def parse_slice(obj: Mapping[str, Any], spec: EndpointSpec) -> SliceView:
             if pod is None:
                 notes.add("targetRef names no valid pod: named by address", ref.get("name"))
         node = _named(ep.get("nodeName"))
-        if node is None and ep.get("nodeName") is not None:
+        if node is None and ep.get("nodeName") not in (None, ""):
             notes.add("nodeName is not a node name: node unknown", ep.get("nodeName"))
         address = str(ip)
         name = endpoint_target_name(spec.app, pod=pod, address=address)

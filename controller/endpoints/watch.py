@@ -1,5 +1,5 @@
-"""The I/O side of an app's endpoints: one ``get`` of its Service at start, then one
-list+watch of its EndpointSlices (``discovery.k8s.io/v1``, ``-l
+"""The I/O side of an app's endpoints: a ``get`` of its Service and a list of its slices
+at start, then one list+watch of its EndpointSlices (``discovery.k8s.io/v1``, ``-l
 kubernetes.io/service-name=NAME`` in the Service's namespace) through ``ListWatch``
 (resume, 410 re-list, bookmarks), feeding a ``SliceCache`` and an ``EndpointFeed``;
 every change in the endpoints to probe reaches ``on_change`` as an ``EndpointDiff``.
@@ -11,9 +11,10 @@ left every slice wait (``feed.py``). The callback is a plain function called on 
 event loop: it must not block, and what it starts is its own.
 
 The Service's ``get`` (RBAC: ``services get``) makes a missing Service a clear error
-naming the app at start, and gives the address family to probe a dual-stack Service
-over (its first ``ipFamilies``). A Service without a selector works: its EndpointSlices
-are whoever wrote them.
+naming the app at start, and gives the address family to probe a dual-stack Service over
+(its first ``ipFamilies``). The first list does the same for a missing
+``endpointslices`` rule, and delivers the initial set before ``start()`` returns. A
+Service without a selector works: its EndpointSlices are whoever wrote them.
 """
 
 from __future__ import annotations
@@ -108,9 +109,9 @@ async def read_service(
 class EndpointWatch:
     """The probe endpoints of one critical app, kept in step with its EndpointSlices.
 
-    ``start()`` reads the Service (EndpointsError when it is missing); ``run()`` lists
-    and watches until cancelled, calling ``on_change`` with every ``EndpointDiff``: the
-    first (``initial``) once the slices are listed, then one per change."""
+    ``start()`` reads the Service and lists its slices (EndpointsError when either
+    fails), delivering the first ``EndpointDiff`` (``initial``); ``run()`` then lists
+    and watches until cancelled, calling ``on_change`` with every change after it."""
 
     def __init__(
         self,
@@ -140,6 +141,7 @@ class EndpointWatch:
         self._flush_handle: asyncio.Handle | None = None
         self._timer: asyncio.TimerHandle | None = None
         self._notes: set[tuple[str, str]] = set()
+        self._synced = False
         self.info: ServiceInfo | None = None
         self._listwatch = ListWatch(
             kube=kube,
@@ -165,11 +167,13 @@ class EndpointWatch:
 
     @property
     def synced(self) -> bool:
-        """Whether the slices have been listed (and the initial diff delivered)."""
-        return self._cache is not None and self._cache.synced
+        """Whether the initial diff has been delivered."""
+        return self._synced
 
     async def start(self) -> ServiceInfo:
-        """Read the Service (EndpointsError naming the app when it is missing)."""
+        """Read the Service and list its slices once, delivering the initial diff before
+        returning; EndpointsError naming the app when the Service is missing or either
+        call is refused (a missing RBAC rule is an error at start, not a retry loop)."""
         self.info = await read_service(
             self._kube, self.service, app=self.app, timeout_s=self._request_timeout_s
         )
@@ -177,6 +181,12 @@ class EndpointWatch:
             app=self.app, port=self._port, protocol=self._protocol, family=self.info.family
         )
         self._cache = SliceCache(spec=spec, service=self.service.name)
+        try:
+            items, _ = await self._listwatch.list()
+        except ControllerError as exc:
+            raise EndpointsError(f"critical app {self.app}: {exc}") from exc
+        self._cache.replace(items)
+        self._flush()
         return self.info
 
     async def run(self) -> None:
@@ -226,6 +236,7 @@ class EndpointWatch:
         self._deliver(self._feed.due(now_ns=self._clock()))
 
     def _deliver(self, diff: EndpointDiff) -> None:
+        self._synced = True
         if diff:
             if diff.added or diff.removed or diff.changed:
                 log.info(

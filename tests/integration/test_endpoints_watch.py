@@ -50,8 +50,11 @@ class Harness:
         )
 
     async def run(self, watch: EndpointWatch) -> EndpointWatch:
+        watches = len(self.requests("watch"))
         self._tasks.append(asyncio.create_task(watch.run()))
         assert await wait_for(lambda: bool(self.diffs))
+        # Watching: past start()'s list and the watch loop's own.
+        assert await wait_for(lambda: len(self.requests("watch")) > watches)
         return watch
 
     async def stop(self) -> None:
@@ -116,8 +119,10 @@ async def test_initial_set_is_every_ready_pod_with_its_node(h: Harness) -> None:
     assert first.added == first.current == (R0, R1)
     assert w.info is not None
     assert (w.info.selector, w.info.family) == (True, "IPv4")
-    (listing,) = h.requests("list")
-    assert listing["labelSelector"] == "kubernetes.io/service-name=robot"
+    # One list at start (so a refusal is an error there), one as the watch begins.
+    listings = h.requests("list")
+    assert [q["labelSelector"] for q in listings] == ["kubernetes.io/service-name=robot"] * 2
+    assert len(h.diffs) == 1  # the second list found what the first did
 
 
 async def test_an_endpoint_added_to_the_slice_is_reported(h: Harness) -> None:
@@ -174,13 +179,31 @@ async def test_a_forbidden_service_get_names_the_app_and_the_permission(h: Harne
         await h.watch().start()
 
 
+async def test_a_refused_slice_list_is_an_error_at_start(h: Harness) -> None:
+    h.api.fail(f"list {SLICES}", 403)
+    w = h.watch()
+    with pytest.raises(
+        EndpointsError, match=rf"critical app {APP}: list endpointslices .*403.*RBAC"
+    ):
+        await w.start()
+    assert h.diffs == []
+    assert not w.synced
+
+
+async def test_start_delivers_the_initial_set_before_it_returns(h: Harness) -> None:
+    w = h.watch()
+    info = await w.start()
+    assert (info.ref, w.synced) == (ServiceRef("robot", NS), True)
+    assert [d.current for d in h.diffs] == [(R0, R1)]
+
+
 async def test_a_410_mid_watch_relists_without_a_spurious_change(h: Harness) -> None:
     w = await h.run(h.watch(watch_timeout_s=1))
     assert await wait_for(lambda: len(h.requests("watch")) == 1)
     # The next watch request gets an ERROR 410 event, as the server sends it for a
     # compacted resourceVersion; the loop re-lists and watches from the new list.
     h.api.fail(f"watch {SLICES}", 410)
-    assert await wait_for(lambda: len(h.requests("list")) == 2, within=5.0)
+    assert await wait_for(lambda: len(h.requests("list")) == 3, within=5.0)
     assert await wait_for(lambda: len(h.requests("watch")) >= 3, within=5.0)
     assert len(h.diffs) == 1  # the re-list found what we had: nothing to say
     assert h.names(w) == [R0.name, R1.name]
@@ -190,7 +213,7 @@ async def test_a_410_mid_watch_relists_without_a_spurious_change(h: Harness) -> 
     assert (h.diffs[1].added, h.diffs[1].removed, h.diffs[1].changed) == ((R2,), (), ())
     await asyncio.sleep(0.3)
     assert len(h.diffs) == 2
-    assert len(h.requests("list")) == 2
+    assert len(h.requests("list")) == 3
 
 
 async def test_a_change_missed_while_the_watch_was_gone_arrives_with_the_relist(
@@ -203,7 +226,7 @@ async def test_a_change_missed_while_the_watch_was_gone_arrives_with_the_relist(
     assert await wait_for(lambda: len(h.requests("watch")) == 1)
     h.api.fail(f"watch {SLICES}", 410)
     h.api.fail(f"list {SLICES}", 500)
-    assert await wait_for(lambda: len(h.requests("list")) == 2, within=5.0)  # the failed one
+    assert await wait_for(lambda: len(h.requests("list")) == 3, within=5.0)  # the failed one
     changed_at = time.time()
     h.api.set_pod_ready(NS, "robot-0", False)
     assert await wait_for(lambda: len(h.diffs) == 2, within=5.0)
@@ -213,8 +236,8 @@ async def test_a_change_missed_while_the_watch_was_gone_arrives_with_the_relist(
     assert await wait_for(lambda: len(h.requests("watch")) == 3)
     lists = [r.at for r in h.api.requests if r.verb == "list" and r.path == SLICES]
     watches = [r.at for r in h.api.requests if r.verb == "watch" and r.path == SLICES]
-    assert len(lists) == 3
-    assert watches[1] < changed_at < lists[2] < watches[2]
+    assert len(lists) == 4
+    assert watches[1] < changed_at < lists[3] < watches[2]
 
 
 async def test_a_named_port_comes_from_the_slice(h: Harness) -> None:

@@ -210,6 +210,10 @@ def test_ipv6_slices_and_canonical_addresses() -> None:
     # An IPv6 endpoint without a pod: the name carries the address, ':' and all.
     got = probed(slice_("m", ep("fd00::b", pod=None), address_type="IPv6"), spec=spec)
     assert [e.name for e in got] == ["robot-control/fd00::b"]
+    scoped = slice_("s", ep("fe80::1%eth0", pod="robot-9"), address_type="IPv6")
+    res = reduce_slices([scoped], spec, service=SVC)
+    assert res.endpoints == {}
+    assert [s.why for s in res.skipped] == ["unspecified, multicast or scoped address: not probed"]
 
 
 def test_a_dual_stack_pod_is_probed_once_over_the_apps_family() -> None:
@@ -248,6 +252,7 @@ def test_addresses_that_are_not_of_the_slices_family_or_not_unicast() -> None:
                 ep("10.0.0.300", pod="bad"),
                 ep("0.0.0.0", pod="any"),
                 ep("224.0.0.1", pod="mcast"),
+                ep("10.0.0.11", pod="no-node", node=""),
                 ep(None, pod="none", addresses=[]),
                 ep(None, pod="null", addresses=None),
                 ep("10.0.0.9", pod="second", addresses=["10.0.0.9", "10.0.0.10"]),
@@ -257,11 +262,15 @@ def test_addresses_that_are_not_of_the_slices_family_or_not_unicast() -> None:
         UDP,
         service=SVC,
     )
-    assert list(res.endpoints.values()) == [probe("10.0.0.1", "ok"), probe("10.0.0.9", "second")]
+    assert list(res.endpoints.values()) == [
+        probe("10.0.0.11", "no-node", None),
+        probe("10.0.0.1", "ok"),
+        probe("10.0.0.9", "second"),
+    ]
     notes = {s.why: s.count for s in res.skipped}
     assert notes == {
         "address not an IPv4 address: not probed": 4,
-        "unspecified or multicast address: not probed": 2,
+        "unspecified, multicast or scoped address: not probed": 2,
         "an endpoint that is not an object: ignored": 1,
     }
 
