@@ -10,7 +10,7 @@ line per ``EndpointDiff`` with the ``CLOCK_MONOTONIC`` time its callback ran (on
 for both processes on Linux). For each of ``--changes`` changes: one endpoint is added to
 a slice (timed from just before the write to the callback that adds it), then marked not
 ready (timed to the callback that withdraws it), then dropped. Beside them the watcher's
-CPU per change (schedstat, every thread) over the timed phase. Goal: 100 ms from the
+CPU per change, i.e. per those three slice writes (schedstat, every thread). Goal: 100 ms from the
 write to the callback.
 """
 
