@@ -1,6 +1,7 @@
-"""``detnet bench endpoints_watch``: how soon an EndpointSlice change reaches the controller's
-endpoint callback, the controller's share of "a new endpoint is probed within about a
-second" (the engine's share, callback to first probe, comes after it).
+"""``detnet bench endpoints_watch``: how soon an EndpointSlice change reaches the
+controller's endpoint callback, the controller's share of "a new endpoint is probed
+within about a second" (the engine's share, callback to first probe, is ``bench
+endpoints``).
 
 The API server emulation (in this process) serves a Service without a selector and its
 hand-written EndpointSlices of 100 endpoints each (the real controller's default), for
@@ -10,8 +11,8 @@ line per ``EndpointDiff`` with the ``CLOCK_MONOTONIC`` time its callback ran (on
 for both processes on Linux). For each of ``--changes`` changes: one endpoint is added to
 a slice (timed from just before the write to the callback that adds it), then marked not
 ready (timed to the callback that withdraws it), then dropped. Beside them the watcher's
-CPU per change, i.e. per those three slice writes (schedstat, every thread). Goal: 100 ms from the
-write to the callback.
+CPU per change, i.e. per those three slice writes (schedstat, every thread). Goal: 100 ms
+from the write to the callback.
 """
 
 from __future__ import annotations
