@@ -34,6 +34,12 @@ MIN_INTERVAL_NS = 100_000  # 0.1 ms: below this the scheduler only measures itse
 # A target's name: a metric label and a policy key, also the config's critical app name.
 NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,62}")
 NAME_RULE = "use letters, digits, '.', '_' or '-' (max 63)"
+# A probe target is an app (NAME_PATTERN), or one endpoint of it: APP/POD or APP/ADDRESS
+# (':' for IPv6). Apps can never contain '/', so an endpoint's name never collides with one.
+TARGET_NAME_PATTERN = re.compile(
+    r"[A-Za-z0-9][A-Za-z0-9_.-]{0,62}(/[A-Za-z0-9][A-Za-z0-9_.:-]{0,252})?"
+)
+TARGET_NAME_RULE = f"{NAME_RULE}, or APP/POD, APP/ADDRESS for an endpoint"
 
 
 class TargetFieldError(TargetError):
@@ -86,8 +92,10 @@ class Target:
     endpoint: Endpoint | None = None  # what it stands for; None: the app named like it
 
     def __post_init__(self) -> None:
-        if not isinstance(self.name, str) or not NAME_PATTERN.fullmatch(self.name):
-            raise TargetFieldError(f"target name {show(self.name)}: {NAME_RULE}", field="name")
+        if not isinstance(self.name, str) or not TARGET_NAME_PATTERN.fullmatch(self.name):
+            raise TargetFieldError(
+                f"target name {show(self.name)}: {TARGET_NAME_RULE}", field="name"
+            )
         if self.protocol not in ("udp", "tcp"):
             raise TargetFieldError(
                 f"target {self.name}: protocol must be udp or tcp", field="protocol"

@@ -368,11 +368,6 @@ def test_target_names_are_app_slash_pod_or_address() -> None:
         assert "/" not in rest
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="engine/targets.py NAME_PATTERN has no '/' (nor ':' for IPv6) yet: the rule "
-    "change is proposed in the issue 13 report; drop this mark when it lands",
-)
 def test_an_endpoint_becomes_an_engine_target() -> None:
     (e,) = probed(slice_("robot-a", ep("10.0.0.1", pod="robot-7d9f8b6c4-x2k9p")))
     t = e.as_target(protocol="udp", interval_ns=20_000_000)

@@ -8,7 +8,7 @@ from detnet.controller.config import parse_config
 from detnet.controller.errors import ConfigError
 from detnet.engine.errors import TargetError
 from detnet.engine.parse import ParseError, parse_address
-from detnet.engine.targets import Target, parse_target
+from detnet.engine.targets import NAME_RULE, Target, parse_target
 
 
 def test_parse_udp_and_tcp_targets():
@@ -117,7 +117,7 @@ def test_names_are_matched_whole(name):
         Target(name=name, protocol="udp", host="h", port=1)
 
 
-@pytest.mark.parametrize("name", ["a b", "-x", "é", "x" * 64, "a/b"])
+@pytest.mark.parametrize("name", ["a b", "-x", "é", "x" * 64, "a/", "/b", "a/b/c"])
 def test_one_name_rule_for_targets_and_config_apps(name):
     with pytest.raises(TargetError, match="use letters, digits") as engine:
         Target(name=name, protocol="udp", host="h", port=1)
@@ -128,5 +128,17 @@ def test_one_name_rule_for_targets_and_config_apps(name):
     ).replace("'", '"')
     with pytest.raises(ConfigError) as config:
         parse_config(text)
-    rule = str(engine.value).split(": ", 1)[1]
-    assert rule in str(config.value)
+    assert NAME_RULE in str(engine.value)
+    assert NAME_RULE in str(config.value)
+
+
+@pytest.mark.parametrize("name", ["robot/robot-7d9f-x2k9p", "robot/10.0.0.1", "robot/fd00::1"])
+def test_an_endpoint_target_is_app_slash_pod_or_address_but_no_app_is(name):
+    assert Target(name=name, protocol="udp", host="h", port=1).name == name
+    text = (
+        f"critical_apps:\n  - name: {name!r}\n    host: 127.0.0.1\n    port: 1\n"
+        "    protocol: UDP\n    max_latency_ms: 5\n"
+        "best_effort_targets:\n  - {deployment: t}\n"
+    ).replace("'", '"')
+    with pytest.raises(ConfigError, match="use letters, digits"):
+        parse_config(text)
