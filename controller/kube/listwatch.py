@@ -26,6 +26,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, Protocol
 
 import aiohttp
+from aiohttp.http_exceptions import HttpProcessingError
 from kubernetes_asyncio.client.exceptions import ApiException
 
 from detnet.controller.errors import EnforcementError
@@ -206,7 +207,9 @@ class ListWatch:
             return await resp.content.readline()
         except (TimeoutError, aiohttp.ClientError, OSError) as exc:
             raise self._kube.failed(exc, what=what) from exc
-        except ValueError as exc:  # a line longer than aiohttp's buffer (an edge bound)
+        except (ValueError, HttpProcessingError) as exc:
+            # A line longer than aiohttp's buffer (an edge bound): ValueError or, in newer
+            # aiohttp, LineTooLong, which is no ValueError.
             raise EnforcementError(f"{what}: unreadable watch stream ({exc})") from exc
 
     def _error_event(self, event: WatchEvent, what: str) -> KubernetesApiError:

@@ -15,6 +15,7 @@ from detnet.controller.kube.api import (
     load_client_configuration,
     new_api_client,
 )
+from detnet.controller.kube.listwatch import ListWatch
 from detnet.controller.kube.objects import (
     WatchEvent,
     annotations_of,
@@ -162,3 +163,23 @@ async def test_api_client_names_the_caller() -> None:
         assert api.user_agent == f"{USER_AGENT_PREFIX}detnet-a" == "detnet/detnet-a"
     finally:
         await api.close()
+
+
+@pytest.mark.parametrize(
+    "error",
+    [
+        ValueError("Chunk too big"),
+        __import__("aiohttp").http_exceptions.LineTooLong(b"x", "4194304"),
+    ],
+)
+async def test_an_over_long_watch_line_is_our_error_not_a_crash(error: Exception) -> None:
+    class Content:
+        async def readline(self) -> bytes:
+            raise error
+
+    class Response:
+        content = Content()
+
+    lw = ListWatch.__new__(ListWatch)
+    with pytest.raises(EnforcementError, match="unreadable watch stream"):
+        await lw._readline(Response(), "watch pods")  # type: ignore[arg-type]
