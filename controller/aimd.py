@@ -471,6 +471,12 @@ class AsymmetricAimd:
             g.stable_since_ns = now_ns
         dwelt = (now_ns - g.stable_since_ns) / 1e9
         knees = {s: self._knees.get(s, now_ns) for s in scopes}
+        for s, knee in knees.items():
+            if knee is not None and previous[s] >= knee * (1 + 2 * p.knee_margin):
+                # Climbed well past it without a warning: the knee moved up (less critical
+                # traffic, a faster link). Forget it and climb at the normal pace.
+                self._knees.drop(s)
+                knees[s] = None
         below = all(
             k is not None and previous[s] < math.floor(k * (1 - p.knee_margin))
             for s, k in knees.items()

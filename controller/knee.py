@@ -135,6 +135,10 @@ class KneeMemory(Generic[K]):
             return None
         return knee.mbps
 
+    def drop(self, key: K) -> None:
+        """Forget ``key``'s knee (it moved)."""
+        self._knees.pop(key, None)
+
     def forget(self, keep: set[K]) -> None:
         """Drop the knees of scopes that no longer exist."""
         for key in [k for k in self._knees if k not in keep]:

@@ -516,3 +516,27 @@ def test_invariants(steps: list[dict[str, object]], start: int, severity: float)
         if d.action == "hold":
             assert named(d.limits) == limits
         limits = named(d.limits)
+
+
+def test_a_knee_passed_without_a_warning_is_forgotten() -> None:
+    # Congestion at 100 Mbit/s of usage: the knee. Later the caps stand well past it
+    # (twice the margin) without any warning: the knee moved up (a faster link, less
+    # critical traffic), so the climb goes back to the normal step.
+    p = policy(usage_window_s=0.0)
+    bad = {**healthy(), "robot-control": window("robot-control", jitter_ms=5.0)}
+    full = {"telemetry": 100.0, "erp": 100.0}
+    d = decide(p, now_ns=10 * S, stats=bad, limits={"telemetry": 100, "erp": 100}, usage=full)
+    assert d.action == "decrease"
+    t, limits = 20 * S, {"telemetry": 105, "erp": 105}
+    using = {"telemetry": 105.0, "erp": 105.0}
+    decide(p, now_ns=t, stats=healthy(), limits=limits, usage=using)
+    d = decide(p, now_ns=t + 5 * S, stats=healthy(), limits=limits, usage=using)
+    assert d.action == "increase"
+    assert named(d.limits) == {"telemetry": 115, "erp": 115}
+    # Just past the knee, it is still remembered: a small step.
+    p = policy(usage_window_s=0.0)
+    decide(p, now_ns=10 * S, stats=bad, limits={"telemetry": 100, "erp": 100}, usage=full)
+    limits, using = {"telemetry": 101, "erp": 101}, {"telemetry": 101.0, "erp": 101.0}
+    decide(p, now_ns=t, stats=healthy(), limits=limits, usage=using)
+    d = decide(p, now_ns=t + 5 * S, stats=healthy(), limits=limits, usage=using)
+    assert named(d.limits) == {"telemetry": 102, "erp": 102}
