@@ -35,7 +35,9 @@ def test_controller_config_names_the_pods_namespaces() -> None:
     targets = {t["name"]: t["tc"] for t in cfg["best_effort_targets"]}
     assert targets["erp-dashboard"] == {"device": "eth0", "netns": topo.ns("erp-dashboard")}
     assert cfg["critical_apps"][0]["max_jitter_ms"] == 1.0
-    assert cfg["policy"]["max_bandwidth"] == 100
+    # The lab runs the product's policy and cadence: nothing of them in its config.
+    assert "policy" not in cfg
+    assert set(cfg["control"]) == {"probe_interval"}
 
 
 def test_controller_config_loads_with_the_controllers_loader(tmp_path: Path) -> None:
