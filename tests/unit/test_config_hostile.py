@@ -17,7 +17,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from detnet.controller import cli
-from detnet.controller.aimd import Decision
+from detnet.controller.aimd import Decision, Scope
 from detnet.controller.config import Config, load_config, parse_config, reading
 from detnet.controller.errors import ConfigError
 from detnet.controller.loop import DecisionLog
@@ -344,8 +344,8 @@ def test_decision_log_escapes_user_text() -> None:
     decision = Decision(
         now_ns=0,
         action="decrease",
-        limits={evil: 80},
-        previous={evil: 100},
+        limits={Scope(evil): 80},
+        previous={Scope(evil): 100},
         reasons=(f"{evil} jitter_iqr 2.00 ms > 1.00 ms",),
         signals=(),
         no_data=(),
