@@ -188,8 +188,13 @@ def summarise_run(
     timeline: Timeline,
     bottleneck_mbps: float,
     critical_mbps: float = 0.0,
+    bottleneck_from_s: float | None = None,
+    bottleneck_after_mbps: float | None = None,
 ) -> dict[str, Any]:
-    """One RUN of the report: time to protect, SLO attainment, utilisation, phases."""
+    """One RUN of the report: time to protect, SLO attainment, utilisation, phases.
+
+    A knee step (the bottleneck drops to ``bottleneck_after_mbps`` at
+    ``bottleneck_from_s``) is counted in the spare capacity second by second."""
     base = base_rtts(run, slos, timeline)
     c_start, c_end = timeline.bounds("congestion")
     ttp: float | None = None
@@ -201,7 +206,13 @@ def summarise_run(
     n_windows = math.floor(c_end - from_s + 1e-9)
     good = sum(_all_within(run, slos, base, from_s + i, from_s + i + 1.0) for i in range(n_windows))
     attainment = good / n_windows if n_windows > 0 else None
-    spare = bottleneck_mbps - critical_mbps
+    spare = _mean_spare(
+        from_s,
+        c_end,
+        before=bottleneck_mbps - critical_mbps,
+        step_s=bottleneck_from_s,
+        after=None if bottleneck_after_mbps is None else bottleneck_after_mbps - critical_mbps,
+    )
     be = _mean_goodput(run, from_s, c_end)
     phases: dict[str, Any] = {}
     for phase in PHASES:
@@ -219,9 +230,47 @@ def summarise_run(
         "time_to_protect_s": ttp,
         "slo_attainment": attainment,
         "best_effort_utilisation": None if be is None or spare <= 0 else be / spare,
+        **_after_increases(run, slos, base, c_start, c_end),
         "phases": phases,
         "decisions": [dict(d) for d in run.decisions],
     }
+
+
+def _mean_spare(
+    start: float, end: float, *, before: float, step_s: float | None, after: float | None
+) -> float:
+    """The mean spare capacity over [start, end), with an optional step to ``after``."""
+    if step_s is None or after is None or step_s >= end:
+        return before
+    if step_s <= start:
+        return after
+    return (before * (step_s - start) + after * (end - step_s)) / (end - start)
+
+
+AFTER_INCREASE_S = 2.0
+
+
+def _after_increases(
+    run: RunData,
+    slos: Sequence[Slo],
+    base: Mapping[str, float | None],
+    c_start: float,
+    c_end: float,
+) -> dict[str, int]:
+    """How many increases during congestion were followed, within AFTER_INCREASE_S, by a
+    one-second window in which some app left its SLO: each is a climb past the knee."""
+    increases = violations = 0
+    for d in run.decisions:
+        t = d.get("t_s")
+        if d.get("action") != "increase" or not isinstance(t, int | float):
+            continue
+        if not c_start <= t < c_end:
+            continue
+        increases += 1
+        starts = np.arange(t, min(t + AFTER_INCREASE_S, c_end - 1.0) + 1e-9, _SLIDE_S)
+        if any(not _all_within(run, slos, base, w, w + 1.0) for w in starts):
+            violations += 1
+    return {"increases": increases, "violations_after_increase": violations}
 
 
 def build_report(
@@ -285,9 +334,11 @@ def format_table(report: Mapping[str, Any]) -> str:
         )
         lines.append(
             f"{'':<19}time to protect {_fmt(ttp, '.1f')} s, SLO attainment "
-            f"{_fmt(None if att is None else 100 * att, '.0f')}%, best-effort utilisation "
-            f"{_fmt(None if util is None else 100 * util, '.0f')}%, "
-            f"{len(run['decisions'])} decisions"
+            f"{_fmt(None if att is None else 100 * att, '.1f')}%, best-effort utilisation "
+            f"{_fmt(None if util is None else 100 * util, '.1f')}%, "
+            f"{len(run['decisions'])} decisions, "
+            f"{run.get('violations_after_increase', 0)} of {run.get('increases', 0)} "
+            "increases followed by a violation"
         )
         lines.append("")
     return "\n".join(lines).rstrip() + "\n"

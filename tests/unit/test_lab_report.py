@@ -141,6 +141,8 @@ def test_report_shape_is_json_and_table_renders() -> None:
         "time_to_protect_s",
         "slo_attainment",
         "best_effort_utilisation",
+        "increases",
+        "violations_after_increase",
         "phases",
         "decisions",
     }
@@ -166,3 +168,37 @@ def test_series_per_second() -> None:
     assert s["p50"][-1] == pytest.approx(2.0)
     assert np.all(s["iqr"] < 1e-9)
     assert series(RunData(probes={}), "robot")["t"].size == 0
+
+
+def test_an_increase_followed_by_a_violation_is_counted() -> None:
+    # Healthy throughout congestion except a burst of queueing 1.5 s after the increase at
+    # 9.0 s; the increase at 12.0 s is followed by nothing bad.
+    def rtt(t: float, i: int) -> float:
+        return 6.0 if 10.5 <= t < 11.0 else 0.2 + 0.01 * (i % 3)
+
+    decisions = [
+        {"t_s": 2.0, "action": "increase"},  # quiet phase: not counted
+        {"t_s": 9.0, "action": "increase"},
+        {"t_s": 12.0, "action": "increase"},
+        {"t_s": 12.5, "action": "hold"},
+    ]
+    run = RunData(probes={"robot": _probes(rtt)}, decisions=decisions)
+    out = summarise_run(run, slos=[SLO], timeline=TL, bottleneck_mbps=100.0)
+    assert out["increases"] == 2
+    assert out["violations_after_increase"] == 1
+
+
+def test_a_knee_step_counts_the_spare_capacity_second_by_second() -> None:
+    # 50 Mbit/s of goodput all through congestion; the link drops from 100 to 60 at 10 s
+    # (half-way through the 5..15 s congestion): the spare capacity averages 80.
+    goodput = [(float(t), 50.0) for t in range(1, 21)]
+    run = RunData(probes={"robot": _probes(lambda t, i: 0.2)}, goodput=goodput)
+    out = summarise_run(
+        run,
+        slos=[SLO],
+        timeline=TL,
+        bottleneck_mbps=100.0,
+        bottleneck_from_s=10.0,
+        bottleneck_after_mbps=60.0,
+    )
+    assert out["best_effort_utilisation"] == pytest.approx(50.0 / 80.0)
