@@ -57,22 +57,11 @@ from detnet.controller.signals import (
     targets_of,
 )
 from detnet.controller.usagewindow import USING_CAP_FRACTION, UsageMeter
+from detnet.controller.workloads import CLUSTER, Scope
 from detnet.engine.stats import WindowStats
 
 Action = Literal["decrease", "increase", "hold"]
 ScopeMode = Literal["cluster", "node"]
-CLUSTER = ""  # the node of a scope (and the group) that spans every node
-
-
-@dataclass(frozen=True, order=True)
-class Scope:
-    """Where a limit applies: a workload, on one ``node`` or (``CLUSTER``) on every node."""
-
-    workload: str
-    node: str = CLUSTER
-
-    def __str__(self) -> str:
-        return self.workload if self.node == CLUSTER else f"{self.workload}@{self.node}"
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -22,6 +22,19 @@ DEFAULT_NAMESPACE = "default"
 KubernetesMode = Literal["annotation", "template"]
 MODES: tuple[KubernetesMode, ...] = get_args(KubernetesMode)
 DEFAULT_MODE: KubernetesMode = "annotation"
+CLUSTER = ""  # the node of a scope that spans every node
+
+
+@dataclass(frozen=True, order=True)
+class Scope:
+    """Where a limit applies: a workload, on one ``node`` or (``CLUSTER``) on every node.
+    The key of limits and usage between the policy, the loop and the enforcers."""
+
+    workload: str
+    node: str = CLUSTER
+
+    def __str__(self) -> str:
+        return self.workload if self.node == CLUSTER else f"{self.workload}@{self.node}"
 
 
 @dataclass(frozen=True, kw_only=True)
