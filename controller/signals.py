@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 from detnet.engine.slo import Signal, Slo
 from detnet.engine.stats import WindowStats
+from detnet.engine.targets import Endpoint
 
 # How each signal is spelled in a decision's reasons: says which statistic was used.
 SIGNAL_LABELS: dict[Signal, str] = {
@@ -22,16 +23,6 @@ SIGNAL_LABELS: dict[Signal, str] = {
     "queue_delay": "queue_delay",
     "loss": "loss_ratio",
 }
-
-
-@dataclass(frozen=True)
-class Endpoint:
-    """What a probe target stands for: an ``app``, and for one replica its ``pod`` and
-    ``node`` (None when the target is the app's Service address)."""
-
-    app: str
-    node: str | None = None
-    pod: str | None = None
 
 
 @dataclass(frozen=True, kw_only=True)
