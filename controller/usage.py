@@ -27,25 +27,32 @@ import logging
 import os
 import time
 from collections import Counter
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from types import MappingProxyType
 from typing import Any, Protocol
 
 import aiohttp
 
-from detnet.controller.agent.wire import MAX_DOCUMENT_BYTES, NodeUsage, PodUsage, WireError, decode
+from detnet.controller.agent.wire import (
+    AGENT_NAMESPACE,
+    AGENT_SERVICE,
+    DEFAULT_DEADLINE_S,
+    DEFAULT_TOKEN_PATH,
+    MAX_DOCUMENT_BYTES,
+    NodeUsage,
+    PodUsage,
+    WireError,
+    decode,
+)
 from detnet.controller.kube.objects import JsonObj, WatchEvent, name_of
 from detnet.controller.kube.selectors import SelectorError, parse_selector
+from detnet.controller.workloads import CLUSTER, PodRef, Scope
 from detnet.engine.parse import show
 
 log = logging.getLogger(__name__)
 
-DEFAULT_DEADLINE_S = 0.2
-AGENT_NAMESPACE = "detnet-agent"
-AGENT_SERVICE = "detnet-agent"
 USAGE_PORT_NAME = "usage"
-DEFAULT_TOKEN_PATH = "/var/run/secrets/detnet/agent/token"
 MAX_TOKEN_BYTES = 16 * 1024
 SERVICE_NAME_LABEL = "kubernetes.io/service-name"
 
@@ -477,3 +484,58 @@ async def _read_bounded(resp: aiohttp.ClientResponse) -> bytes:
             raise _AgentFailed("malformed", f"a document larger than {MAX_DOCUMENT_BYTES} bytes")
         chunks.append(chunk)
     return b"".join(chunks)
+
+
+# ------------------------------------------------------------------- for the loop
+
+
+class AgentUsage:
+    """The control loop's ``UsageSource`` on Kubernetes: asks the agents of the nodes
+    that run the given pods and sums each workload's pods per scope (per workload, and
+    per workload and node). A scope is reported only when every one of its pods is
+    known: a partial sum would read as a workload sending less than it does, and a cut
+    from it would bite too deep. ``unknown`` counts, after each call, the pods whose
+    usage was not known, per workload."""
+
+    def __init__(
+        self,
+        client: UsageClient,
+        *,
+        mean_1s: bool = False,
+        on_unknown: Callable[[Mapping[str, int]], None] | None = None,
+    ) -> None:
+        # The last sampling interval by default: the policy keeps its own mean over
+        # usage_window, and a second 1 s mean would only add lag.
+        self.client = client
+        self.mean_1s = mean_1s
+        self._on_unknown = on_unknown
+        self.unknown: dict[str, int] = {}
+        self.last: UsageReport | None = None
+
+    async def usage(self, pods: Mapping[str, Sequence[PodRef]]) -> dict[Scope, float]:
+        """Mbit/s per ``Scope`` of ``pods`` (workload -> its pods); see the class."""
+        nodes = {p.node for refs in pods.values() for p in refs if p.node}
+        report = await self.client.fetch(nodes)
+        self.last = report
+        out: dict[Scope, float] = {}
+        unknown: dict[str, int] = {}
+        for workload, refs in pods.items():
+            by_node: dict[str, list[tuple[str, str]]] = {}
+            for p in refs:
+                by_node.setdefault(p.node or CLUSTER, []).append((p.namespace, p.name))
+            missing = 0
+            for node, keys in by_node.items():
+                total = report.egress(keys, mean_1s=self.mean_1s)
+                missing += total.unknown
+                if node != CLUSTER and total.unknown == 0:
+                    out[Scope(workload, node)] = total.bps * 8 / 1e6
+            unknown[workload] = missing
+            if refs and missing == 0:
+                everywhere = report.egress(
+                    [(p.namespace, p.name) for p in refs], mean_1s=self.mean_1s
+                )
+                out[Scope(workload)] = everywhere.bps * 8 / 1e6
+        self.unknown = unknown
+        if self._on_unknown is not None:
+            self._on_unknown(unknown)
+        return out

@@ -37,6 +37,17 @@ class Scope:
         return self.workload if self.node == CLUSTER else f"{self.workload}@{self.node}"
 
 
+@dataclass(frozen=True, order=True)
+class PodRef:
+    """One running pod of a best-effort workload, as the enforcer's watch knows it: the
+    pods whose usage the node agents are asked for."""
+
+    namespace: str
+    name: str
+    node: str | None = None
+    uid: str | None = None
+
+
 @dataclass(frozen=True, kw_only=True)
 class TcDevice:
     """Where the tc enforcer shapes a workload: ``device`` inside ``netns`` (None: ours)."""

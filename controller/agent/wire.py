@@ -24,6 +24,11 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
+# Where the controller finds the agents and how it asks them (deploy/agent, deploy/base).
+AGENT_NAMESPACE = "detnet-agent"
+AGENT_SERVICE = "detnet-agent"
+DEFAULT_DEADLINE_S = 0.2
+DEFAULT_TOKEN_PATH = "/var/run/secrets/detnet/agent/token"
 MAX_DOCUMENT_BYTES = 8 * 1024 * 1024  # ~250 bytes a pod: tens of thousands of pods
 MAX_PODS = 20_000
 RATE_FIELDS = ("egress_bps", "ingress_bps", "egress_bps_1s", "ingress_bps_1s")

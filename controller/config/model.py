@@ -17,7 +17,13 @@ from typing import Any, Literal
 
 import yaml
 
-from detnet.controller.aimd import PolicyParams
+from detnet.controller.agent.wire import (
+    AGENT_NAMESPACE,
+    AGENT_SERVICE,
+    DEFAULT_DEADLINE_S,
+    DEFAULT_TOKEN_PATH,
+)
+from detnet.controller.aimd import PolicyParams, ScopeMode
 from detnet.controller.errors import ConfigError
 from detnet.controller.kube import DEFAULT_CONCURRENCY, DEFAULT_QPS
 from detnet.controller.workloads import DEFAULT_MODE, BestEffortTarget, KubernetesMode
@@ -33,6 +39,11 @@ from detnet.engine.targets import (
 )
 
 CONFIGMAP_KEY = "critical-apps.yaml"
+EndpointsMode = Literal["pods", "service"]
+ENDPOINTS_MODES: tuple[EndpointsMode, ...] = ("pods", "service")
+UsageMode = Literal["agent", "none"]
+USAGE_MODES: tuple[UsageMode, ...] = ("agent", "none")
+DEFAULT_MAX_PROBE_RATE = 5000.0  # probes/s across endpoints: ~10 % of a core (bench endpoints)
 _APP_FIELDS = ("name", "port", "mode", "size")  # Target fields spelled as an app's keys
 
 
@@ -45,6 +56,10 @@ class CriticalApp:
     port: int
     service: str | None = None  # DNS name, resolved at start
     host: str | None = None  # explicit address; overrides service
+    namespace: str | None = None  # the Service's, for a bare ``service: NAME``
+    # pods: every ready endpoint of the Service; service: its address. None: pods when
+    # the Kubernetes enforcer runs and the app names a Service (make_plan decides).
+    endpoints: EndpointsMode | None = None
     mode: TcpMode = DEFAULT_TCP_MODE  # TCP only
     max_jitter_ms: float | None = None
     max_latency_ms: float | None = None
@@ -79,6 +94,20 @@ class ControlSettings:
     window_samples: int | None = None  # a window of the last N samples, or
     window_s: float | None = 5.0  # the last T seconds
     probe_timeout_s: float = 1.0
+    # node: limits per workload and node; cluster: per workload. None: node when the
+    # probe targets carry nodes (endpoints: pods), else cluster.
+    scope: ScopeMode | None = None
+    max_probe_rate: float = DEFAULT_MAX_PROBE_RATE  # probes/s, all targets together
+
+
+@dataclass(frozen=True, kw_only=True)
+class AgentSettings:
+    """Where the node agents are and how the controller asks them (``agent:``)."""
+
+    namespace: str = AGENT_NAMESPACE
+    service: str = AGENT_SERVICE  # their headless Service: its EndpointSlices name them
+    deadline_s: float = DEFAULT_DEADLINE_S
+    token_file: str = DEFAULT_TOKEN_PATH  # the projected token of audience detnet-agent
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -113,6 +142,10 @@ class Config:
     control: ControlSettings
     policy: PolicyParams
     kubernetes: KubernetesSettings
+    # agent: per-pod usage from the node agents; none: without. None: agent when the
+    # Kubernetes enforcer runs (make_plan decides).
+    usage: UsageMode | None = None
+    agent: AgentSettings = field(default_factory=AgentSettings)
     metrics_listen: str = "0.0.0.0:9108"
     warnings: tuple[str, ...] = ()
     _lines: Mapping[str, int] = field(default_factory=dict, repr=False, compare=False)
@@ -167,6 +200,10 @@ class Config:
                 d["service"] = a.service
             if a.host is not None:
                 d["host"] = a.host
+            if a.namespace is not None:
+                d["namespace"] = a.namespace
+            if a.endpoints is not None:
+                d["endpoints"] = a.endpoints
             d |= {"port": a.port, "protocol": a.protocol.upper()}
             if a.protocol == "tcp":
                 d["mode"] = a.mode
@@ -199,6 +236,9 @@ class Config:
             control["window_size"] = c.window_samples
         else:
             control["window"] = _fmt_s(c.window_s or 0.0)
+        if c.scope is not None:
+            control["scope"] = c.scope
+        control["max_probe_rate"] = c.max_probe_rate
         kubernetes: dict[str, Any] = {
             "mode": k.mode,
             "qps": k.qps,
@@ -224,6 +264,13 @@ class Config:
                 "usage_window": _fmt_s(p.usage_window_s),
             },
             "kubernetes": kubernetes,
+            **({"usage": self.usage} if self.usage is not None else {}),
+            "agent": {
+                "namespace": self.agent.namespace,
+                "service": self.agent.service,
+                "deadline": _fmt_s(self.agent.deadline_s),
+                "token_file": self.agent.token_file,
+            },
             "metrics": {"listen": self.metrics_listen},
         }
 

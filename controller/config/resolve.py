@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import ipaddress
 import socket
+from collections.abc import Collection
 from dataclasses import replace
 
 from detnet.controller.config.model import Config, CriticalApp
@@ -16,13 +17,15 @@ from detnet.engine.parse import escape, show
 from detnet.engine.targets import Target
 
 
-def resolve_targets(config: Config) -> list[Target]:
-    """``config.targets()`` with every host name looked up (getaddrinfo, first answer).
+def resolve_targets(config: Config, *, skip: Collection[str] = ()) -> list[Target]:
+    """``config.targets()`` with every host name looked up (getaddrinfo, first answer),
+    but for the apps named in ``skip`` (probed by endpoint: nothing to resolve).
 
     Raises ConfigError ``FILE:LINE: critical_apps[i].service: cannot resolve ...``."""
     return [
         replace(target, host=_address(config, app, i))
         for i, (app, target) in enumerate(zip(config.critical_apps, config.targets(), strict=True))
+        if app.name not in skip
     ]
 
 

@@ -14,6 +14,10 @@ from typing import TypeVar
 from detnet.controller.aimd import PolicyParams
 from detnet.controller.config import compat
 from detnet.controller.config.model import (
+    DEFAULT_MAX_PROBE_RATE,
+    ENDPOINTS_MODES,
+    USAGE_MODES,
+    AgentSettings,
     Config,
     ControlSettings,
     CriticalApp,
@@ -35,6 +39,7 @@ from detnet.controller.config.reading import (
     positive,
     text,
 )
+from detnet.controller.endpoints.service import ServiceNameError, parse_service
 from detnet.controller.errors import ConfigError
 from detnet.controller.kube import DEFAULT_CONCURRENCY, DEFAULT_QPS
 from detnet.controller.workloads import (
@@ -85,6 +90,8 @@ _SEVERITY = number_in(1.0, 100.0)
 _QPS = positive(1e9)  # 1e9: no client-side limit in practice
 _CONCURRENCY = integer(1, 1024)
 _LISTEN = address(port_zero=True)
+_PROBE_RATE = number_in(1.0, 1_000_000.0)  # probes/s across every target
+_AGENT_DEADLINE = duration(10 * MS, 10 * S)  # the loop waits this long for usage, at most
 
 # -------------------------------------------------------------------------- names
 _DNS_NAME = re.compile(r"[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?")  # a namespace, a workload
@@ -100,11 +107,15 @@ _TOP_KEYS = (
     "policy",
     "kubernetes",
     "metrics",
+    "usage",
+    "agent",
     *compat.LEGACY_TOP_KEYS,
 )
 _APP_KEYS = (
     "name",
     "service",
+    "namespace",
+    "endpoints",
     "host",
     "port",
     "protocol",
@@ -133,6 +144,8 @@ _CONTROL_KEYS = (
     "window_size",
     "window",
     "probe_timeout",
+    "scope",
+    "max_probe_rate",
     *compat.LEGACY_CONTROL_KEYS,
 )
 _POLICY_KEYS = (
@@ -201,6 +214,16 @@ def _one_of(words: tuple[_W, ...], rule: str) -> Reader[_W]:
 _PROTOCOL = _one_of(("udp", "tcp"), "must be UDP or TCP")
 _TCP_MODE = _one_of(TCP_MODES, "must be connect or echo")
 _KIND = _one_of(KINDS, f"must be one of {', '.join(KINDS)}")
+_ENDPOINTS = _one_of(ENDPOINTS_MODES, "must be pods or service")
+_SCOPE = _one_of(("node", "cluster"), "must be node or cluster")
+_USAGE = _one_of(USAGE_MODES, "must be agent or none")
+
+
+def _token_file(value: Value) -> str:
+    v = text(value, max_chars=4096)
+    if not v.startswith("/"):
+        raise value.wrong("must be an absolute path")
+    return v
 
 
 def _list(doc: Document, top: Section, key: str, limit: int) -> list[Value]:
@@ -235,11 +258,27 @@ def _apps(doc: Document, top: Section) -> tuple[CriticalApp, ...]:
             if protocol == "udp":
                 raise s.err("mode", "applies to TCP apps only")
             mode = s.need("mode", _TCP_MODE)
+        service = s.get("service", host, None)
+        namespace = s.get("namespace", _NAMESPACE, None)
+        endpoints = s.get("endpoints", _ENDPOINTS, None)
+        if namespace is not None and service is None:
+            raise s.err("namespace", "applies with service only")
+        if endpoints == "pods":
+            if s.has("host"):
+                raise s.err(
+                    "endpoints", "pods probes a Service's endpoints: give service, not host"
+                )
+            try:
+                parse_service(service or "", namespace=namespace)
+            except ServiceNameError as exc:
+                raise s.err("service", f"endpoints: pods needs a Service: {exc}") from exc
         app = CriticalApp(
             name=name,
             protocol=protocol,  # type: ignore[arg-type]
             port=port,
-            service=s.get("service", host, None),
+            service=service,
+            namespace=namespace,
+            endpoints=endpoints,
             host=s.get("host", host, None),
             mode=mode,
             max_jitter_ms=s.get("max_jitter_ms", _THRESHOLD_MS, None),
@@ -340,6 +379,24 @@ def _control(doc: Document, ctl: Section) -> ControlSettings:
         window_samples=window_samples,
         window_s=None if window_samples is not None else ctl.get("window", _WINDOW, 5.0),
         probe_timeout_s=ctl.get("probe_timeout", _PROBE_TIMEOUT, 1.0),
+        scope=ctl.get("scope", _SCOPE, None),  # type: ignore[arg-type]
+        max_probe_rate=ctl.get("max_probe_rate", _PROBE_RATE, DEFAULT_MAX_PROBE_RATE),
+    )
+
+
+def _agent(doc: Document, top: Section) -> AgentSettings:
+    ag = Section(
+        doc,
+        "agent",
+        value=top.value("agent"),
+        allowed=("namespace", "service", "deadline", "token_file"),
+    )
+    d = AgentSettings()
+    return AgentSettings(
+        namespace=ag.get("namespace", _NAMESPACE, d.namespace),
+        service=ag.get("service", _OBJECT, d.service),
+        deadline_s=ag.get("deadline", _AGENT_DEADLINE, d.deadline_s),
+        token_file=ag.get("token_file", _token_file, d.token_file),
     )
 
 
@@ -383,6 +440,8 @@ def build_config(doc: Document) -> Config:
         control=_control(doc, ctl),
         policy=policy,
         kubernetes=_kubernetes(doc, top),
+        usage=top.get("usage", _USAGE, None),  # type: ignore[arg-type]
+        agent=_agent(doc, top),
         metrics_listen=ms.get("listen", _LISTEN, "0.0.0.0:9108"),
         warnings=warnings,
         _lines=doc.lines,

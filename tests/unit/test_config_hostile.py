@@ -215,6 +215,10 @@ BAD_NUMBERS = [
     ("kubernetes", "qps", ".nan", "must be a positive number"),
     ("kubernetes", "concurrency", "1e6", "must be a whole number"),
     ("kubernetes", "concurrency", "100000", "must be from 1 to 1024"),
+    ("control", "max_probe_rate", "1e30", "must be a number from 1 to 1e+06"),
+    ("control", "max_probe_rate", ".nan", "must be a number from 1 to 1e+06"),
+    ("agent", "deadline", "1e300s", "must be at most 10s"),
+    ("agent", "deadline", "1ns", "must be at least 10ms"),
 ]
 
 
