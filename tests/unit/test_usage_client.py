@@ -4,6 +4,7 @@ EndpointSlices, the token file and its rotation, sums with unknown counted."""
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any
@@ -16,6 +17,7 @@ from detnet.controller.usage import (
     MAX_TOKEN_BYTES,
     OK,
     AgentEndpoint,
+    AgentUsage,
     EndpointSliceAgents,
     StaticAgents,
     TokenError,
@@ -24,6 +26,7 @@ from detnet.controller.usage import (
     UsageError,
     UsageReport,
 )
+from detnet.controller.workloads import PodRef, Scope
 
 
 def endpoint(address: str, node: str, **conditions: bool) -> dict[str, Any]:
@@ -207,3 +210,45 @@ def test_sums_count_what_is_unknown() -> None:
 def test_bad_arguments_are_refused() -> None:
     with pytest.raises(UsageError, match="deadline"):
         UsageClient(agents=StaticAgents({}), token=lambda: "t", deadline_s=0)
+
+
+class _Answers:
+    """Stands in for UsageClient.fetch: the report the agents would have given."""
+
+    def __init__(self, report: UsageReport) -> None:
+        self.report = report
+        self.asked: list[set[str]] = []
+
+    async def fetch(self, nodes: Any) -> UsageReport:
+        self.asked.append(set(nodes))
+        return self.report
+
+
+async def test_agent_usage_sums_per_scope_and_drops_partly_known_ones() -> None:
+    mbit = 1e6 / 8  # bytes/s of 1 Mbit/s
+    report = _report(
+        {
+            ("be", "t1"): PodUsage("be", "t1", "u1", 20 * mbit, 0.0, 0.0, 0.0),
+            ("be", "t2"): PodUsage("be", "t2", "u2", 30 * mbit, 0.0, 0.0, 0.0),
+            ("be", "e1"): PodUsage("be", "e1", "u3", 5 * mbit, 0.0, 0.0, 0.0),
+        },
+        {"node-a": OK, "node-b": OK, "node-c": "timeout"},
+    )
+    answers = _Answers(report)
+    seen: list[Mapping[str, int]] = []
+    source = AgentUsage(answers, on_unknown=seen.append)  # type: ignore[arg-type]
+    pods = {
+        "telemetry": [PodRef("be", "t1", "node-a"), PodRef("be", "t2", "node-b")],
+        "erp": [PodRef("be", "e1", "node-b"), PodRef("be", "e2", "node-c")],
+    }
+    usage = await source.usage(pods)
+    assert answers.asked == [{"node-a", "node-b", "node-c"}]
+    assert usage == {
+        Scope("telemetry", "node-a"): pytest.approx(20.0),
+        Scope("telemetry", "node-b"): pytest.approx(30.0),
+        Scope("telemetry"): pytest.approx(50.0),
+        Scope("erp", "node-b"): pytest.approx(5.0),
+        # erp on node-c is unknown: neither its node scope nor its sum is reported
+    }
+    assert seen == [{"telemetry": 0, "erp": 1}]
+    assert await source.usage({}) == {}
