@@ -29,7 +29,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
 from detnet.controller.errors import EnforcementError
-from detnet.controller.workloads import TcDevice
+from detnet.controller.workloads import CLUSTER, PodRef, Scope, TcDevice
 from detnet.engine.tbf import tbf_burst_bytes
 
 _TBF_HANDLE = 0x10000  # "1:", the handle iproute2 users expect for a root qdisc
@@ -67,17 +67,26 @@ class TcEnforcer:
         self._worker: ThreadPoolExecutor | None = None
         self._lock = asyncio.Lock()
 
-    async def start(self) -> Mapping[str, int]:
+    async def start(self) -> Mapping[Scope, int]:
         """Open netlink sockets, resolve every device; return the tbf rates already set."""
         try:
-            return await self._run(self._start)
+            current = await self._run(self._start)
         except EnforcementError:
             await self._run(self._close_sockets)  # an unusable enforcer holds nothing open
             raise
+        return {Scope(w): mbps for w, mbps in current.items()}
 
-    async def apply(self, limits: Mapping[str, int]) -> None:
-        """Set each workload's tbf rate; a present root tbf is changed in place."""
-        for workload, mbps in limits.items():  # check everything before touching anything
+    async def apply(self, limits: Mapping[Scope, int]) -> None:
+        """Set each workload's tbf rate; a present root tbf is changed in place. One
+        device per workload: only cluster-wide scopes (EnforcementError for a node's)."""
+        by_workload: dict[str, int] = {}
+        for scope, mbps in limits.items():  # check everything before touching anything
+            workload = scope.workload
+            if scope.node != CLUSTER:
+                raise EnforcementError(
+                    f"tc enforcer: {workload!r} has one device, no per-node limit ({scope})"
+                )
+            by_workload[workload] = mbps
             if workload not in self._devices:
                 raise EnforcementError(
                     f"tc enforcer: no tc device configured for best-effort target {workload!r}"
@@ -87,13 +96,21 @@ class TcEnforcer:
                     f"tc enforcer: limit for {workload!r} must be 1..{_MAX_MBPS} Mbit/s, "
                     f"not {mbps!r}"
                 )
-        await self._run(self._apply, dict(limits))
+        await self._run(self._apply, by_workload)
 
-    async def usage(self) -> Mapping[str, float]:
+    def placements(self) -> Mapping[str, frozenset[str]]:
+        """No nodes: one machine."""
+        return {}
+
+    def pods(self) -> Mapping[str, tuple[PodRef, ...]]:
+        """No pods: interfaces."""
+        return {}
+
+    async def usage(self) -> Mapping[Scope, float]:
         """Egress Mbit/s per workload since the previous call (or since start())."""
-        return await self._run(self._usage)
+        return {Scope(w): mbit for w, mbit in (await self._run(self._usage)).items()}
 
-    async def close(self, *, restore: Mapping[str, int] | None = None) -> None:
+    async def close(self, *, restore: Mapping[Scope, int] | None = None) -> None:
         """Apply ``restore`` (if given), then close every netlink socket."""
         try:
             if restore:

@@ -12,10 +12,11 @@ import pytest
 
 from detnet.controller.enforce.tc import TcEnforcer
 from detnet.controller.errors import EnforcementError
-from detnet.controller.workloads import TcDevice
+from detnet.controller.workloads import Scope, TcDevice
 from tests.conftest import requires_root
 
 pytestmark = [requires_root, pytest.mark.root]
+BULK = Scope("bulk")
 
 
 def _ip(*args: str) -> None:
@@ -50,9 +51,9 @@ def _qdisc(ns: str, dev: str) -> str:
 async def test_sets_changes_and_reads_back_rate(netns: str) -> None:
     enforcer = TcEnforcer({"bulk": TcDevice(device="va", netns=netns)})
     assert await enforcer.start() == {}  # veth starts with noqueue: nothing to resume
-    await enforcer.apply({"bulk": 80})
+    await enforcer.apply({BULK: 80})
     assert re.search(r"qdisc tbf 1: root .*rate 80Mbit", _qdisc(netns, "va"))
-    await enforcer.apply({"bulk": 25})
+    await enforcer.apply({BULK: 25})
     shown = _qdisc(netns, "va")
     assert re.search(r"qdisc tbf 1: root .*rate 25Mbit", shown)
     assert shown.count("qdisc") == 1  # changed in place, not stacked
@@ -60,8 +61,8 @@ async def test_sets_changes_and_reads_back_rate(netns: str) -> None:
 
     # a new enforcer (a restarted controller) resumes from what the kernel holds
     again = TcEnforcer({"bulk": TcDevice(device="va", netns=netns)})
-    assert await again.start() == {"bulk": 25}
-    await again.close(restore={"bulk": 1000})
+    assert await again.start() == {BULK: 25}
+    await again.close(restore={BULK: 1000})
     assert re.search(r"rate 1Gbit", _qdisc(netns, "va"))
 
 
@@ -71,8 +72,8 @@ async def test_changes_a_foreign_tbf_in_place(netns: str) -> None:
     enforcer = TcEnforcer(
         {"bulk": TcDevice(device="va", netns=netns)}, burst_bytes=30_000, latency_ms=15
     )
-    assert await enforcer.start() == {"bulk": 10}
-    await enforcer.apply({"bulk": 40})
+    assert await enforcer.start() == {BULK: 10}
+    await enforcer.apply({BULK: 40})
     assert re.search(r"qdisc tbf 5: root .*rate 40Mbit burst 30000b", _qdisc(netns, "va"))
     await enforcer.close()
 
@@ -91,10 +92,10 @@ async def test_usage_counts_tx_bytes(netns: str) -> None:
         ["ip", "netns", "exec", netns, sys.executable, "-c", sender], check=True, timeout=30
     )
     rates = await enforcer.usage()
-    assert set(rates) == {"bulk"}
-    assert rates["bulk"] > 0
+    assert set(rates) == {BULK}
+    assert rates[BULK] > 0
     second = await enforcer.usage()  # nothing sent since: close to zero
-    assert second["bulk"] < rates["bulk"]
+    assert second[BULK] < rates[BULK]
     await enforcer.close()
 
 
@@ -112,9 +113,9 @@ async def test_bad_limits_change_nothing(netns: str) -> None:
     )
     await enforcer.start()
     with pytest.raises(EnforcementError, match="no tc device configured"):
-        await enforcer.apply({"a": 50, "ghost": 10})
+        await enforcer.apply({Scope("a"): 50, Scope("ghost"): 10})
     with pytest.raises(EnforcementError, match=r"must be 1\.\.34000"):
-        await enforcer.apply({"a": 50, "b": 0})
+        await enforcer.apply({Scope("a"): 50, Scope("b"): 0})
     assert "tbf" not in _qdisc(netns, "va")
     await enforcer.close()
 
