@@ -1,11 +1,16 @@
 """The control loop: the thin asyncio adapter around the policy.
 
 On its own cadence (absolute deadlines, so the period does not drift with the step's
-cost) it reads the engine's live windows, asks the enforcer for usage, calls
-``AsymmetricAimd.decide()`` and, when the desired limits differ from the applied ones,
-awaits ``Enforcer.apply()``. A failed apply is logged and counted and the next step
-applies again; the loop never stops on an enforcement error. Each decision is one log
-line (JSON with ``--log-format json``).
+cost) it gathers an ``Observation``: measured usage (the node agents', through a
+``UsageSource``, or the enforcer's own), the probe windows since each target's evidence
+start (``AsymmetricAimd.evidence_since``: samples taken while a cut's queue drains say
+nothing of the cut) and over the last second (the queue's trend), what each probe target
+stands for (the endpoint feed) and where the best-effort pods run (the enforcer's
+placements); calls ``AsymmetricAimd.decide()`` and, when the desired limits differ from
+the applied ones, awaits ``Enforcer.apply()``. A failed apply is logged and counted and
+the next step applies again; the loop never stops on an enforcement error, and never
+waits on usage longer than its source's deadline. Each decision is one log line (JSON
+with ``--log-format json``).
 """
 
 from __future__ import annotations
@@ -16,25 +21,45 @@ import logging
 import re
 import sys
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Protocol, TextIO
 
 from detnet.controller.aimd import AsymmetricAimd, Decision, Observation, Scope
 from detnet.controller.enforce.base import Enforcer
 from detnet.controller.errors import EnforcementError
 from detnet.controller.metrics import ControllerMetrics
+from detnet.controller.workloads import PodRef
 from detnet.engine.parse import escape
 from detnet.engine.stats import WindowStats
+from detnet.engine.targets import Endpoint
 
 log = logging.getLogger("detnet.controller.loop")
 _DIGITS = re.compile(r"[0-9]+(?:\.[0-9]+)?")
+RECENT_WINDOW_NS = 1_000_000_000  # the queue's trend: the last second of samples
 
 
 class StatsSource(Protocol):
     """What the loop needs of the engine: its live windows by target name."""
 
-    def stats(self) -> Mapping[str, WindowStats | None]:
-        """Current window statistics per target."""
+    def stats(
+        self,
+        now_ns: int | None = None,
+        *,
+        window_ns: int | None = None,
+        since_ns: Mapping[str, int] | None = None,
+    ) -> Mapping[str, WindowStats | None]:
+        """Window statistics per target: the configured window, or the last
+        ``window_ns``, each target's starting no earlier than its ``since_ns``."""
+        ...
+
+
+class UsageSource(Protocol):
+    """Measured egress per scope from outside the enforcer (the node agents)."""
+
+    async def usage(self, pods: Mapping[str, Sequence[PodRef]]) -> Mapping[Scope, float]:
+        """Mbit/s per scope of ``pods`` (per workload); a scope whose usage is not
+        fully known is absent. Returns within its own deadline; never raises for an
+        agent's failure."""
         ...
 
 
@@ -139,7 +164,11 @@ class DecisionLog:
 
 
 class ControlLoop:
-    """Engine -> policy -> enforcer, every ``interval_s``."""
+    """Engine -> policy -> enforcer, every ``interval_s``.
+
+    ``endpoints`` returns what each probe target stands for (targets not named are apps
+    at their Service address); ``usage`` measures the best-effort pods the enforcer
+    lists (without it, the enforcer's own ``usage()``)."""
 
     def __init__(
         self,
@@ -151,6 +180,8 @@ class ControlLoop:
         metrics: ControllerMetrics | None = None,
         clock: Clock | None = None,
         decision_log: DecisionLog | None = None,
+        endpoints: Callable[[], Mapping[str, Endpoint]] | None = None,
+        usage: UsageSource | None = None,
     ) -> None:
         if interval_s <= 0:
             raise ValueError("interval_s must be positive")
@@ -161,8 +192,10 @@ class ControlLoop:
         self.metrics = metrics
         self.clock: Clock = clock or MonotonicClock()
         self.decision_log = decision_log
-        self.desired: dict[str, int] = {}  # what the policy wants
-        self.applied: dict[str, int] = {}  # what the enforcer last confirmed
+        self.endpoints = endpoints or dict
+        self.usage_source = usage
+        self.desired: dict[Scope, int] = {}  # what the policy wants
+        self.applied: dict[Scope, int] = {}  # what the enforcer last confirmed
         self.started = False
         self.steps = 0
         self.enforcement_errors = 0
@@ -170,39 +203,52 @@ class ControlLoop:
         self.last_decision: Decision | None = None
         self._stop = asyncio.Event()
 
-    async def start(self) -> dict[str, int]:
+    async def start(self) -> dict[Scope, int]:
         """Start the enforcer and pick the start limits: recorded, else initial, else max.
 
         The start limits are applied once, so every workload is under a known cap."""
         recorded = await self.enforcer.start()
-        start = self.policy.initial_limits({Scope(k): v for k, v in recorded.items()})
-        self.desired = {s.workload: v for s, v in start.items()}
+        self.desired = self.policy.initial_limits(recorded, self.enforcer.placements())
         if self.metrics is not None:
             self.metrics.set_slos(self.policy.slos)
         self.started = True
         await self._enforce(self.desired)
         return dict(self.desired)
 
+    async def observe(self) -> Observation:
+        """What the policy decides on now: usage first (it may take up to its source's
+        deadline), then the probe windows, so they are as fresh as they can be."""
+        usage = await self._usage()
+        endpoints = self.endpoints()
+        since = self.policy.evidence_since(endpoints)
+        return Observation(
+            stats=self.engine.stats(since_ns=since),
+            recent=self.engine.stats(window_ns=RECENT_WINDOW_NS),
+            endpoints=endpoints,
+            usage=usage,
+            placements=self.enforcer.placements(),
+        )
+
+    async def _usage(self) -> Mapping[Scope, float]:
+        try:
+            if self.usage_source is not None:
+                return dict(await self.usage_source.usage(self.enforcer.pods()))
+            return dict(await self.enforcer.usage())
+        except EnforcementError as exc:
+            # Without usage the policy cuts from the cap and raises only blind-safe caps.
+            log.warning("usage unavailable: %s", exc)
+            return {}
+
     async def step(self) -> Decision:
         """One control step: decide, and apply when the limits differ from applied ones."""
+        observation = await self.observe()
         t0 = time.perf_counter()
         now_ns = self.clock.now_ns()
         # The wall-clock twin of now_ns: the logged "ts" is the policy's own time, so the
         # log shows cooldowns and dwells exactly as the policy counted them.
         decided_at = self.decision_log.wall_clock() if self.decision_log is not None else None
-        stats = self.engine.stats()
-        try:
-            usage = dict(await self.enforcer.usage())
-        except EnforcementError as exc:
-            # Without usage the policy cuts from the cap and raises only blind-safe caps.
-            log.warning("enforcer usage unavailable: %s", exc)
-            usage = {}
-        decision = self.policy.decide(
-            now_ns=now_ns,
-            observation=Observation(stats=stats, usage={Scope(k): v for k, v in usage.items()}),
-            limits={Scope(k): v for k, v in self.desired.items()},
-        )
-        self.desired = {s.workload: v for s, v in decision.limits.items()}
+        decision = self.policy.decide(now_ns=now_ns, observation=observation, limits=self.desired)
+        self.desired = dict(decision.limits)
         step_s = time.perf_counter() - t0
         enforce_s: float | None = None
         error: str | None = None
@@ -210,7 +256,7 @@ class ControlLoop:
             enforce_s, error = await self._enforce(self.desired)
         if self.metrics is not None:
             self.metrics.record_decision(decision)
-            self.metrics.set_usage(usage)
+            self.metrics.set_usage(observation.usage)
             self.metrics.loop_seconds.observe(step_s)
         if self.decision_log is not None:
             self.decision_log.decision(decision, enforce_s=enforce_s, error=error, at=decided_at)
@@ -219,7 +265,7 @@ class ControlLoop:
         self.last_decision = decision
         return decision
 
-    async def _enforce(self, limits: Mapping[str, int]) -> tuple[float | None, str | None]:
+    async def _enforce(self, limits: Mapping[Scope, int]) -> tuple[float | None, str | None]:
         """Apply ``limits``; on failure log, count, and leave ``applied`` so we retry."""
         t0 = time.perf_counter()
         try:

@@ -9,11 +9,12 @@ through the same object so every name is registered exactly once.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Iterable, Mapping
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
-from detnet.controller.aimd import Decision, Slo
+from detnet.controller.aimd import Decision, Scope, Slo
 
 BYTES_PER_MBIT = 1_000_000 / 8
 # Enforcement spans one netlink call (~ms) to many API patches under a QPS limit (~s).
@@ -29,14 +30,26 @@ class ControllerMetrics:
         self.registry = registry
         self.limit = Gauge(
             "detnet_egress_limit_bytes_per_second",
-            "Current egress limit of a best-effort workload",
-            ["workload"],
+            'Current egress limit of a best-effort workload (node "": on every node)',
+            ["workload", "node"],
             registry=registry,
         )
         self.usage = Gauge(
             "detnet_egress_usage_bytes_per_second",
-            "Measured egress usage of a best-effort workload, where the enforcer can read it",
+            'Measured egress usage of a best-effort workload (node "": summed over nodes)',
+            ["workload", "node"],
+            registry=registry,
+        )
+        self.usage_unknown_pods = Gauge(
+            "detnet_usage_unknown_pods",
+            "Best-effort pods whose usage is unknown (their node's agent did not answer)",
             ["workload"],
+            registry=registry,
+        )
+        self.usage_errors = Counter(
+            "detnet_usage_errors",
+            "Failed usage requests to node agents, by kind (timeout, connection, http_401...)",
+            ["kind"],
             registry=registry,
         )
         self.decisions = Counter(
@@ -91,6 +104,8 @@ class ControllerMetrics:
             buckets=_STEP_BUCKETS,
             registry=registry,
         )
+        self._violated_endpoints: set[tuple[str, str]] = set()
+        self._series: dict[int, set[tuple[str, str]]] = {}
         for action in ("decrease", "increase", "hold"):
             self.decisions.labels(action=action)  # export zeros from the start
 
@@ -104,23 +119,42 @@ class ControllerMetrics:
                 else:
                     self.slo_threshold.labels(target=slo.app, signal=signal).set(threshold / 1e3)
 
-    def set_limits(self, limits: Mapping[str, int]) -> None:
-        """Export limits given in Mbit/s as bytes per second."""
-        for workload, mbit in limits.items():
-            self.limit.labels(workload=workload).set(mbit * BYTES_PER_MBIT)
+    def set_limits(self, limits: Mapping[Scope, int]) -> None:
+        """Export limits given in Mbit/s as bytes per second; scopes no longer limited
+        (a node that stopped running the workload) leave the metric."""
+        self._replace(self.limit, {(s.workload, s.node): m for s, m in limits.items()})
 
-    def set_usage(self, usage: Mapping[str, float]) -> None:
-        """Export usage given in Mbit/s as bytes per second."""
-        for workload, mbit in usage.items():
-            self.usage.labels(workload=workload).set(mbit * BYTES_PER_MBIT)
+    def set_usage(self, usage: Mapping[Scope, float]) -> None:
+        """Export usage given in Mbit/s as bytes per second; unknown scopes leave it."""
+        self._replace(self.usage, {(s.workload, s.node): m for s, m in usage.items()})
+
+    def _replace(self, gauge: Gauge, values: Mapping[tuple[str, str], float]) -> None:
+        """Set ``gauge`` to exactly ``values`` (Mbit/s, exported as bytes/s): label sets
+        it had before and not now are removed, so a series never outlives its scope."""
+        before = self._series.get(id(gauge), set())
+        for labels in before - values.keys():
+            with contextlib.suppress(KeyError):
+                gauge.remove(*labels)
+        for labels, mbit in values.items():
+            gauge.labels(*labels).set(mbit * BYTES_PER_MBIT)
+        self._series[id(gauge)] = set(values)
+
+    def set_unknown_pods(self, unknown: Mapping[str, int]) -> None:
+        """Export how many pods of each workload have unknown usage."""
+        for workload, n in unknown.items():
+            self.usage_unknown_pods.labels(workload=workload).set(n)
 
     def record_decision(self, decision: Decision) -> None:
-        """Count the decision and export each signal's SLO state."""
+        """Count the decision and export each signal's SLO state (an endpoint that is
+        no longer probed leaves the metric; the apps' own series stay)."""
         self.decisions.labels(action=decision.action).inc()
-        for state in decision.signals:
-            self.slo_violated.labels(target=state.target, signal=state.signal).set(
-                1 if state.violated else 0
-            )
+        states = {(s.target, s.signal): 1 if s.violated else 0 for s in decision.signals}
+        for key in self._violated_endpoints - states.keys():
+            with contextlib.suppress(KeyError):
+                self.slo_violated.remove(*key)
+        self._violated_endpoints = {key for key in states if "/" in key[0]}
+        for (target, signal), value in states.items():
+            self.slo_violated.labels(target=target, signal=signal).set(value)
 
     def api_error(self, code: int | str) -> None:
         """Count one Kubernetes API error (``"connection"`` for transport errors)."""

@@ -440,7 +440,7 @@ def build_config(doc: Document) -> Config:
         control=_control(doc, ctl),
         policy=policy,
         kubernetes=_kubernetes(doc, top),
-        usage=top.get("usage", _USAGE, None),  # type: ignore[arg-type]
+        usage=top.get("usage", _USAGE, None),
         agent=_agent(doc, top),
         metrics_listen=ms.get("listen", _LISTEN, "0.0.0.0:9108"),
         warnings=warnings,

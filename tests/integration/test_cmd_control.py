@@ -172,9 +172,8 @@ async def test_sigterm_exits_zero_and_serves_health(reflector, tmp_path: Path) -
         assert status == 200
         status, metrics = await asyncio.to_thread(get, "/metrics")
         assert status == 200
-        assert (
-            'detnet_egress_limit_bytes_per_second{workload="telemetry-upload"} 1.25e+07' in metrics
-        )
+        limit = 'detnet_egress_limit_bytes_per_second{node="",workload="telemetry-upload"}'
+        assert f"{limit} 1.25e+07" in metrics
         assert 'detnet_slo_threshold_seconds{signal="jitter",target="robot-control"}' in metrics
         assert "detnet_probe_rtt_seconds_bucket" in metrics
         proc.send_signal(signal.SIGTERM)

@@ -5,16 +5,18 @@ from __future__ import annotations
 import asyncio
 import io
 import json
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 from prometheus_client import CollectorRegistry
 
-from detnet.controller.aimd import AsymmetricAimd, PolicyParams, Slo
+from detnet.controller.aimd import AsymmetricAimd, PolicyParams, Scope, Slo
 from detnet.controller.enforce.base import DryRunEnforcer
 from detnet.controller.errors import EnforcementError
-from detnet.controller.loop import ControlLoop, DecisionLog
+from detnet.controller.loop import RECENT_WINDOW_NS, ControlLoop, DecisionLog
 from detnet.controller.metrics import ControllerMetrics
+from detnet.controller.workloads import PodRef
 from detnet.engine.stats import WindowStats
+from detnet.engine.targets import Endpoint
 from tests.unit.test_aimd import window
 
 S = 1_000_000_000
@@ -37,26 +39,36 @@ class FakeClock:
 
 
 class FakeEngine:
+    """Windows set by the test; every stats() call recorded with its arguments."""
+
     def __init__(self) -> None:
         self.windows: dict[str, WindowStats | None] = {"robot-control": None}
+        self.calls: list[tuple[int | None, Mapping[str, int] | None]] = []
 
-    def stats(self) -> Mapping[str, WindowStats | None]:
+    def stats(
+        self,
+        now_ns: int | None = None,
+        *,
+        window_ns: int | None = None,
+        since_ns: Mapping[str, int] | None = None,
+    ) -> Mapping[str, WindowStats | None]:
+        self.calls.append((window_ns, since_ns))
         return dict(self.windows)
 
 
 class FlakyEnforcer(DryRunEnforcer):
     """DryRunEnforcer whose apply fails a given number of times."""
 
-    def __init__(self, failures: int, recorded: Mapping[str, int] | None = None) -> None:
+    def __init__(self, failures: int, recorded: Mapping[Scope, int] | None = None) -> None:
         super().__init__()
         self.failures = failures
         self.calls = 0
         self.recorded = dict(recorded or {})
 
-    async def start(self) -> Mapping[str, int]:
+    async def start(self) -> Mapping[Scope, int]:
         return self.recorded
 
-    async def apply(self, limits: Mapping[str, int]) -> None:
+    async def apply(self, limits: Mapping[Scope, int]) -> None:
         self.calls += 1
         if self.failures > 0:
             self.failures -= 1
@@ -93,12 +105,17 @@ def records(out: io.StringIO) -> list[dict[str, object]]:
     return [json.loads(line) for line in out.getvalue().splitlines()]
 
 
+def named(limits: Mapping[Scope, int]) -> dict[str, int]:
+    """Limits by their scope's name (``workload`` or ``workload@node``)."""
+    return {str(scope): mbit for scope, mbit in limits.items()}
+
+
 async def test_start_applies_initial_limits_and_resumes_recorded() -> None:
-    loop, _, _, enforcer, _, metrics = make(FlakyEnforcer(0, recorded={"erp": 40}))
-    assert await loop.start() == {"telemetry": 100, "erp": 40}
-    assert enforcer.applied == {"telemetry": 100, "erp": 40}
+    loop, _, _, enforcer, _, metrics = make(FlakyEnforcer(0, recorded={Scope("erp"): 40}))
+    assert named(await loop.start()) == {"telemetry": 100, "erp": 40}
+    assert named(enforcer.applied) == {"telemetry": 100, "erp": 40}
     value = metrics.registry.get_sample_value(
-        "detnet_egress_limit_bytes_per_second", {"workload": "erp"}
+        "detnet_egress_limit_bytes_per_second", {"workload": "erp", "node": ""}
     )
     assert value == 40 * 125_000
 
@@ -111,7 +128,7 @@ async def test_no_data_holds_then_violation_cuts_and_logs() -> None:
     engine.windows["robot-control"] = window("robot-control", jitter_ms=2.31)
     d = await loop.step()
     assert d.action == "decrease"
-    assert enforcer.applied == {"telemetry": 80, "erp": 800}
+    assert named(enforcer.applied) == {"telemetry": 80, "erp": 800}
     recs = records(out)
     assert recs[-1]["event"] == "decision"
     assert recs[-1]["action"] == "decrease"
@@ -154,12 +171,12 @@ async def test_enforcement_error_is_logged_and_retried_next_step() -> None:
         "detnet_enforcement_errors_total", {"enforcer": flaky.name}
     )
     assert errors == 1
-    assert flaky.applied == {"telemetry": 100, "erp": 1000}  # nothing applied yet
+    assert named(flaky.applied) == {"telemetry": 100, "erp": 1000}  # nothing applied yet
     assert records(out)[-1]["error"] == "API refused the patch (500)"
     clock.now += S // 4
     d = await loop.step()  # within the cooldown: holds, but re-applies the cut
     assert d.action == "hold"
-    assert flaky.applied == {"telemetry": 80, "erp": 800}
+    assert named(flaky.applied) == {"telemetry": 80, "erp": 800}
     assert loop.applied == loop.desired
 
 
@@ -226,7 +243,7 @@ async def test_logged_ts_is_when_the_policy_decided_not_when_apply_returned() ->
     wall = [1700000000.0]
 
     class SlowEnforcer(DryRunEnforcer):
-        async def apply(self, limits: Mapping[str, int]) -> None:
+        async def apply(self, limits: Mapping[Scope, int]) -> None:
             wall[0] += 0.7  # the apply takes 0.7 s of wall time
             await super().apply(limits)
 
@@ -239,3 +256,104 @@ async def test_logged_ts_is_when_the_policy_decided_not_when_apply_returned() ->
     d = await loop.step()
     assert d.action == "decrease"
     assert records(out)[-1]["ts"] == decided_at
+
+
+async def test_after_a_cut_the_windows_start_when_it_took_effect() -> None:
+    loop, engine, clock, _, _, _ = make()
+    await loop.start()
+    await loop.step()
+    assert engine.calls[-2:] == [(None, {}), (RECENT_WINDOW_NS, None)]
+    engine.windows["robot-control"] = window("robot-control", jitter_ms=5.0)
+    cut_at = clock.now
+    assert (await loop.step()).action == "decrease"
+    clock.now += S // 4
+    await loop.step()
+    full, recent = engine.calls[-2:]
+    effect = round(loop.policy.params.effect_delay_s * 1e9)
+    assert full == (None, {"robot-control": cut_at + effect})
+    assert recent == (RECENT_WINDOW_NS, None)
+
+
+class PlacedEnforcer(DryRunEnforcer):
+    """Best-effort pods on two nodes, with the pods the agents are asked about."""
+
+    def placements(self) -> Mapping[str, frozenset[str]]:
+        return {"telemetry": frozenset({"node-a", "node-b"}), "erp": frozenset({"node-b"})}
+
+    def pods(self) -> Mapping[str, tuple[PodRef, ...]]:
+        return {
+            "telemetry": (PodRef("be", "t-a", "node-a"), PodRef("be", "t-b", "node-b")),
+            "erp": (PodRef("be", "e-b", "node-b"),),
+        }
+
+
+class RecordingUsage:
+    def __init__(self, usage: Mapping[Scope, float]) -> None:
+        self.result = dict(usage)
+        self.asked: list[Mapping[str, tuple[PodRef, ...]]] = []
+
+    async def usage(self, pods: Mapping[str, Sequence[PodRef]]) -> Mapping[Scope, float]:
+        self.asked.append({k: tuple(v) for k, v in pods.items()})
+        return self.result
+
+
+async def test_node_scope_cuts_the_violated_node_from_the_agents_usage() -> None:
+    params = PolicyParams(scope="node", decrease_cooldown_s=1.0, increase_interval_s=2.0)
+    policy = AsymmetricAimd(
+        params=params,
+        slos=[Slo(app="robot-control", max_jitter_ms=1.0)],
+        workloads={"telemetry": None, "erp": None},
+    )
+    engine, clock, enforcer = FakeEngine(), FakeClock(), PlacedEnforcer()
+    usage = RecordingUsage({Scope("telemetry", "node-b"): 50.0, Scope("erp", "node-b"): 30.0})
+    metrics = ControllerMetrics(CollectorRegistry())
+    endpoints = {
+        "robot-control/rc-a": Endpoint("robot-control", node="node-a", pod="rc-a"),
+        "robot-control/rc-b": Endpoint("robot-control", node="node-b", pod="rc-b"),
+    }
+    loop = ControlLoop(
+        engine=engine,
+        policy=policy,
+        enforcer=enforcer,
+        metrics=metrics,
+        clock=clock,
+        endpoints=lambda: endpoints,
+        usage=usage,
+    )
+    start = named(await loop.start())
+    assert start == {"telemetry@node-a": 1000, "telemetry@node-b": 1000, "erp@node-b": 1000}
+    engine.windows = {
+        "robot-control/rc-a": window("robot-control/rc-a", jitter_ms=0.1),
+        "robot-control/rc-b": window("robot-control/rc-b", jitter_ms=5.0),
+    }
+    decision = await loop.step()
+    assert usage.asked == [enforcer.pods()]
+    assert decision.action == "decrease"
+    assert decision.cut_nodes == ("node-b",)
+    limits = named(enforcer.applied)
+    assert limits["telemetry@node-a"] == 1000  # node-a's pods keep theirs
+    assert limits["telemetry@node-b"] == 40  # 20 % under the 50 Mbit/s it sends
+    assert limits["erp@node-b"] == 24
+    reg = metrics.registry
+    labels = {"workload": "telemetry", "node": "node-b"}
+    assert reg.get_sample_value("detnet_egress_limit_bytes_per_second", labels) == 40 * 125_000
+    assert reg.get_sample_value("detnet_egress_usage_bytes_per_second", labels) == 50 * 125_000
+    assert (
+        reg.get_sample_value(
+            "detnet_egress_usage_bytes_per_second", {"workload": "telemetry", "node": "node-a"}
+        )
+        is None
+    )  # unknown usage is no series, not a zero
+
+
+async def test_failing_usage_means_unknown_usage_not_a_stalled_loop() -> None:
+    class BrokenEnforcer(DryRunEnforcer):
+        async def usage(self) -> Mapping[Scope, float]:
+            raise EnforcementError("interface gone")
+
+    loop, engine, _, enforcer, _, _ = make(BrokenEnforcer())
+    await loop.start()
+    engine.windows["robot-control"] = window("robot-control", jitter_ms=5.0)
+    decision = await loop.step()
+    assert decision.action == "decrease"  # cut from the caps, usage unknown
+    assert named(enforcer.applied) == {"telemetry": 80, "erp": 800}
