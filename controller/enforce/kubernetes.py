@@ -5,9 +5,14 @@ Per best-effort workload (a Deployment/StatefulSet/DaemonSet, or a label selecto
 keeps a list+watch cache of the pods (``kube/listwatch.py`` feeding
 ``enforce/podwatch.py``), and merge-patches the annotation on every Running pod whose
 value differs from the current limit: on ``apply()``, and whenever the watch shows a pod
-that does not carry it (a new pod gets the limit as soon as it is Running). The limit is
-also recorded on the workload's own ``metadata.annotations`` (never its pod template) so
-a restarted or newly elected controller resumes from it (``start()``).
+that does not carry it (a new pod gets the limit as soon as it is Running). Limits are
+per ``Scope``: a workload's cluster-wide limit, and per-node limits that override it
+for the pods on their node; a pod on a node with neither gets the lowest of the
+workload's node limits (never uncapped). The limits are also recorded on the workload's
+own ``metadata.annotations`` (never its pod template): the cluster-wide one as
+``detnet.io/egress-bandwidth: "80M"`` (what earlier releases wrote and read), the
+per-node ones as one small JSON map in ``detnet.io/egress-bandwidth-nodes``, so a
+restarted or newly elected controller resumes from them (``start()``).
 The workloads are the config's ``BestEffortTarget``s and the modes its words
 (``controller/workloads.py``): ``mode="annotation"`` patches the running pods,
 ``mode="template"`` the pod template instead, for CNIs that read the annotation only at
@@ -19,6 +24,7 @@ record each change on the workload. See docs/kubernetes.md.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import re
 from collections.abc import Awaitable, Callable, Mapping, Sequence
@@ -29,19 +35,36 @@ from typing import Any
 import aiohttp
 from kubernetes_asyncio import client
 
-from detnet.controller.enforce.podwatch import EGRESS_ANNOTATION, PodCache
+from detnet.controller.enforce.podwatch import (
+    EGRESS_ANNOTATION,
+    PodCache,
+    node_of,
+    running,
+    scheduled,
+)
 from detnet.controller.errors import EnforcementError
 from detnet.controller.kube import DEFAULT_BURST, DEFAULT_CONCURRENCY, DEFAULT_QPS
 from detnet.controller.kube.api import KubeClient, load_client_configuration
 from detnet.controller.kube.listwatch import ListWatch
-from detnet.controller.kube.objects import JsonObj, WatchEvent, annotations_of
+from detnet.controller.kube.objects import JsonObj, WatchEvent, annotations_of, metadata_of
 from detnet.controller.retry import ApiErrorHook, NotFound, RetryPolicy
-from detnet.controller.workloads import DEFAULT_MODE, KINDS, MODES, BestEffortTarget, KubernetesMode
+from detnet.controller.workloads import (
+    CLUSTER,
+    DEFAULT_MODE,
+    KINDS,
+    MODES,
+    BestEffortTarget,
+    KubernetesMode,
+    PodRef,
+    Scope,
+)
+from detnet.engine.parse import show
 
 __all__ = [
     "EGRESS_ANNOTATION",
     "MERGE_PATCH",
     "RECORD_ANNOTATION",
+    "RECORD_NODES_ANNOTATION",
     "RECORD_TIME_ANNOTATION",
     "KubernetesEnforcer",
     "annotation_value",
@@ -54,6 +77,9 @@ log = logging.getLogger(__name__)
 
 RECORD_ANNOTATION = "detnet.io/egress-bandwidth"
 RECORD_TIME_ANNOTATION = "detnet.io/egress-bandwidth-updated"
+RECORD_NODES_ANNOTATION = "detnet.io/egress-bandwidth-nodes"
+MAX_NODES_RECORD_BYTES = 64 * 1024  # ~25 bytes a node: a few thousand nodes
+_MAX_RECORD_MBPS = 1_000_000
 MERGE_PATCH = "application/merge-patch+json"
 _VALUE_RE = re.compile(r"^[1-9][0-9]*M$")
 
@@ -96,6 +122,71 @@ def selector_from_spec(selector: Mapping[str, Any] | None) -> str:
     return ",".join(parts)
 
 
+@dataclass(frozen=True)
+class Limits:
+    """One workload's limits: ``cluster`` for every pod (None: none), ``nodes`` per node
+    (overriding it there)."""
+
+    cluster: int | None = None
+    nodes: tuple[tuple[str, int], ...] = ()
+
+    @classmethod
+    def of(cls, workload: str, limits: Mapping[Scope, int]) -> Limits:
+        """The limits of ``workload`` among ``limits``."""
+        nodes = sorted((s.node, v) for s, v in limits.items() if s.workload == workload)
+        cluster = dict(nodes).pop(CLUSTER, None)
+        return cls(cluster, tuple((n, v) for n, v in nodes if n != CLUSTER))
+
+    def for_node(self, node: str | None) -> int | None:
+        """The limit of a pod on ``node``: its node's, else the cluster-wide one, else the
+        lowest node limit (a pod on a node the policy has not seen yet)."""
+        per_node = dict(self.nodes)
+        if node is not None and node in per_node:
+            return per_node[node]
+        if self.cluster is not None:
+            return self.cluster
+        return min(per_node.values()) if per_node else None
+
+    def scopes(self, workload: str) -> dict[Scope, int]:
+        """Back to ``Scope`` keys."""
+        out = {Scope(workload, n): v for n, v in self.nodes}
+        if self.cluster is not None:
+            out[Scope(workload)] = self.cluster
+        return out
+
+    def describe(self) -> str:
+        """``80M`` or ``80M, node-a 40M`` for logs and Events."""
+        parts = [f"{self.cluster}M"] if self.cluster is not None else []
+        parts += [f"{n} {v}M" for n, v in self.nodes]
+        return ", ".join(parts) or "none"
+
+
+def parse_nodes_record(value: str) -> dict[str, int] | None:
+    """The per-node record (a JSON object of node name to Mbit/s); None when it is not
+    one (too long, not JSON, a value out of range): a record we cannot trust is ignored."""
+    if not isinstance(value, str) or len(value) > MAX_NODES_RECORD_BYTES:
+        return None
+    try:
+        doc = json.loads(value)
+    except (ValueError, RecursionError):
+        return None
+    if not isinstance(doc, dict):
+        return None
+    out: dict[str, int] = {}
+    for node, mbps in doc.items():
+        if not (isinstance(node, str) and _NODE_RE.fullmatch(node)):
+            return None
+        if isinstance(mbps, bool) or not isinstance(mbps, int):
+            return None
+        if not 0 < mbps <= _MAX_RECORD_MBPS:
+            return None
+        out[node] = mbps
+    return out
+
+
+_NODE_RE = re.compile(r"[a-z0-9]([-a-z0-9.]{0,251}[a-z0-9])?")
+
+
 @dataclass
 class _Workload:
     ref: BestEffortTarget
@@ -103,6 +194,7 @@ class _Workload:
     cache: PodCache = field(default_factory=PodCache)  # the watch cache (annotation mode)
     watch: ListWatch | None = None
     task: asyncio.Task[None] | None = None
+    recorded: bool = False  # our record is on the workload (written once per term at least)
 
 
 class KubernetesEnforcer:
@@ -170,7 +262,7 @@ class KubernetesEnforcer:
         self._resync_s = resync_s
         self._request_timeout_s = request_timeout_s
         self._timeout = aiohttp.ClientTimeout(total=request_timeout_s)
-        self._limits: dict[str, int] = {}
+        self._limits: dict[str, Limits] = {}
         self._apply_lock = asyncio.Lock()
         # (ns, pod) -> (value, task) of the write in flight, so apply() and the watch share it
         self._pending: dict[tuple[str, str], tuple[str, asyncio.Task[None]]] = {}
@@ -179,7 +271,7 @@ class KubernetesEnforcer:
 
     # --- the Enforcer protocol -----------------------------------------------------
 
-    async def start(self) -> Mapping[str, int]:
+    async def start(self) -> Mapping[Scope, int]:
         """Connect, resolve every workload and read back the recorded limits; in
         annotation mode start the pod watches (which bring pods to a resumed limit)."""
         if self._kube is None:
@@ -190,16 +282,16 @@ class KubernetesEnforcer:
             self._kube = KubeClient(
                 api, qps=qps, burst=burst, retry=retry, on_api_error=on_api_error
             )
-        resumed: dict[str, int] = {}
+        resumed: dict[Scope, int] = {}
         try:
             for wl in self._workloads.values():
                 recorded = await self._resolve(wl)
                 if recorded is not None:
-                    resumed[wl.ref.name] = recorded
+                    self._limits[wl.ref.name] = recorded
+                    resumed.update(recorded.scopes(wl.ref.name))
         except BaseException:
             await self._close_client()
             raise
-        self._limits.update(resumed)
         if self.mode == "annotation":
             for wl in self._workloads.values():
                 wl.watch = self._pod_watch(wl)
@@ -208,20 +300,26 @@ class KubernetesEnforcer:
                 )
         return resumed
 
-    async def apply(self, limits: Mapping[str, int]) -> None:
-        """Record and apply ``limits`` (Mbit/s) to the named workloads; raises
-        EnforcementError (nothing sent) for an unknown name or invalid value, or when a
-        patch still fails after retries."""
+    async def apply(self, limits: Mapping[Scope, int]) -> None:
+        """Record and apply ``limits`` (Mbit/s per scope) to the named workloads: each
+        named workload's limits become exactly its scopes in ``limits``. Raises
+        EnforcementError (nothing sent) for an unknown name, an invalid value or a node
+        scope in template mode, or when a patch still fails after retries."""
         if self._kube is None or self._closed:
             raise EnforcementError("kubernetes enforcer is not started (or already closed)")
-        values: dict[str, str] = {}
-        for name, mbps in limits.items():
-            if name not in self._workloads:
-                raise EnforcementError(f"unknown best-effort workload {name!r}")
-            values[name] = annotation_value(mbps)
+        for scope, mbps in limits.items():
+            if scope.workload not in self._workloads:
+                raise EnforcementError(f"unknown best-effort workload {scope.workload!r}")
+            annotation_value(mbps)
+            if scope.node != CLUSTER and self.mode == "template":
+                raise EnforcementError(
+                    f"{scope}: template mode patches one pod template per workload, "
+                    "no per-node limits (use control.scope: cluster)"
+                )
+        named = sorted({s.workload for s in limits})
         async with self._apply_lock:
             results = await asyncio.gather(
-                *(self._apply_one(self._workloads[n], limits[n]) for n in values),
+                *(self._apply_one(self._workloads[n], Limits.of(n, limits)) for n in named),
                 return_exceptions=True,
             )
         errors = [r for r in results if isinstance(r, BaseException)]
@@ -234,11 +332,34 @@ class KubernetesEnforcer:
                 raise first
             raise EnforcementError(f"applying limits failed: {first}") from first
 
-    async def usage(self) -> Mapping[str, float]:
-        """The API server does not see traffic: no usage."""
+    def placements(self) -> Mapping[str, frozenset[str]]:
+        """Per workload (with a listed pod cache), the nodes its scheduled pods are on."""
+        return {
+            name: frozenset(
+                n for pod in wl.cache.pods.values() if scheduled(pod) if (n := node_of(pod))
+            )
+            for name, wl in self._workloads.items()
+            if wl.cache.synced
+        }
+
+    def pods(self) -> Mapping[str, tuple[PodRef, ...]]:
+        """Per workload (with a listed pod cache), its running pods."""
+        out: dict[str, tuple[PodRef, ...]] = {}
+        for name, wl in self._workloads.items():
+            if not wl.cache.synced:
+                continue
+            out[name] = tuple(
+                PodRef(wl.ref.namespace, pod_name, node_of(pod), metadata_of(pod).get("uid"))
+                for pod_name, pod in sorted(wl.cache.pods.items())
+                if running(pod)
+            )
+        return out
+
+    async def usage(self) -> Mapping[Scope, float]:
+        """The API server does not see traffic: no usage (the node agents do)."""
         return {}
 
-    async def close(self, *, restore: Mapping[str, int] | None = None) -> None:
+    async def close(self, *, restore: Mapping[Scope, int] | None = None) -> None:
         """Let in-flight patches finish, apply ``restore`` if given, stop the watches and
         close the client (when this enforcer created it)."""
         if self._closed:
@@ -261,21 +382,29 @@ class KubernetesEnforcer:
     # --- extras for the loop and tests -------------------------------------------
 
     @property
-    def limits(self) -> Mapping[str, int]:
+    def limits(self) -> Mapping[Scope, int]:
         """The limits this enforcer currently enforces."""
-        return dict(self._limits)
+        out: dict[Scope, int] = {}
+        for name, limits in self._limits.items():
+            out.update(limits.scopes(name))
+        return out
 
     def enforced_pods(self) -> Mapping[str, int]:
-        """Per workload, the Running pods (as last seen) carrying the current limit
+        """Per workload, the Running pods (as last seen) carrying their current limit
         (with no limit yet: those carrying none)."""
         return {name: wl.cache.carrying(self._value(wl)) for name, wl in self._workloads.items()}
 
     # --- internals -------------------------------------------------------------------
 
-    def _value(self, wl: _Workload) -> str | None:
-        """The annotation value of the workload's current limit, None without one."""
-        mbps = self._limits.get(wl.ref.name)
-        return annotation_value(mbps) if mbps is not None else None
+    def _value(self, wl: _Workload) -> Callable[[Mapping[str, Any]], str | None]:
+        """The annotation value a pod of ``wl`` should carry (None: no limit yet)."""
+        limits = self._limits.get(wl.ref.name, Limits())
+
+        def value(pod: Mapping[str, Any]) -> str | None:
+            mbps = limits.for_node(node_of(pod))
+            return annotation_value(mbps) if mbps is not None else None
+
+        return value
 
     def _api(self) -> KubeClient:
         if self._kube is None:
@@ -305,8 +434,8 @@ class KubernetesEnforcer:
             request_timeout_s=self._request_timeout_s,
         )
 
-    async def _resolve(self, wl: _Workload) -> int | None:
-        """Find the workload's pod selector and the limit recorded on it."""
+    async def _resolve(self, wl: _Workload) -> Limits | None:
+        """Find the workload's pod selector and the limits recorded on it."""
         ref = wl.ref
         if ref.selector and not ref.workload:
             wl.selector = ref.selector
@@ -325,41 +454,60 @@ class KubernetesEnforcer:
             wl.selector = ref.selector or selector_from_spec(obj.get("spec", {}).get("selector"))
         except EnforcementError as exc:
             raise EnforcementError(f"{ref.kind} {ref.namespace}/{ref.object_name}: {exc}") from exc
-        recorded = annotations_of(obj).get(RECORD_ANNOTATION)
-        if recorded is None:
+        annotations = annotations_of(obj)
+        recorded = annotations.get(RECORD_ANNOTATION)
+        cluster = None if recorded is None else parse_annotation_value(recorded)
+        if recorded is not None and cluster is None:
+            log.warning(
+                "ignoring unparsable %s=%s on %s", RECORD_ANNOTATION, show(recorded), ref.name
+            )
+        nodes: dict[str, int] = {}
+        per_node = annotations.get(RECORD_NODES_ANNOTATION)
+        if per_node is not None:
+            parsed = parse_nodes_record(per_node)
+            if parsed is None:
+                log.warning(
+                    "ignoring %s on %s: not a JSON map of node names to Mbit/s: %s",
+                    RECORD_NODES_ANNOTATION,
+                    ref.name,
+                    show(per_node),
+                )
+            nodes = parsed or {}
+        if cluster is None and not nodes:
             return None
-        mbps = parse_annotation_value(recorded)
-        if mbps is None:
-            log.warning("ignoring unparsable %s=%r on %s", RECORD_ANNOTATION, recorded, ref.name)
-        return mbps
+        return Limits(cluster, tuple(sorted(nodes.items())))
 
-    async def _apply_one(self, wl: _Workload, mbps: int) -> None:
+    async def _apply_one(self, wl: _Workload, limits: Limits) -> None:
         ref = wl.ref
-        value = annotation_value(mbps)
         previous = self._limits.get(ref.name)
-        self._limits[ref.name] = mbps
-        if ref.workload or not ref.selector:
-            await self._record(wl, value)
+        self._limits[ref.name] = limits
+        if (ref.workload or not ref.selector) and (previous != limits or not wl.recorded):
+            await self._record(wl, limits)
+            wl.recorded = True
         if self.mode == "annotation":
             if not wl.cache.synced:
                 items, _ = await (wl.watch or self._pod_watch(wl)).list()
                 wl.cache.replace(items)
             await self._reconcile(wl)
-        if previous != mbps and self._events:
-            await self._event(wl, previous, mbps)
+        if previous != limits and self._events:
+            await self._event(wl, previous, limits)
 
-    async def _record(self, wl: _Workload, value: str) -> None:
-        """Record the limit on the workload (and, in template mode, its pod template) in
-        one merge patch: the record is the intent a successor resumes from."""
+    async def _record(self, wl: _Workload, limits: Limits) -> None:
+        """Record the limits on the workload (and, in template mode, its pod template) in
+        one merge patch: the record is the intent a successor resumes from. A kind of
+        limit the workload no longer has is removed (null in a merge patch)."""
         ref = wl.ref
+        value = annotation_value(limits.cluster) if limits.cluster is not None else None
+        nodes = json.dumps(dict(limits.nodes), separators=(",", ":")) if limits.nodes else None
         meta = {
             "annotations": {
                 RECORD_ANNOTATION: value,
+                RECORD_NODES_ANNOTATION: nodes,
                 RECORD_TIME_ANNOTATION: datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
             }
         }
         body: JsonObj = {"metadata": meta}
-        if self.mode == "template":
+        if self.mode == "template" and value is not None:
             body["spec"] = {"template": {"metadata": {"annotations": {EGRESS_ANNOTATION: value}}}}
         patch = self._workload_api(ref.kind, "patch")
         async with self._sem:
@@ -376,11 +524,14 @@ class KubernetesEnforcer:
             )
 
     def _schedule_reconcile(self, wl: _Workload) -> list[asyncio.Task[None]]:
-        """Start a patch of every cached pod whose annotation differs from the limit."""
+        """Start a patch of every cached pod whose annotation differs from its limit."""
         value = self._value(wl)
-        if value is None:
-            return []
-        return [self._schedule_patch(wl, pod, value) for pod in wl.cache.reconcile(value)]
+        tasks = []
+        for name in wl.cache.reconcile(value):
+            wanted = value(wl.cache.pods[name])
+            if wanted is not None:
+                tasks.append(self._schedule_patch(wl, name, wanted))
+        return tasks
 
     async def _reconcile(self, wl: _Workload) -> None:
         """``_schedule_reconcile`` and wait for those patches; raises the first failure."""
@@ -436,14 +587,15 @@ class KubernetesEnforcer:
         while self._patch_tasks:
             await asyncio.gather(*list(self._patch_tasks), return_exceptions=True)
 
-    async def _event(self, wl: _Workload, previous: int | None, mbps: int) -> None:
-        """A core/v1 Event on the workload; best effort (a failure is counted, logged)."""
+    async def _event(self, wl: _Workload, previous: Limits | None, limits: Limits) -> None:
+        """A core/v1 Event on the workload naming the nodes; best effort (a failure is
+        counted, logged)."""
         ref = wl.ref
         if ref.selector and not ref.workload:
             return  # no object to attach it to
-        throttled = previous is None or mbps < previous
+        throttled = previous is None or _lowered(previous, limits)
         reason = "EgressThrottled" if throttled else "EgressReleased"
-        before = f" from {previous}M" if previous is not None else ""
+        before = f" from {previous.describe()}" if previous is not None else ""
         now = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
         body = {
             "metadata": {"generateName": f"{ref.object_name}.", "namespace": ref.namespace},
@@ -454,7 +606,9 @@ class KubernetesEnforcer:
                 "namespace": ref.namespace,
             },
             "reason": reason,
-            "message": f"egress bandwidth limit set to {mbps}M{before} by {self._reporter}",
+            "message": (
+                f"egress bandwidth limit set to {limits.describe()}{before} by {self._reporter}"
+            ),
             "type": "Warning" if throttled else "Normal",
             "source": {"component": self._reporter},
             "reportingComponent": self._reporter,
@@ -492,14 +646,26 @@ class _PodSink:
         self._enforcer._schedule_reconcile(self._wl)
 
     def on_event(self, event: WatchEvent) -> None:
-        """A pod changed: a new or changed Running pod gets the limit."""
+        """A pod changed: a new or changed Running pod gets its node's limit."""
         enforcer, wl = self._enforcer, self._wl
         value = None if enforcer._closed else enforcer._value(wl)
         to_patch = wl.cache.apply_event(event, limit_value=value)
         if value is not None:
             for pod in to_patch:
-                enforcer._schedule_patch(wl, pod, value)
+                wanted = value(wl.cache.pods[pod])
+                if wanted is not None:
+                    enforcer._schedule_patch(wl, pod, wanted)
 
     def on_watch_end(self) -> None:
         """The periodic resync from the cache (retries patches that failed)."""
         self._enforcer._schedule_reconcile(self._wl)
+
+
+def _lowered(before: Limits, after: Limits) -> bool:
+    """Whether some pod's limit went down from ``before`` to ``after``."""
+    nodes = {n for n, _ in before.nodes} | {n for n, _ in after.nodes} | {None}
+    for node in nodes:
+        old, new = before.for_node(node), after.for_node(node)
+        if new is not None and (old is None or new < old):
+            return True
+    return False

@@ -19,7 +19,7 @@ from detnet.controller.enforce.kubernetes import (
 from detnet.controller.errors import EnforcementError
 from detnet.controller.kube.api import KubeClient
 from detnet.controller.retry import NotFound, RetryPolicy
-from detnet.controller.workloads import BestEffortTarget
+from detnet.controller.workloads import BestEffortTarget, Scope
 from detnet.lab.kubeapi import DROP, ApiServerEmulator
 
 NS = "best-effort"
@@ -102,7 +102,7 @@ async def test_apply_patches_every_pod_in_place_with_merge_patch(api, make) -> N
     enforcer = make()
     assert await enforcer.start() == {}
     try:
-        await enforcer.apply({"telemetry-upload": 80, "erp-dashboard": 40})
+        await enforcer.apply({Scope("telemetry-upload"): 80, Scope("erp-dashboard"): 40})
         assert pod_values(api, "telemetry-upload") == ["80M"] * 3
         assert pod_values(api, "erp-dashboard") == ["40M"] * 3
         assert pod_values(api, "other") == [None]
@@ -118,7 +118,7 @@ async def test_apply_patches_every_pod_in_place_with_merge_patch(api, make) -> N
         assert EGRESS_ANNOTATION not in dep["spec"]["template"]["metadata"]["annotations"]
         # Applying the same limits again patches no pod (values already match).
         before = len(api.requests)
-        await enforcer.apply({"telemetry-upload": 80})
+        await enforcer.apply({Scope("telemetry-upload"): 80})
         assert not [r for r in api.requests[before:] if "/pods/" in r.path]
         assert enforcer.enforced_pods() == {"telemetry-upload": 3, "erp-dashboard": 3}
     finally:
@@ -132,10 +132,10 @@ async def test_invalid_limit_sends_nothing(api, make, bad) -> None:
     try:
         before = len(api.requests)
         with pytest.raises(EnforcementError):
-            await enforcer.apply({"telemetry-upload": 10, "erp-dashboard": bad})
+            await enforcer.apply({Scope("telemetry-upload"): 10, Scope("erp-dashboard"): bad})
         assert not [r for r in api.requests[before:] if r.verb == "patch"]
         with pytest.raises(EnforcementError, match="unknown best-effort workload"):
-            await enforcer.apply({"nope": 10})
+            await enforcer.apply({Scope("nope"): 10})
     finally:
         await enforcer.close()
 
@@ -149,7 +149,7 @@ async def test_survives_500_429_and_dropped_connections(api, make) -> None:
         api.fail("patch /apis/apps/v1/namespaces/*/deployments/erp-dashboard", DROP)
         loop = asyncio.get_running_loop()
         started = loop.time()
-        await enforcer.apply({"telemetry-upload": 50, "erp-dashboard": 30})
+        await enforcer.apply({Scope("telemetry-upload"): 50, Scope("erp-dashboard"): 30})
         # Retry-After: 0.2 was honoured (the backoff alone would be ≤ 0.05 s).
         assert loop.time() - started >= 0.2
         assert pod_values(api, "telemetry-upload") == ["50M"] * 3
@@ -168,7 +168,7 @@ async def test_404_is_not_retried(api, make) -> None:
         route = "/apis/apps/v1/namespaces/best-effort/deployments/erp-dashboard"
         api.fail(f"patch {route}", 404)
         with pytest.raises(NotFound, match="erp-dashboard"):
-            await enforcer.apply({"erp-dashboard": 30})
+            await enforcer.apply({Scope("erp-dashboard"): 30})
         assert len([r for r in api.requests if r.verb == "patch" and r.path == route]) == 1
         assert enforcer.errors["404"] == 1
     finally:
@@ -181,7 +181,7 @@ async def test_retries_give_up_with_a_clear_error(api, make) -> None:
     try:
         api.fail("patch */deployments/erp-dashboard", 503, times=5)
         with pytest.raises(EnforcementError, match="gave up after 2 attempts"):
-            await enforcer.apply({"erp-dashboard": 30})
+            await enforcer.apply({Scope("erp-dashboard"): 30})
     finally:
         await enforcer.close()
 
@@ -200,7 +200,7 @@ async def test_new_pod_gets_the_current_limit_within_a_second(api, make) -> None
     enforcer = make()
     await enforcer.start()
     try:
-        await enforcer.apply({"telemetry-upload": 70})
+        await enforcer.apply({Scope("telemetry-upload"): 70})
         api.add_pod(NS, "telemetry-upload-new", labels={"app": "telemetry-upload"}, phase="Pending")
         await asyncio.sleep(0.2)
         pod = api.pod(NS, "telemetry-upload-new")
@@ -220,7 +220,7 @@ async def test_watch_relists_on_410_gone(api, make) -> None:
     enforcer = make(watch_timeout_s=1)
     await enforcer.start()
     try:
-        await enforcer.apply({"erp-dashboard": 20})
+        await enforcer.apply({Scope("erp-dashboard"): 20})
         lists_before = len([r for r in api.requests if r.verb == "list"])
         api.fail("watch /api/v1/namespaces/*/pods", 410, times=2)
         api.compact()  # and the history is gone for real too
@@ -242,7 +242,7 @@ async def test_watch_survives_dropped_connection_and_500(api, make) -> None:
     enforcer = make(watch_timeout_s=1)
     await enforcer.start()
     try:
-        await enforcer.apply({"erp-dashboard": 20})
+        await enforcer.apply({Scope("erp-dashboard"): 20})
         api.fail("watch /api/v1/namespaces/*/pods", DROP, times=2)
         api.fail("list /api/v1/namespaces/*/pods", 500, times=1)
         await asyncio.sleep(1.2)  # the current watches end; the next attempts fail
@@ -260,13 +260,13 @@ async def test_watch_survives_dropped_connection_and_500(api, make) -> None:
 async def test_resume_from_the_recorded_workload_annotation(api, make) -> None:
     first = make()
     await first.start()
-    await first.apply({"telemetry-upload": 60, "erp-dashboard": 25})
+    await first.apply({Scope("telemetry-upload"): 60, Scope("erp-dashboard"): 25})
     await first.close()
     # A pod was replaced while no controller ran: the successor brings it to the limit.
     api.add_pod(NS, "telemetry-upload-fresh", labels={"app": "telemetry-upload"})
     second = make()
     try:
-        assert await second.start() == {"telemetry-upload": 60, "erp-dashboard": 25}
+        assert await second.start() == {Scope("telemetry-upload"): 60, Scope("erp-dashboard"): 25}
 
         def limited() -> bool:
             pod = api.pod(NS, "telemetry-upload-fresh")
@@ -281,7 +281,7 @@ async def test_template_mode_patches_only_the_template(api, make) -> None:
     enforcer = make(mode="template")
     await enforcer.start()
     try:
-        await enforcer.apply({"telemetry-upload": 90})
+        await enforcer.apply({Scope("telemetry-upload"): 90})
         dep = api.workload("Deployment", NS, "telemetry-upload")
         assert dep["spec"]["template"]["metadata"]["annotations"][EGRESS_ANNOTATION] == "90M"
         assert dep["metadata"]["annotations"][RECORD_ANNOTATION] == "90M"
@@ -302,7 +302,7 @@ async def test_statefulset_with_match_expressions_and_selector_refs(api, make) -
     enforcer = make(workloads=workloads)
     await enforcer.start()
     try:
-        await enforcer.apply({"db": 15, "by-label": 35})
+        await enforcer.apply({Scope("db"): 15, Scope("by-label"): 35})
         db = [p for p in api.pods(NS) if p["metadata"]["labels"].get("tier") == "db"]
         assert [p["metadata"]["annotations"][EGRESS_ANNOTATION] for p in db] == ["15M"] * 2
         assert pod_values(api, "erp-dashboard") == ["35M"] * 3
@@ -314,9 +314,9 @@ async def test_events_on_throttle_and_release(api, make) -> None:
     enforcer = make()
     await enforcer.start()
     try:
-        await enforcer.apply({"erp-dashboard": 50})
-        await enforcer.apply({"erp-dashboard": 40})
-        await enforcer.apply({"erp-dashboard": 45})
+        await enforcer.apply({Scope("erp-dashboard"): 50})
+        await enforcer.apply({Scope("erp-dashboard"): 40})
+        await enforcer.apply({Scope("erp-dashboard"): 45})
         reasons = [e["reason"] for e in api.events(NS)]
         assert reasons == ["EgressThrottled", "EgressThrottled", "EgressReleased"]
         event = api.events(NS)[-1]
@@ -330,14 +330,14 @@ async def test_close_restores_and_finishes_in_flight_patches(api, make) -> None:
     enforcer = make()
     await enforcer.start()
     api.fail("patch */pods/telemetry-upload-*", 500, times=3)
-    applying = asyncio.create_task(enforcer.apply({"telemetry-upload": 10}))
+    applying = asyncio.create_task(enforcer.apply({Scope("telemetry-upload"): 10}))
     await asyncio.sleep(0)
-    await enforcer.close(restore={"telemetry-upload": 100, "erp-dashboard": 100})
+    await enforcer.close(restore={Scope("telemetry-upload"): 100, Scope("erp-dashboard"): 100})
     await applying  # finished, not cancelled
     assert pod_values(api, "telemetry-upload") == ["100M"] * 3
     assert pod_values(api, "erp-dashboard") == ["100M"] * 3
     with pytest.raises(EnforcementError, match="not started"):
-        await enforcer.apply({"telemetry-upload": 10})
+        await enforcer.apply({Scope("telemetry-upload"): 10})
 
 
 async def test_start_fails_clearly_for_a_missing_workload(api, make) -> None:
@@ -355,7 +355,7 @@ async def test_a_shared_client_is_used_and_left_open(api) -> None:
         await enforcer.start()
         try:
             api.fail("patch */pods/erp-dashboard-*", 500, times=1)
-            await enforcer.apply({"erp-dashboard": 30})
+            await enforcer.apply({Scope("erp-dashboard"): 30})
         finally:
             await enforcer.close()
         assert pod_values(api, "erp-dashboard") == ["30M"] * 3
@@ -363,7 +363,7 @@ async def test_a_shared_client_is_used_and_left_open(api) -> None:
         # The enforcer did not close a client it was given: a successor can use it.
         successor = KubernetesEnforcer(refs(), kube=kube)
         try:
-            assert await successor.start() == {"erp-dashboard": 30}
+            assert await successor.start() == {Scope("erp-dashboard"): 30}
         finally:
             await successor.close()
         with pytest.raises(ValueError, match="either kube= or the pieces"):

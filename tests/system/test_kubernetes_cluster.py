@@ -19,7 +19,7 @@ from detnet.controller.enforce.kubernetes import (
     load_client_configuration,
 )
 from detnet.controller.leader import LeaseElector
-from detnet.controller.workloads import BestEffortTarget
+from detnet.controller.workloads import BestEffortTarget, Scope
 
 pytestmark = [
     pytest.mark.slow,
@@ -66,7 +66,7 @@ async def test_enforcer_and_lease_on_a_real_cluster() -> None:
             )
             await enforcer.start()
             try:
-                await enforcer.apply({"be": 42})
+                await enforcer.apply({Scope("be"): 42})
             finally:
                 await enforcer.close()
             pods = (await core.list_namespaced_pod(ns, label_selector="app=be")).items
