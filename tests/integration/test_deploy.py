@@ -173,6 +173,8 @@ def test_controller_rbac_grants_exactly_what_it_needs() -> None:
         ),
         ("", "events", "create"),
         ("events.k8s.io", "events", "create"),
+        ("", "services", "get"),
+        *(("discovery.k8s.io", "endpointslices", v) for v in ("get", "list", "watch")),
     }
     lease = named(docs, "Role", "detnet-leader-election")
     assert lease["metadata"]["namespace"] == "detnet-system"
