@@ -463,9 +463,11 @@ class AsymmetricAimd:
         for s, knee in knees.items():
             if knee is not None and previous[s] >= knee * (1 + 2 * p.knee_margin):
                 # Climbed well past it without a warning: the knee moved up (less critical
-                # traffic, a faster link). Forget it and climb at the normal pace.
-                self._knees.drop(s)
-                knees[s] = None
+                # traffic, a faster link), but not far: the caps are still near it. Follow
+                # it in small steps; a knee far above comes back to the normal pace when
+                # the memory fades (knee_memory), since no warning refreshes it.
+                self._knees.move_up(s, float(previous[s]))
+                knees[s] = self._knees.get(s, now_ns)
         below = all(
             k is not None and previous[s] < math.floor(k * (1 - p.knee_margin))
             for s, k in knees.items()
@@ -515,7 +517,7 @@ class AsymmetricAimd:
         why: str,
     ) -> None:
         """An early warning: the caps in use step back under the knee (at most once per
-        cooldown), and the knee is remembered where the queue began to build."""
+        cooldown), and the knee is remembered where the queue began to build now."""
         p, g = self.params, self._groups[name]
         where = self._where(name)
         cooling = g.last_cut_ns is not None and now_ns - g.last_cut_ns < _ns(p.decrease_cooldown_s)
@@ -524,13 +526,20 @@ class AsymmetricAimd:
             cap, used = previous[s], usage.get(s)
             if used is not None and used < USING_CAP_FRACTION * cap:
                 continue  # not using its cap: not what builds the queue
-            knee = self._knees.get(s, now_ns)
-            if knee is None:
-                knee = min(float(cap), used if used is not None else float(cap))
-                self._knees.note(s, knee, now_ns)
-            if not cooling:
-                new[s] = min(cap, p.clamp(trim_to(cap, used, knee, margin=p.knee_margin)))
-                trimmed = trimmed or new[s] != cap
+            if cooling:
+                continue
+            # The queue begins to build here, now. Above the remembered knee, the knee is
+            # higher than remembered (the trim then only undoes the last small step); below
+            # it, a warning is no proof (a burst): the memory stands, and a knee that truly
+            # moved down shows as a violation at a cap under it (cut_to).
+            point = min(float(cap), used if used is not None else float(cap))
+            knee = max(point, self._knees.get(s, now_ns) or 0.0)
+            self._knees.note(s, knee, now_ns)
+            # Rounded up: a whole-Mbit/s floor under a 2 % margin would trim a 45 Mbit/s cap
+            # by two steps; a trim is still at least one.
+            to = math.ceil(trim_to(cap, used, knee, margin=p.knee_margin))
+            new[s] = min(cap, p.clamp(min(cap - 1, to)))
+            trimmed = trimmed or new[s] != cap
         if trimmed:
             g.last_cut_ns, g.blind, g.deepen = now_ns, False, 0
             cut.append(name)

@@ -135,6 +135,13 @@ class KneeMemory(Generic[K]):
             return None
         return knee.mbps
 
+    def move_up(self, key: K, mbps: float) -> None:
+        """The knee of ``key`` is at least ``mbps`` (caps stood there without a warning);
+        it still fades from when congestion was last seen."""
+        knee = self._knees.get(key)
+        if knee is not None and mbps > knee.mbps and math.isfinite(mbps):
+            self._knees[key] = Knee(mbps, knee.at_ns)
+
     def drop(self, key: K) -> None:
         """Forget ``key``'s knee (it moved)."""
         self._knees.pop(key, None)

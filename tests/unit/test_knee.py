@@ -111,3 +111,15 @@ def test_cut(cap: int, base: float, knee: float | None, expected: float) -> None
 )
 def test_trim(cap: int, used: float | None, knee: float | None, expected: float) -> None:
     assert trim_to(cap, used, knee, margin=0.02) == pytest.approx(expected)
+
+
+def test_a_knee_moves_up_but_keeps_fading_from_when_it_was_seen() -> None:
+    memory: KneeMemory[str] = KneeMemory(memory_ns=100)
+    memory.note("a", 50.0, now_ns=0)
+    memory.move_up("a", 40.0)  # never down
+    assert memory.get("a", now_ns=10) == 50.0
+    memory.move_up("a", 55.0)
+    assert memory.get("a", now_ns=99) == 55.0
+    assert memory.get("a", now_ns=101) is None  # faded from t=0, not from the move
+    memory.move_up("b", 10.0)  # nothing to move
+    assert memory.get("b", now_ns=0) is None
