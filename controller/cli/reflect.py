@@ -89,13 +89,20 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         type=float,
         default=10.0,
         metavar="S",
-        help="seconds between stats lines on stderr; 0 = none (default 10)",
+        help="with -v: seconds between stats lines on stderr; 0 = none (default 10)",
+    )
+    p.add_argument(
+        "-v",
+        "--verbose",
+        action="store_true",
+        help="counter lines on stderr: every --stats-interval and on exit",
     )
     p.set_defaults(func=run)
 
 
 def build_config(args: argparse.Namespace) -> tuple[ReflectorConfig, float]:
-    """The reflector's config and the stats interval the flags ask for (CommandError)."""
+    """The reflector's config and the stats interval the flags ask for (0 without -v;
+    CommandError)."""
     from detnet.engine.reflector import ReflectorConfig, ReflectorError
 
     if args.udp is None and args.tcp is None:
@@ -124,16 +131,16 @@ def build_config(args: argparse.Namespace) -> tuple[ReflectorConfig, float]:
         )
     except ReflectorError as exc:
         raise CommandError(str(exc)) from exc
-    return config, args.stats_interval
+    return config, args.stats_interval if args.verbose else 0.0
 
 
 def _stats_line(server: ReflectorServer) -> str:
     return "detnet reflect: " + " ".join(f"{k}={v}" for k, v in server.stats().items())
 
 
-async def serve(config: ReflectorConfig, *, stats_interval: float) -> int:
+async def serve(config: ReflectorConfig, *, stats_interval: float, verbose: bool = True) -> int:
     """Serve until SIGTERM (0) or SIGINT (130); ReflectorError -> CommandError (nothing
-    left open)."""
+    left open). ``verbose``: a counter line every ``stats_interval`` (0: none) and on exit."""
     import asyncio
 
     from detnet.controller.cli.process import StopSignals
@@ -161,7 +168,8 @@ async def serve(config: ReflectorConfig, *, stats_interval: float) -> int:
                     print(_stats_line(server), file=sys.stderr, flush=True)
     finally:
         await server.close()
-    print(_stats_line(server), file=sys.stderr, flush=True)
+    if verbose:
+        print(_stats_line(server), file=sys.stderr, flush=True)
     return signals.status
 
 
@@ -170,4 +178,4 @@ def run(args: argparse.Namespace) -> int:
     from detnet.engine import runloop
 
     config, interval = build_config(args)
-    return runloop.run(serve(config, stats_interval=interval))
+    return runloop.run(serve(config, stats_interval=interval, verbose=args.verbose))

@@ -144,15 +144,25 @@ async def test_a_running_probe_stops_prints_its_summary_and_exits(reflector, sig
 
 @pytest.mark.parametrize(("sig", "status"), [(signal.SIGINT, 130), (signal.SIGTERM, 0)])
 async def test_a_running_reflector_stops_and_exits(sig, status):
-    proc = await _spawn("reflect", "--udp", "127.0.0.1:0", "--stats-interval", "0")
+    proc = await _spawn("reflect", "--udp", "127.0.0.1:0", "--stats-interval", "0", "-v")
     assert proc.stderr is not None
     ready = await asyncio.wait_for(proc.stderr.readline(), 30)
     assert ready.startswith(b"detnet reflect: serving udp 127.0.0.1:")
     proc.send_signal(sig)
     rc, _out, err = await _finish(proc)
     assert rc == status
-    assert err.startswith(b"detnet reflect: received=")  # the last stats line, no traceback
+    assert err.startswith(b"detnet reflect: received=")  # -v: the last stats line
     assert b"Traceback" not in err
+
+
+async def test_a_quiet_reflector_prints_no_counters() -> None:
+    proc = await _spawn("reflect", "--udp", "127.0.0.1:0")
+    assert proc.stderr is not None
+    ready = await asyncio.wait_for(proc.stderr.readline(), 30)
+    assert ready.startswith(b"detnet reflect: serving udp 127.0.0.1:")
+    proc.send_signal(signal.SIGTERM)
+    rc, _out, err = await _finish(proc)
+    assert (rc, err) == (0, b"")
 
 
 @pytest.mark.parametrize(("sig", "status"), [(signal.SIGINT, 130), (signal.SIGTERM, 0)])

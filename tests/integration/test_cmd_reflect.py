@@ -36,7 +36,7 @@ class Reflect:
 
 async def reflect(*flags: str) -> Reflect:
     proc = await asyncio.create_subprocess_exec(
-        *DETNET, "reflect", "--tcp", "127.0.0.1:0", "--stats-interval", "0", *flags,
+        *DETNET, "reflect", "--tcp", "127.0.0.1:0", "--stats-interval", "0", "-v", *flags,
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
     )  # fmt: skip
     assert proc.stderr is not None

@@ -287,6 +287,7 @@ def test_cli_reflect_answers_and_stops_on_sigterm() -> None:
             "127.0.0.1:0",
             "--stats-interval",
             "0",
+            "-v",
         ],
         stderr=subprocess.PIPE,
         text=True,
