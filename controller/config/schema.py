@@ -85,6 +85,9 @@ _WINDOW_SAMPLES = integer(2, DEFAULT_CAPACITY, unit=" samples")
 _PROBE_TIMEOUT = duration(1 * MS, 60 * S)
 _POLICY_TIME = duration(1 * MS, 24 * 3600 * S)  # cooldown, dwell
 _USAGE_WINDOW = duration(1 * MS, 3600 * S)
+_EFFECT_DELAY = duration(1 * MS, 60 * S)
+_ESCALATE_AFTER = integer(1, 1000, unit=" cooldowns")
+_KNEE_MEMORY = duration(1 * S, 7 * 24 * 3600 * S)
 _BANDWIDTH = mbit(1, 1_000_000)  # 1 Tbit/s
 _SEVERITY = number_in(1.0, 100.0)
 _QPS = positive(1e9)  # 1e9: no client-side limit in practice
@@ -158,6 +161,13 @@ _POLICY_KEYS = (
     "max_bandwidth",
     "severity_max_multiplier",
     "usage_window",
+    "effect_delay",
+    "escalate_after",
+    "max_blind_factor",
+    "early_warning_fraction",
+    "knee_margin",
+    "knee_step_fraction",
+    "knee_memory",
 )
 _K8S_KEYS = ("mode", "qps", "concurrency", "release_on_exit", "lease_name", "lease_namespace")
 
@@ -353,19 +363,41 @@ def _policy(doc: Document, top: Section, ctl: Section) -> tuple[PolicyParams, tu
     max_bw = pol.get("max_bandwidth", _BANDWIDTH, 1000)
     if max_bw < min_bw:
         raise pol.err("max_bandwidth", f"must be at least min_bandwidth ({min_bw}), got {max_bw}")
-    policy = PolicyParams(
-        decrease_factor=pol.get("decrease_factor", fraction, 0.20),
-        decrease_cooldown_s=pol.get("decrease_cooldown", _POLICY_TIME, 1.5),
-        increase_step=pol.get("increase_step", _BANDWIDTH, 10),
-        increase_interval_s=pol.get("increase_interval", _POLICY_TIME, 5.0),
-        stable_fraction=pol.get("stable_fraction", fraction, 0.5),
-        min_bandwidth=min_bw,
-        max_bandwidth=max_bw,
-        severity_max_multiplier=pol.get(
-            "severity_max_multiplier", _SEVERITY, legacy.severity_default or 1.0
-        ),
-        usage_window_s=pol.get("usage_window", _USAGE_WINDOW, 1.0),
-    )
+    d = PolicyParams()
+    factor = pol.get("decrease_factor", fraction, d.decrease_factor)
+    # A blind cut deepens up to max_blind_factor: never shallower than a normal cut.
+    blind = pol.get("max_blind_factor", fraction, max(d.max_blind_factor, factor))
+    if blind < factor:
+        raise pol.err(
+            "max_blind_factor", f"must be at least decrease_factor ({factor}), got {blind}"
+        )
+    try:
+        policy = PolicyParams(
+            decrease_factor=factor,
+            decrease_cooldown_s=pol.get("decrease_cooldown", _POLICY_TIME, 1.5),
+            increase_step=pol.get("increase_step", _BANDWIDTH, 10),
+            increase_interval_s=pol.get("increase_interval", _POLICY_TIME, 5.0),
+            stable_fraction=pol.get("stable_fraction", fraction, 0.5),
+            min_bandwidth=min_bw,
+            max_bandwidth=max_bw,
+            severity_max_multiplier=pol.get(
+                "severity_max_multiplier", _SEVERITY, legacy.severity_default or 1.0
+            ),
+            usage_window_s=pol.get("usage_window", _USAGE_WINDOW, 1.0),
+            effect_delay_s=pol.get("effect_delay", _EFFECT_DELAY, d.effect_delay_s),
+            escalate_after=pol.get("escalate_after", _ESCALATE_AFTER, d.escalate_after),
+            max_blind_factor=blind,
+            early_warning_fraction=pol.get(
+                "early_warning_fraction", fraction, d.early_warning_fraction
+            ),
+            knee_margin=pol.get("knee_margin", fraction, d.knee_margin),
+            knee_step_fraction=pol.get("knee_step_fraction", fraction, d.knee_step_fraction),
+            knee_memory_s=pol.get("knee_memory", _KNEE_MEMORY, d.knee_memory_s),
+        )
+    except ConfigError:
+        raise
+    except ValueError as exc:  # a cross-key rule of PolicyParams: one line, not a traceback
+        raise doc.error(pol.path, str(exc)) from None
     return policy, legacy.warnings
 
 

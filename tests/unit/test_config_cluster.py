@@ -110,3 +110,36 @@ def test_endpoint_keys_are_checked_at_their_line(service: str, extra: str, messa
 def test_cluster_keys_refuse_bad_values(tail: str, message: str) -> None:
     msg = refused(config() + tail)
     assert message in msg, msg
+
+
+def test_the_knee_knobs_read_back_and_a_blind_cut_is_never_shallower() -> None:
+    text = config() + textwrap.dedent("""\
+        policy:
+          decrease_factor: 0.7
+          knee_margin: 0.05
+          knee_memory: 10m
+          escalate_after: 5
+          effect_delay: 300ms
+        """)
+    cfg = parse_config(text, source="c.yaml")
+    p = cfg.policy
+    assert (p.max_blind_factor, p.knee_margin, p.knee_memory_s) == (0.7, 0.05, 600.0)
+    assert (p.escalate_after, p.effect_delay_s) == (5, 0.3)
+    assert parse_config(cfg.dump(), source="dump.yaml").policy == p
+    msg = refused(config() + "policy:\n  decrease_factor: 0.4\n  max_blind_factor: 0.3\n")
+    assert "policy.max_blind_factor: must be at least decrease_factor (0.4), got 0.3" in msg
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "problem"),
+    [
+        ("knee_margin", "1.5", "must be a fraction between 0 and 1"),
+        ("early_warning_fraction", ".nan", "must be a fraction between 0 and 1"),
+        ("knee_memory", "1e300s", "must be at most"),
+        ("effect_delay", "0", "must be a positive duration"),
+        ("escalate_after", "5000", "must be from 1 to 1000"),
+    ],
+)
+def test_the_knee_knobs_have_ranges(key: str, value: str, problem: str) -> None:
+    msg = refused(config() + f"policy:\n  {key}: {value}\n")
+    assert f"policy.{key}: {problem}" in msg, msg
