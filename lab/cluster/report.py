@@ -33,6 +33,7 @@ from typing import Any
 import numpy as np
 
 from detnet.engine.slo import Slo
+from detnet.lab.cluster.quantity import egress_limit
 from detnet.lab.report import PHASES, RunData, Timeline, mean_goodput, summarise_run
 
 
@@ -204,6 +205,26 @@ def _final_limits(
     return out
 
 
+def _patched_by_node(
+    patches: Sequence[Mapping[str, Any]], pods: Sequence[PodRef]
+) -> dict[str, dict[str, float | None]]:
+    """Per node, each patched pod's lowest patched limit in Mbit/s (None: no limit)."""
+    node_of = {p.name: p.node for p in pods}
+    out: dict[str, dict[str, float | None]] = {}
+    for patch in patches:
+        node = node_of.get(str(patch.get("pod")))
+        if node is None:
+            continue
+        value = patch.get("value")
+        rate = egress_limit(value if isinstance(value, str) else None).bytes_per_s
+        mbps = None if rate is None else round(rate * 8 / 1e6, 3)
+        seen = out.setdefault(node, {})
+        pod = str(patch["pod"])
+        if pod not in seen or (mbps is not None and (seen[pod] is None or mbps < seen[pod])):
+            seen[pod] = mbps
+    return out
+
+
 def summarise_cluster_run(
     data: ClusterRunData,
     *,
@@ -240,14 +261,19 @@ def summarise_cluster_run(
             },
         }
     limits = _final_limits(data.bandwidth, setup.pods)
+    patched_by_node = _patched_by_node(data.patches, setup.pods)
     nodes = {}
     for n in setup.nodes:
         mbps = phases["congestion"]["best_effort_mbps"][n]
         spare = setup.uplink_mbps - setup.critical_mbps.get(n, 0.0)
+        node_patches = patched_by_node.get(n, {})
+        lowest = [v for v in node_patches.values() if v is not None]
         nodes[n] = {
             "best_effort_mbps": mbps,
             "utilisation": None if mbps is None or spare <= 0 else mbps / spare,
             "limits_mbps": limits.get(n, {}),
+            "patched_pods": len(node_patches),
+            "lowest_patch_mbps": min(lowest) if lowest else None,
         }
     patched = {(p.get("namespace"), p.get("pod")) for p in data.patches}
     return {
@@ -258,6 +284,7 @@ def summarise_cluster_run(
         "usage_source": usage_source,
         "patches": len(data.patches),
         "patched_pods": len(patched),
+        "patched": sorted(f"{ns}/{pod}" for ns, pod in patched),
         "enforcement_latency_ms": latency_summary(
             enforcement_latencies(data.decisions, data.bandwidth, setup.pods)
         ),

@@ -42,6 +42,7 @@ import yaml
 
 from detnet.engine.targets import DEFAULT_SIZE
 from detnet.lab.cluster import plan as P
+from detnet.lab.cluster.cilium import EGRESS_ANNOTATION
 from detnet.lab.cluster.controlplane import (
     ControlPlane,
     PodObject,
@@ -439,7 +440,16 @@ class ClusterLab:
                 r.verb == "patch" and r.user_agent == agent and len(parts) == 6
                 and parts[:3] == ["api", "v1", "namespaces"] and parts[4] == "pods"
             ):  # fmt: skip
-                out.append({"namespace": parts[3], "pod": parts[5], "t_s": round(r.at - t0, 3)})
+                body = r.body if isinstance(r.body, dict) else {}
+                annotations = (body.get("metadata") or {}).get("annotations") or {}
+                out.append(
+                    {
+                        "namespace": parts[3],
+                        "pod": parts[5],
+                        "t_s": round(r.at - t0, 3),
+                        "value": annotations.get(EGRESS_ANNOTATION),
+                    }
+                )
         return out
 
     def run(self, name: str, *, view: View | None) -> tuple[dict[str, Any], ClusterRunData | None]:

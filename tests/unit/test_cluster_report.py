@@ -74,8 +74,9 @@ def synthetic_run() -> ClusterRunData:
         decisions=decisions,
         bandwidth=bandwidth,
         patches=[
-            {"namespace": "be", "pod": "t-a", "t_s": 2.5},
-            {"namespace": "be", "pod": "t-a", "t_s": 3.0},
+            {"namespace": "be", "pod": "t-a", "t_s": 2.5, "value": "80M"},
+            {"namespace": "be", "pod": "t-a", "t_s": 3.0, "value": "1G"},
+            {"namespace": "be", "pod": "t-b", "t_s": 3.0, "value": "garbage"},
         ],
     )  # fmt: skip
 
@@ -89,7 +90,17 @@ def test_summary_of_a_synthetic_run() -> None:
     assert run["best_effort_utilisation"] == pytest.approx(0.6)  # node-a: 60 of 100
     assert run["endpoints"] == ["robot-control@node-a", "safety-scanner@node-a"]  # probed
     assert (run["enforcer"], run["usage_source"]) == ("kubernetes", "agent")
-    assert (run["patches"], run["patched_pods"]) == (2, 1)
+    assert (run["patches"], run["patched_pods"]) == (3, 2)
+    assert run["patched"] == ["be/t-a", "be/t-b"]
+    # per node: the lowest limit patched (an unparsable value is no limit, as Cilium reads it)
+    assert (
+        run["nodes"]["node-a"]["patched_pods"],
+        run["nodes"]["node-a"]["lowest_patch_mbps"],
+    ) == (1, 80.0)
+    assert (
+        run["nodes"]["node-b"]["patched_pods"],
+        run["nodes"]["node-b"]["lowest_patch_mbps"],
+    ) == (1, None)
     assert run["nodes"]["node-a"]["best_effort_mbps"] == pytest.approx(70.0)  # 90, 90, 60 x4
     assert run["nodes"]["node-b"]["best_effort_mbps"] == pytest.approx(58.0)
     assert run["nodes"]["node-b"]["utilisation"] == pytest.approx(0.58)
