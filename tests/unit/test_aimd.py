@@ -545,3 +545,99 @@ def test_a_knee_passed_without_a_warning_moves_up_and_fades() -> None:
     decide(p, now_ns=t, stats=healthy(), limits=limits, usage=using)
     d = decide(p, now_ns=t + 5 * S, stats=healthy(), limits=limits, usage=using)
     assert named(d.limits) == {"telemetry": 102, "erp": 102}
+
+
+# ----------------------------------------------------- the knee: properties of the climb
+
+STEP_NS = 250 * MS  # the default control interval
+
+
+def run_flat(p: AsymmetricAimd, queue_ms: float, limits: dict[str, int], until_ns: int) -> int:
+    """Healthy steps (usage at the caps, robot-control's queue flat at ``queue_ms``) from
+    0 to ``until_ns``; ``limits`` follow the decisions. The time of the first increase."""
+    first = -1
+    for now in range(0, until_ns, STEP_NS):
+        stats = {**healthy(), "robot-control": window("robot-control", queue_ms=queue_ms)}
+        d = decide(p, now_ns=now, stats=stats, limits=limits, usage=dict(limits))
+        limits.update(named(d.limits))
+        if d.action == "increase" and first < 0:
+            first = now
+    return first
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    start=st.integers(min_value=20, max_value=900),
+    q0=st.floats(min_value=0.0, max_value=0.3),
+    rise=st.floats(min_value=1.0, max_value=3.0),
+    lead=st.integers(min_value=0, max_value=3),
+)
+def test_never_an_increase_while_the_queue_is_rising(
+    start: int, q0: float, rise: float, lead: int
+) -> None:
+    # The queue rises by `rise` times the larger of a tenth of robot-control's tightest
+    # threshold (1 ms) and three times its noise floor (q0): a rise the issue calls real.
+    # It starts `lead` steps before an increase is due and stays up for a second.
+    delta = rise * max(0.1, 3 * q0)
+    runs = {}
+    for name, step_ms in (("rising", delta), ("flat", 0.0)):
+        p = policy(usage_window_s=0.0)
+        limits = {"telemetry": start, "erp": start}
+        first = run_flat(p, q0, limits, 6 * S)
+        assert first >= 0, "a healthy, used cap climbs"
+        due = first + round(PARAMS.increase_interval_s * S)
+        jump = due - lead * STEP_NS
+        for now in range(6 * S, jump, STEP_NS):  # flat up to the jump
+            stats = {**healthy(), "robot-control": window("robot-control", queue_ms=q0)}
+            limits.update(
+                named(decide(p, now_ns=now, stats=stats, limits=limits, usage=dict(limits)).limits)
+            )
+        actions = []
+        for now in range(jump, jump + S, STEP_NS):
+            q = q0 + step_ms
+            stats = {**healthy(), "robot-control": window("robot-control", queue_ms=q)}
+            d = decide(p, now_ns=now, stats=stats, limits=limits, usage=dict(limits))
+            limits.update(named(d.limits))
+            actions.append(d.action)
+        runs[name] = actions
+    assert "increase" in runs["flat"]  # the twin without the rise climbs in that second
+    assert "increase" not in runs["rising"], runs
+
+
+@settings(max_examples=100, deadline=None)
+@given(
+    steps=st.lists(
+        st.tuples(
+            st.booleans(),  # violated
+            st.one_of(st.none(), st.floats(min_value=0.0, max_value=1500.0)),  # usage
+        ),
+        min_size=2,
+        max_size=60,
+    ),
+    start=st.integers(min_value=11, max_value=1000),
+)
+def test_a_violation_cuts_within_one_step_after_the_cooldown(
+    steps: list[tuple[bool, float | None]], start: int
+) -> None:
+    p = policy()
+    limits = {"telemetry": start, "erp": start}
+    cooldown = round(PARAMS.decrease_cooldown_s * S)
+    last_cut: int | None = None
+    overdue = 0  # consecutive violated steps, past the cooldown, with something to cut
+    for i, (violated, usage) in enumerate(steps):
+        now = i * STEP_NS
+        stats = healthy()
+        if violated:
+            stats["robot-control"] = window("robot-control", jitter_ms=3.0)
+        used = {} if usage is None else {"telemetry": usage, "erp": usage}
+        cuttable = any(v > PARAMS.min_bandwidth for v in limits.values())
+        ready = last_cut is None or now - last_cut >= cooldown
+        d = decide(p, now_ns=now, stats=stats, limits=limits, usage=used)
+        if d.action == "decrease":
+            last_cut, overdue = now, 0
+        elif violated and ready and cuttable:
+            overdue += 1
+            assert overdue < 2, f"step {i}: a violation past the cooldown not cut: {d.reasons}"
+        else:
+            overdue = 0
+        limits = named(d.limits)
