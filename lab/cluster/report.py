@@ -220,8 +220,11 @@ def _patched_by_node(
         mbps = None if rate is None else round(rate * 8 / 1e6, 3)
         seen = out.setdefault(node, {})
         pod = str(patch["pod"])
-        if pod not in seen or (mbps is not None and (seen[pod] is None or mbps < seen[pod])):
+        if pod not in seen:
             seen[pod] = mbps
+        elif mbps is not None:
+            before = seen[pod]
+            seen[pod] = mbps if before is None else min(before, mbps)
     return out
 
 
