@@ -22,6 +22,9 @@ BENCHMARKS = {
     "throughput": "maximum probes/s of the engine and packets/s of the reflector",
     "stats": "ring statistics against the prototype's sorted() IQR",
     "reaction": "time to protect, tc enforcement latency, Kubernetes patch time",
+    "agent": "what `detnet agent` costs on a node of 100 pods, and how soon it sees a rate",
+    "endpoints": "the engine with many endpoint targets; a new endpoint's first probe",
+    "endpoints_watch": "an EndpointSlice change to the controller's endpoint callback",
 }
 
 
