@@ -288,6 +288,13 @@ class AsymmetricAimd:
                 self._groups[name].violated_since_ns = (
                     self._groups[name].violated_since_ns if name in violated else None
                 )
+                # Unstable but within SLO while the queue builds: the last climb passed
+                # the knee. Step back now rather than wait for the violation and its cut.
+                warn = self._warning_of(name, warnings)
+                if name not in violated and warn and not self._escalated_by:
+                    self._trim(
+                        name, now_ns, members[name], usage, previous, new, reasons, cut, warn
+                    )
                 continue
             self._groups[name].violated_since_ns = None
             self._climb_group(
@@ -446,13 +453,13 @@ class AsymmetricAimd:
     ) -> None:
         p, g = self.params, self._groups[name]
         where = self._where(name)
-        warn = [w for node, w in warnings.items() if node in (name, None) or name == CLUSTER]
+        warn = self._warning_of(name, warnings)
         if self._escalated_by:
             g.stable_since_ns = None
             return
         if warn:
             g.stable_since_ns = None
-            self._trim(name, now_ns, scopes, usage, previous, new, reasons, cut, warn[0])
+            self._trim(name, now_ns, scopes, usage, previous, new, reasons, cut, warn)
             return
         if not scopes:
             return
@@ -503,6 +510,13 @@ class AsymmetricAimd:
         reasons.append(f"{where}all apps stable for {dwelt:.2f} s: {how}")
         if idle:
             reasons.append(f"{where}not raising unused caps: {', '.join(idle)}")
+
+    def _warning_of(self, name: str, warnings: Mapping[str | None, str]) -> str | None:
+        """The first early warning that concerns group ``name``, if any."""
+        for node, why in warnings.items():
+            if node in (name, None) or name == CLUSTER:
+                return why
+        return None
 
     def _trim(
         self,

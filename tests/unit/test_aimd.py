@@ -641,3 +641,30 @@ def test_a_violation_cuts_within_one_step_after_the_cooldown(
         else:
             overdue = 0
         limits = named(d.limits)
+
+
+def test_a_warning_while_unstable_trims_before_the_violation() -> None:
+    # The caps climbed to 101 Mbit/s each, past a knee noted at 100; the next step robot-
+    # control's p99 is above the stable fraction (not yet over its SLO) and its recent
+    # queue has risen far past the early-warning level: step back now, one small step,
+    # instead of holding until the violation forces a 20 % cut.
+    p = policy(usage_window_s=0.0)
+    bad = {**healthy(), "robot-control": window("robot-control", jitter_ms=5.0)}
+    full = {"telemetry": 100.0, "erp": 100.0}
+    decide(p, now_ns=10 * S, stats=bad, limits={"telemetry": 100, "erp": 100}, usage=full)
+    limits, using = {"telemetry": 101, "erp": 101}, {"telemetry": 101.0, "erp": 101.0}
+    for t in range(20, 30):
+        decide(p, now_ns=t * S, stats=healthy(), limits=limits, usage=using)
+    building = {**healthy(), "robot-control": window("robot-control", p99_ms=7.0, queue_ms=3.0)}
+    d = decide(p, now_ns=30 * S, stats=building, limits=limits, usage=using)
+    assert not d.violated
+    assert d.action == "decrease"
+    assert all(99 <= v < 101 for v in named(d.limits).values()), d.limits
+    assert any("trimming under the knee" in r for r in d.reasons), d.reasons
+    # The same unstable step with a flat queue only holds.
+    p = policy(usage_window_s=0.0)
+    for t in range(20, 30):
+        decide(p, now_ns=t * S, stats=healthy(), limits=limits, usage=using)
+    unstable = {**healthy(), "robot-control": window("robot-control", p99_ms=7.0)}
+    d = decide(p, now_ns=30 * S, stats=unstable, limits=limits, usage=using)
+    assert (d.action, named(d.limits)) == ("hold", limits)
