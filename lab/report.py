@@ -190,11 +190,14 @@ def summarise_run(
     critical_mbps: float = 0.0,
     bottleneck_from_s: float | None = None,
     bottleneck_after_mbps: float | None = None,
+    step_at_s: float | None = None,
 ) -> dict[str, Any]:
     """One RUN of the report: time to protect, SLO attainment, utilisation, phases.
 
     A knee step (the bottleneck drops to ``bottleneck_after_mbps`` at
-    ``bottleneck_from_s``) is counted in the spare capacity second by second."""
+    ``bottleneck_from_s``) is counted in the spare capacity second by second. With
+    ``step_at_s`` (a load or knee step during congestion) the run also has ``step``: how
+    the step was weathered (``step_summary``)."""
     base = base_rtts(run, slos, timeline)
     c_start, c_end = timeline.bounds("congestion")
     ttp: float | None = None
@@ -231,6 +234,11 @@ def summarise_run(
         "slo_attainment": attainment,
         "best_effort_utilisation": None if be is None or spare <= 0 else be / spare,
         **_after_increases(run, slos, base, c_start, c_end),
+        **(
+            {}
+            if step_at_s is None
+            else {"step": step_summary(run, slos, base, step_at_s, c_start, c_end)}
+        ),
         "phases": phases,
         "decisions": [dict(d) for d in run.decisions],
     }
@@ -248,6 +256,40 @@ def _mean_spare(
 
 
 AFTER_INCREASE_S = 2.0
+
+
+def step_summary(
+    run: RunData,
+    slos: Sequence[Slo],
+    base: Mapping[str, float | None],
+    at_s: float,
+    c_start: float,
+    c_end: float,
+) -> dict[str, Any]:
+    """How a step at ``at_s`` was weathered, over the one-second windows from it to the
+    end of congestion: ``broke`` (some window left the SLO), ``recovery_s`` (from the step
+    to the start of the first window within SLO after the last one that was not: 0.0 when
+    none broke, None when it never came back), ``slo_attainment`` (the share of whole
+    windows within SLO) and the best-effort goodput in the 5 s before and after it."""
+    starts = np.arange(at_s, c_end - 1.0 + 1e-9, _SLIDE_S)
+    within = [_all_within(run, slos, base, w, w + 1.0) for w in starts]
+    bad = [i for i, ok in enumerate(within) if not ok]
+    if not bad:
+        recovery: float | None = 0.0
+    elif bad[-1] + 1 < len(within):
+        recovery = round(float(starts[bad[-1] + 1] - at_s), 3)
+    else:
+        recovery = None
+    n = math.floor(c_end - at_s + 1e-9)
+    good = sum(_all_within(run, slos, base, at_s + i, at_s + i + 1.0) for i in range(n))
+    return {
+        "at_s": round(at_s, 3),
+        "broke": bool(bad),
+        "recovery_s": recovery,
+        "slo_attainment": good / n if n > 0 else None,
+        "best_effort_mbps_before": _mean_goodput(run, max(c_start, at_s - 5.0), at_s),
+        "best_effort_mbps_after": _mean_goodput(run, at_s, c_end),
+    }
 
 
 def _after_increases(
@@ -340,6 +382,24 @@ def format_table(report: Mapping[str, Any]) -> str:
             f"{run.get('violations_after_increase', 0)} of {run.get('increases', 0)} "
             "increases followed by a violation"
         )
+        step = run.get("step")
+        if step:
+            rec = step["recovery_s"]
+            satt = step["slo_attainment"]
+            lines.append(
+                f"{'':<19}{report['config']['lab'].get('step', 'a')} step at "
+                f"{step['at_s']:.1f} s: "
+                + (
+                    "SLO held"
+                    if not step["broke"]
+                    else "never recovered"
+                    if rec is None
+                    else f"recovered in {rec:.1f} s"
+                )
+                + f", SLO attainment after it {_fmt(None if satt is None else 100 * satt, '.1f')}%"
+                + f", best effort {_fmt(step['best_effort_mbps_before'], '.1f')} -> "
+                + f"{_fmt(step['best_effort_mbps_after'], '.1f')} Mbit/s"
+            )
         lines.append("")
     return "\n".join(lines).rstrip() + "\n"
 

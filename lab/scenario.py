@@ -39,6 +39,7 @@ METRICS_PORT = 9108
 _DETNET = [sys.executable, "-m", "detnet.controller"]
 _TRAFFIC = [sys.executable, "-m", "detnet.lab.traffic"]
 _PROBE_BYTES = 64 + 8 + 20 + 14  # payload + UDP + IPv4 + Ethernet, for the critical load
+STEPS = ("none", "load", "knee")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -62,6 +63,10 @@ class LabSettings:
     scanner_latency_ms: float = 10.0
     max_loss_ratio: float = 0.02
     probe_interval_s: float = 0.01
+    # A harder timeline: halfway through the congestion a second wave of bulk flows joins
+    # ("load"), or the bottleneck drops to knee_step_fraction of its rate ("knee").
+    step: str = "none"
+    knee_step_fraction: float = 0.6
     # Everything else (windows, cadence, the policy) is the product's default: a lab
     # that needs its own policy settings measures a policy nobody deploys.
 
@@ -73,6 +78,22 @@ class LabSettings:
             raise LabError("the congestion phase needs at least 2 s to measure anything")
         if self.steady_flows < 1 or self.bursty_flows < 1 or self.upload_bytes < 1:
             raise LabError("flows and upload size must be at least 1")
+        if self.step not in STEPS:
+            raise LabError(f"step must be one of {', '.join(STEPS)}, got {self.step!r}")
+        if not 0 < self.knee_step_fraction < 1:
+            raise LabError("the knee step's fraction of the bottleneck must be in (0, 1)")
+
+    @property
+    def step_at_s(self) -> float | None:
+        """When the step happens (run time), or None without one."""
+        if self.step == "none":
+            return None
+        return self.timeline.bounds("congestion")[0] + self.congestion_s / 2
+
+    @property
+    def stepped_mbps(self) -> float:
+        """The bottleneck's rate after a knee step."""
+        return self.bottleneck_mbps * self.knee_step_fraction
 
     @property
     def timeline(self) -> Timeline:
@@ -301,12 +322,16 @@ def run_lab(
                 view=view,
                 forward=forward,
             )
+            knee = settings.step == "knee"
             runs[name] = summarise_run(
                 data,
                 slos=settings.slos(),
                 timeline=settings.timeline,
                 bottleneck_mbps=settings.bottleneck_mbps,
                 critical_mbps=settings.critical_mbps,
+                bottleneck_from_s=settings.step_at_s if knee else None,
+                bottleneck_after_mbps=settings.stepped_mbps if knee else None,
+                step_at_s=settings.step_at_s,
             )
             runs[name]["_data"] = data  # for the plot; dropped from the JSON by the caller
         return build_report({"lab": asdict(settings), "controller": cfg}, runs)
@@ -395,49 +420,19 @@ def _one_run(
         senders: list[subprocess.Popen[bytes]] = []
         launched = False
         stopped = False
+        step_at, stepped = settings.step_at_s, False
         forward.rec = rec
         while (now := time.time() - rec.t0) < tl.total_s:
             if not launched and now >= c_start - 1.5:
-                at = f"{rec.t0 + c_start:.6f}"
-                senders.append(
-                    topo.spawn(
-                        "erp-dashboard",
-                        [
-                            *_TRAFFIC,
-                            "send",
-                            "--to",
-                            f"{topo.address('sink')}:{SINK_PORT}",
-                            "--mode",
-                            "steady",
-                            "--flows",
-                            str(settings.steady_flows),
-                            "--start-at",
-                            at,
-                        ],
-                    )
-                )
-                senders.append(
-                    topo.spawn(
-                        "telemetry-upload",
-                        [
-                            *_TRAFFIC,
-                            "send",
-                            "--to",
-                            f"{topo.address('sink')}:{SINK_PORT}",
-                            "--mode",
-                            "bursty",
-                            "--flows",
-                            str(settings.bursty_flows),
-                            "--upload-bytes",
-                            str(settings.upload_bytes),
-                            "--period",
-                            str(settings.upload_period_s),
-                            "--start-at",
-                            at,
-                        ],
-                    )
-                )
+                senders += _wave(settings, topo, at=rec.t0 + c_start)
                 launched = True
+            if step_at is not None and not stepped and now >= step_at - 1.5:
+                if settings.step == "load":
+                    senders += _wave(settings, topo, at=rec.t0 + step_at)
+                    stepped = True
+                elif now >= step_at:
+                    topo.set_bottleneck(settings.stepped_mbps)
+                    stepped = True
             if launched and not stopped and now >= c_end:
                 for proc in senders:
                     topo.stop(proc, timeout_s=2.0)
@@ -457,8 +452,29 @@ def _one_run(
     finally:
         forward.rec = None
         topo.stop(measurer, timeout_s=10.0)
+        if settings.step == "knee":
+            topo.set_bottleneck(settings.bottleneck_mbps)  # the next run starts at full rate
     rec.read_stream()
     return rec.run_data()
+
+
+def _wave(settings: LabSettings, topo: Topology, *, at: float) -> list[subprocess.Popen[bytes]]:
+    """One wave of best-effort senders (erp-dashboard steady, telemetry-upload bursty),
+    launched ahead and told to start at unix time ``at``."""
+    send = [*_TRAFFIC, "send", "--to", f"{topo.address('sink')}:{SINK_PORT}"]
+    at_args = ("--start-at", f"{at:.6f}")
+    steady = ("--mode", "steady", "--flows", str(settings.steady_flows))
+    bursty = ("--mode", "bursty", "--flows", str(settings.bursty_flows))
+    upload = (
+        "--upload-bytes",
+        str(settings.upload_bytes),
+        "--period",
+        str(settings.upload_period_s),
+    )
+    return [
+        topo.spawn("erp-dashboard", [*send, *steady, *at_args]),
+        topo.spawn("telemetry-upload", [*send, *bursty, *upload, *at_args]),
+    ]
 
 
 def _probe_takes_config() -> bool:

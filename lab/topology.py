@@ -209,6 +209,18 @@ class Topology:
             )
             _run(["ip", "-n", ns, "link", "set", POD_DEVICE, "up"])
 
+    def set_bottleneck(self, rate_mbps: float) -> None:
+        """Change the bottleneck's rate in place (the knee step), same queue depth."""
+        if rate_mbps <= 0:
+            raise LabError("bottleneck rate must be positive")
+        _run(
+            [
+                *("tc", "-n", self.ns("node"), "qdisc", "change", "dev", "up0", "root"),
+                *("handle", "1:"),
+                *tbf_args(rate_mbps=rate_mbps, buffer_ms=self.buffer_ms),
+            ]
+        )
+
     # -- processes ------------------------------------------------------------------
 
     def spawn(

@@ -39,6 +39,13 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     g.add_argument("--quiet", type=float, default=5.0, metavar="S", help="quiet phase (5)")
     g.add_argument("--congestion", type=float, metavar="S", help="(cluster 30, node 20)")
     g.add_argument("--recovery", type=float, default=5.0, metavar="S", help="(5)")
+    g.add_argument(
+        "--step",
+        choices=("none", "load", "knee"),
+        default="none",
+        help="halfway through the congestion: a second wave of bulk flows (load) or the "
+        "bottleneck drops to 60%% (knee); node topology (none)",
+    )
     n = p.add_argument_group("network and traffic")
     n.add_argument("--rate", type=float, default=100.0, metavar="MBIT", help="uplinks (100)")
     n.add_argument("--buffer", type=float, default=30.0, metavar="MS", help="its queue (30)")
@@ -79,6 +86,7 @@ def _settings(args: argparse.Namespace) -> Any:
             robot_queue_delay_ms=args.max_queue_delay,
             scanner_jitter_ms=args.scanner_max_jitter,
             scanner_latency_ms=args.scanner_max_latency,
+            step=args.step,
         )
     except LabError as exc:
         raise CommandError(str(exc)) from exc
@@ -134,6 +142,8 @@ def run(args: argparse.Namespace) -> int:
     """Run the lab; print the report table; write --json/--plot."""
     if args.congestion is None:
         args.congestion = 30.0 if args.topology == "cluster" else 20.0
+    if args.topology == "cluster" and args.step != "none":
+        raise CommandError("--step is for --topology node (the cluster lab has no steps yet)")
     settings = _cluster_settings(args) if args.topology == "cluster" else _settings(args)
     if args.plot is not None:
         try:

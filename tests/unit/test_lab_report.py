@@ -202,3 +202,34 @@ def test_a_knee_step_counts_the_spare_capacity_second_by_second() -> None:
         bottleneck_after_mbps=60.0,
     )
     assert out["best_effort_utilisation"] == pytest.approx(50.0 / 80.0)
+
+
+@pytest.mark.parametrize(
+    ("bad_from", "bad_to", "broke", "recovery", "attainment"),
+    [
+        (None, None, False, 0.0, 1.0),  # the step passes unnoticed
+        (10.0, 11.5, True, 1.5, 3 / 5),  # 1.5 s of trouble after the step at 10 s
+        (10.5, 20.0, True, None, 0.0),  # it never comes back before congestion ends
+    ],
+)
+def test_step_summary(
+    bad_from: float | None,
+    bad_to: float | None,
+    broke: bool,
+    recovery: float | None,
+    attainment: float,
+) -> None:
+    def rtt(t: float, i: int) -> float:
+        if bad_from is not None and bad_to is not None and bad_from <= t < bad_to:
+            return 2.0 + 8.0 * ((i * 7) % 10) / 10
+        return 0.2
+
+    goodput = [(float(t), 70.0 if t <= 10 else 40.0) for t in range(1, 21)]
+    run = RunData(probes={"robot": _probes(rtt)}, goodput=goodput)
+    out = summarise_run(run, slos=[SLO], timeline=TL, bottleneck_mbps=100.0, step_at_s=10.0)
+    step = out["step"]
+    assert (step["at_s"], step["broke"], step["recovery_s"]) == (10.0, broke, recovery)
+    assert step["slo_attainment"] == pytest.approx(attainment)
+    assert step["best_effort_mbps_before"] == pytest.approx(70.0)  # the reports of 6..10 s
+    assert step["best_effort_mbps_after"] == pytest.approx(40.0)
+    assert "step" not in summarise_run(run, slos=[SLO], timeline=TL, bottleneck_mbps=100.0)
