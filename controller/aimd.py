@@ -367,7 +367,12 @@ class AsymmetricAimd:
             to = cut_to(cap, base, knee, factor=factor, margin=p.knee_margin)
             new[s] = min(cap, p.clamp(to))
             if used is not None:
-                self._knees.note(s, min(used, float(cap)), now_ns)
+                # A violation at a cap under the remembered knee: the knee moved down.
+                remembered = self._knees.get(s, now_ns)
+                moved = remembered is not None and cap <= math.floor(
+                    remembered * (1.0 - p.knee_margin)
+                )
+                self._knees.note(s, min(used, float(cap)), now_ns, uncertain=moved)
         if all(new[s] == previous[s] for s in scopes):
             what = "every workload" if name == CLUSTER else "every best-effort pod"
             reasons.append(
@@ -495,6 +500,7 @@ class AsymmetricAimd:
                 step=p.increase_step,
                 margin=p.knee_margin,
                 fine=p.knee_step_fraction,
+                uncertain=self._knees.uncertain(s),
             )
             new[s] = max(cap, p.clamp(step))
         if all(new[s] == previous[s] for s in scopes):

@@ -111,6 +111,9 @@ class Knee:
 
     mbps: float
     at_ns: int
+    # Noted at a violation that came under the knee remembered before: the knee moved
+    # down, and this rate (the queue was already building there) is only an upper bound.
+    uncertain: bool = False
 
 
 class KneeMemory(Generic[K]):
@@ -120,10 +123,16 @@ class KneeMemory(Generic[K]):
         self.memory_ns = memory_ns
         self._knees: dict[K, Knee] = {}
 
-    def note(self, key: K, mbps: float, now_ns: int) -> None:
-        """Congestion appeared while ``key`` ran at ``mbps``."""
+    def note(self, key: K, mbps: float, now_ns: int, *, uncertain: bool = False) -> None:
+        """Congestion appeared while ``key`` ran at ``mbps`` (``uncertain``: a knee that
+        moved down, an upper bound only)."""
         if mbps > 0 and math.isfinite(mbps):
-            self._knees[key] = Knee(mbps, now_ns)
+            self._knees[key] = Knee(mbps, now_ns, uncertain)
+
+    def uncertain(self, key: K) -> bool:
+        """Whether ``key``'s knee is only an upper bound (see ``note``)."""
+        knee = self._knees.get(key)
+        return knee is not None and knee.uncertain
 
     def get(self, key: K, now_ns: int) -> float | None:
         """The remembered knee of ``key``, None when unknown or faded."""
@@ -140,7 +149,7 @@ class KneeMemory(Generic[K]):
         it still fades from when congestion was last seen."""
         knee = self._knees.get(key)
         if knee is not None and mbps > knee.mbps and math.isfinite(mbps):
-            self._knees[key] = Knee(mbps, knee.at_ns)
+            self._knees[key] = Knee(mbps, knee.at_ns, knee.uncertain)
 
     def drop(self, key: K) -> None:
         """Forget ``key``'s knee (it moved)."""
@@ -152,13 +161,24 @@ class KneeMemory(Generic[K]):
             del self._knees[key]
 
 
-def climb_to(cap: int, knee: float | None, *, step: int, margin: float, fine: float) -> float:
+def climb_to(
+    cap: int,
+    knee: float | None,
+    *,
+    step: int,
+    margin: float,
+    fine: float,
+    uncertain: bool = False,
+) -> float:
     """The next cap when climbing: ``cap + step`` without a knee; with one, straight to
-    ``margin`` below it, then by ``fine`` of it (at most ``step``) near and above it."""
+    ``margin`` below it (halfway there, at least 1 Mbit/s, when the knee is ``uncertain``),
+    then by ``fine`` of it (at most ``step``) near and above it."""
     if knee is None:
         return float(cap + step)
     below = knee * (1.0 - margin)
     if cap < math.floor(below):
+        if uncertain:  # an upper bound: a jump to it would overshoot the new knee
+            return min(below, max(cap + 1.0, (cap + below) / 2))
         return below
     return cap + max(1.0, min(float(step), fine * knee))
 

@@ -668,3 +668,22 @@ def test_a_warning_while_unstable_trims_before_the_violation() -> None:
     unstable = {**healthy(), "robot-control": window("robot-control", p99_ms=7.0)}
     d = decide(p, now_ns=30 * S, stats=unstable, limits=limits, usage=using)
     assert (d.action, named(d.limits)) == ("hold", limits)
+
+
+def test_a_knee_that_moved_down_is_approached_by_halves() -> None:
+    # Congestion at 100: the knee. Later a violation at caps of 90, under it: the link
+    # slowed. The full cut (to 72), and 90 is only an upper bound on the new knee: the
+    # climb goes halfway to 2 % under it (88.2), not all the way.
+    p = policy(usage_window_s=0.0)
+    bad = {**healthy(), "robot-control": window("robot-control", jitter_ms=5.0)}
+    decide(p, now_ns=10 * S, stats=bad, limits={"telemetry": 100, "erp": 100},
+           usage={"telemetry": 100.0, "erp": 100.0})  # fmt: skip
+    caps = {"telemetry": 90, "erp": 90}
+    d = decide(p, now_ns=20 * S, stats=bad, limits=caps, usage={"telemetry": 90.0, "erp": 90.0})
+    assert named(d.limits) == {"telemetry": 72, "erp": 72}
+    caps = named(d.limits)
+    using = {"telemetry": 72.0, "erp": 72.0}
+    decide(p, now_ns=22 * S, stats=healthy(), limits=caps, usage=using)
+    d = decide(p, now_ns=24 * S, stats=healthy(), limits=caps, usage=using)
+    assert d.action == "increase"
+    assert named(d.limits) == {"telemetry": 80, "erp": 80}  # floor((72 + 88.2) / 2)

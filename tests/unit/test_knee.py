@@ -85,6 +85,23 @@ def test_climb(cap: int, knee: float | None, expected: float) -> None:
 
 
 @pytest.mark.parametrize(
+    ("cap", "knee", "expected"),
+    [
+        (80, 100.0, 89.0),  # far below an upper bound: halfway to 2 % under it (98)
+        (96, 100.0, 97.0),  # close below: halfway, at least 1 Mbit/s
+        (97, 100.0, 98.0),  # ...never past 2 % under it
+        (98, 100.0, 99.0),  # near it: as a certain knee, 1 % of it
+        (380, 400.0, 386.0),  # relative at 400 Mbit/s too
+    ],
+)
+def test_climb_towards_an_uncertain_knee_halves_the_gap(
+    cap: int, knee: float, expected: float
+) -> None:
+    got = climb_to(cap, knee, step=10, margin=0.02, fine=0.01, uncertain=True)
+    assert got == pytest.approx(expected)
+
+
+@pytest.mark.parametrize(
     ("cap", "base", "knee", "expected"),
     [
         (100, 100.0, None, 80.0),  # no knee: the full factor
