@@ -61,6 +61,9 @@ from detnet.controller.workloads import CLUSTER, Scope
 from detnet.engine.stats import WindowStats
 
 Action = Literal["decrease", "increase", "hold"]
+# A violation this many times over its threshold is not a cap a few percent past the
+# knee: it gets the full cut, not a step back under the knee.
+GENTLE_MAX_SEVERITY = 2.0
 ScopeMode = Literal["cluster", "node"]
 
 
@@ -175,6 +178,7 @@ class _Group:
     blind: bool = False  # the last cut started from a cap: usage was unknown
     cut_severity: float = 0.0  # how far over its threshold the worst signal was then
     deepen: int = 0  # blind cuts in a row without effect
+    gentle: bool = False  # the last cut only stepped back under the knee
 
 
 class AsymmetricAimd:
@@ -357,14 +361,19 @@ class AsymmetricAimd:
             reasons.append(f"{where}usage ramping up ({', '.join(waiting)})")
             return
         factor = self._cut_factor(mine, deepen=g.deepen)
-        blind = False
+        # Back under the knee only for a mild first overshoot: a violation several times
+        # over its threshold, or one that a gentle cut did not end, is no small overshoot
+        # (the link itself may have slowed): the full factor then.
+        gentle_ok = severity < GENTLE_MAX_SEVERITY and not g.gentle and not g.deepen
+        blind = gentle = False
         for s in scopes:
             cap, used = previous[s], usage.get(s)
             if used is None:
                 blind = True
             base = used if used is not None and 0 <= used < cap else float(cap)
-            knee = None if used is None or g.deepen else self._knees.get(s, now_ns)
+            knee = self._knees.get(s, now_ns) if used is not None and gentle_ok else None
             to = cut_to(cap, base, knee, factor=factor, margin=p.knee_margin)
+            gentle = gentle or to > base * (1.0 - factor) + 1e-9
             new[s] = min(cap, p.clamp(to))
             if used is not None:
                 # A violation at a cap under the remembered knee: the knee moved down.
@@ -379,7 +388,7 @@ class AsymmetricAimd:
                 f"{where}{what} at min_bandwidth" if scopes else f"{where}no best-effort pods"
             )
             return
-        g.last_cut_ns, g.blind, g.cut_severity = now_ns, blind, severity
+        g.last_cut_ns, g.blind, g.cut_severity, g.gentle = now_ns, blind, severity, gentle
         cut.append(name)
         reasons.append(f"{where}cut {factor:.0%}" + (" from the cap" if blind else ""))
 
@@ -510,6 +519,7 @@ class AsymmetricAimd:
             reasons.append(f"{where}{why}")
             return
         g.stable_since_ns = now_ns  # the next step needs a dwell of its own
+        g.gentle = False  # a healthy climb: the next overshoot may be a small one again
         raised.append(name)
         steps = {new[s] - previous[s] for s in scopes if new[s] != previous[s]}
         how = f"+{steps.pop()} Mbit/s" if len(steps) == 1 else "towards the knee"

@@ -687,3 +687,28 @@ def test_a_knee_that_moved_down_is_approached_by_halves() -> None:
     d = decide(p, now_ns=24 * S, stats=healthy(), limits=caps, usage=using)
     assert d.action == "increase"
     assert named(d.limits) == {"telemetry": 80, "erp": 80}  # floor((72 + 88.2) / 2)
+
+
+def test_only_a_mild_first_overshoot_is_cut_gently() -> None:
+    # The knee is remembered at 100; the caps climbed to 101. A mild violation (1.5x its
+    # threshold) steps back under the knee (98); if that does not end it, the next cut
+    # after the cooldown is the full 20 %. A violation 5x over gets the 20 % at once.
+    def knee_at_100() -> AsymmetricAimd:
+        p = policy(usage_window_s=0.0)
+        decide(p, now_ns=10 * S, stats=bad(5.0), limits={"telemetry": 100, "erp": 100},
+               usage={"telemetry": 100.0, "erp": 100.0})  # fmt: skip
+        return p
+
+    def bad(ms: float) -> dict[str, WindowStats | None]:
+        return {**healthy(), "robot-control": window("robot-control", jitter_ms=ms)}
+
+    caps, using = {"telemetry": 101, "erp": 101}, {"telemetry": 101.0, "erp": 101.0}
+    p = knee_at_100()
+    d = decide(p, now_ns=20 * S, stats=bad(1.5), limits=caps, usage=using)
+    assert named(d.limits) == {"telemetry": 98, "erp": 98}
+    d = decide(p, now_ns=22 * S, stats=bad(1.5), limits=named(d.limits),
+               usage={"telemetry": 98.0, "erp": 98.0})  # fmt: skip
+    assert (d.action, named(d.limits)) == ("decrease", {"telemetry": 78, "erp": 78})
+    p = knee_at_100()
+    d = decide(p, now_ns=20 * S, stats=bad(5.0), limits=caps, usage=using)
+    assert named(d.limits) == {"telemetry": 80, "erp": 80}
