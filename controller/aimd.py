@@ -173,6 +173,7 @@ class _Group:
     """The policy's memory of one group (a node, or the cluster)."""
 
     last_cut_ns: int | None = None
+    last_trim_ns: int | None = None  # an early-warning step back: no cooldown for a cut
     stable_since_ns: int | None = None
     violated_since_ns: int | None = None
     blind: bool = False  # the last cut started from a cap: usage was unknown
@@ -236,7 +237,11 @@ class AsymmetricAimd:
         """Per probe target, the monotonic time from which its samples count: after the
         last cut of its group took effect. Targets not named have no such bound."""
         delay = _ns(self.params.effect_delay_s)
-        starts = {name: g.last_cut_ns + delay for name, g in self._groups.items() if g.last_cut_ns}
+        starts = {
+            name: last + delay
+            for name, g in self._groups.items()
+            if (last := max(g.last_cut_ns or 0, g.last_trim_ns or 0))
+        }
         if not starts:
             return {}
         out: dict[str, int] = {}
@@ -342,6 +347,10 @@ class AsymmetricAimd:
         if g.violated_since_ns is None:
             g.violated_since_ns = now_ns
         severity = max((_over(s) for s in mine), default=1.0)
+        if g.last_trim_ns is not None and now_ns - g.last_trim_ns < _ns(p.effect_delay_s):
+            # A trim's small step is no reason to wait a cooldown, but its effect is due.
+            reasons.append(f"{where}waiting for the last trim to take effect")
+            return
         if g.last_cut_ns is not None and now_ns - g.last_cut_ns < _ns(p.decrease_cooldown_s):
             blind_again = (
                 g.blind
@@ -550,7 +559,8 @@ class AsymmetricAimd:
         cooldown), and the knee is remembered where the queue began to build now."""
         p, g = self.params, self._groups[name]
         where = self._where(name)
-        cooling = g.last_cut_ns is not None and now_ns - g.last_cut_ns < _ns(p.decrease_cooldown_s)
+        last = max(g.last_cut_ns or 0, g.last_trim_ns or 0) or None
+        cooling = last is not None and now_ns - last < _ns(p.decrease_cooldown_s)
         trimmed = False
         for s in scopes:
             cap, used = previous[s], usage.get(s)
@@ -571,7 +581,7 @@ class AsymmetricAimd:
             new[s] = min(cap, p.clamp(min(cap - 1, to)))
             trimmed = trimmed or new[s] != cap
         if trimmed:
-            g.last_cut_ns, g.blind, g.deepen = now_ns, False, 0
+            g.last_trim_ns = now_ns
             cut.append(name)
             reasons.append(f"{where}trimming under the knee: {why}")
         else:

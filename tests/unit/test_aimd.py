@@ -466,6 +466,7 @@ def test_invariants(steps: list[dict[str, object]], start: int, severity: float)
     limits = {"telemetry": start, "erp": start}
     now = 0
     last_cut: int | None = None
+    last_trim: int | None = None
     last_blind = False
     stable_since: int | None = None
     for s in steps:
@@ -492,12 +493,20 @@ def test_invariants(steps: list[dict[str, object]], start: int, severity: float)
             assert d.action != "increase"
             assert all(named(d.limits)[n] <= limits[n] for n in limits)
             stable_since = None
-        if d.action == "decrease":
+        trim = any("trimming under the knee" in r for r in d.reasons)
+        if d.action == "decrease" and trim:
+            # An early-warning trim: at most one per cooldown after any step back.
+            for last in (last_cut, last_trim):
+                assert last is None or now - last >= round(params.decrease_cooldown_s * S)
+            last_trim = now
+        elif d.action == "decrease":
             if last_cut is not None and now - last_cut < round(params.decrease_cooldown_s * S):
                 # Only a blind cut (usage unknown) may be followed within the cooldown,
                 # and only after its effect had time to show.
                 assert last_blind
                 assert now - last_cut >= round(params.effect_delay_s * S)
+            if last_trim is not None:  # a trim needs no cooldown, but its effect is due
+                assert now - last_trim >= round(params.effect_delay_s * S)
             assert all(named(d.limits)[n] <= limits[n] for n in limits)
             last_cut, last_blind = now, not usage or "erp" not in usage
         all_stable = (not d.no_data) and all(x.stable for x in d.signals)
