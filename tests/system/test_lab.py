@@ -74,3 +74,31 @@ def test_shortened_lab_meets_the_claims(tmp_path: Path) -> None:
     assert _lab_namespaces() == before_ns
     assert _lab_processes() <= before_procs
     assert "without_controller" in done.stdout
+
+
+def test_a_knee_step_is_weathered(tmp_path: Path) -> None:
+    """The bottleneck drops to 60 % halfway through congestion: without the controller the
+    SLO never comes back; with it, it does before congestion ends, and the caps follow
+    the link down."""
+    report_path = tmp_path / "lab.json"
+    done = subprocess.run(
+        [
+            *(sys.executable, "-m", "detnet.controller", "lab", "--topology", "node"),
+            *("--quiet", "3", "--congestion", "16", "--recovery", "2", "--step", "knee"),
+            *("--json", str(report_path)),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=150,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    report = json.loads(report_path.read_text())
+    assert report["config"]["lab"]["step"] == "knee"
+    without = report["runs"]["without_controller"]["step"]
+    with_ = report["runs"]["with_controller"]["step"]
+    assert without["at_s"] == with_["at_s"] == pytest.approx(3 + 16 / 2)
+    assert without["recovery_s"] is None  # the queue stands until the senders stop
+    assert with_["recovery_s"] is not None
+    # the caps end under the lower link: best effort is held to less than 60 Mbit/s
+    assert with_["best_effort_mbps_after"] < 0.6 * report["config"]["lab"]["bottleneck_mbps"]
+    assert "knee step at" in done.stdout
