@@ -1,9 +1,10 @@
 """``detnet bench reaction``: how fast a decision reaches the workloads.
 
-Lab part (needs root): shortened ``detnet lab`` runs; from each, the time to protect (from
-congestion start until the critical traffic is back within its SLO) and the tc enforcer's
-latency, the control loop's own timing of each ``apply()`` (netlink tbf changes on every
-best-effort pod's interface).
+Lab part (needs root): shortened one-node ``detnet lab`` runs; from each, the time to
+protect (from congestion start until the critical traffic is back within its SLO) and the
+tc enforcer's latency, the control loop's own timing of each ``apply()`` (netlink tbf
+changes on every best-effort pod's interface). Then one ``--step load`` and one ``--step
+knee`` run: whether the SLO broke after the step, and how soon it came back.
 
 Kubernetes part: the Kubernetes enforcer's time to patch N pods
 (10, 100, 1000 by default) against the API server emulation (``detnet.lab.kubeapi``,
@@ -271,21 +272,28 @@ def render(report: dict[str, Any]) -> str:
     return head + "\n" + table(cols, rows)
 
 
+def _node_lab(*flags: str) -> dict[str, Any]:
+    """One shortened one-node lab run; its ``with_controller`` run."""
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "lab.json"
+        cmd = [*detnet_command(), "lab", "--topology", "node", "--quiet", "3",
+               "--recovery", "2", *flags, "--json", str(out)]  # fmt: skip
+        done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+        if done.returncode != 0:
+            raise BenchError(f"detnet lab failed: {done.stderr.strip()[-400:]}")
+        run: dict[str, Any] = json.loads(out.read_text())["runs"]["with_controller"]
+        return run
+
+
 def lab_reaction(*, runs: int) -> dict[str, Any]:
-    """Time to protect and tc enforcement latency over ``runs`` shortened lab runs."""
+    """Time to protect and tc enforcement latency over ``runs`` shortened lab runs, then
+    one load-step and one knee-step run: how each step was weathered."""
     if os.geteuid() != 0:
         raise BenchError("the lab part needs root (network namespaces); run as root")
     protect: list[float | None] = []
     enforce_ms: list[float] = []
     for _ in range(runs):
-        with tempfile.TemporaryDirectory() as tmp:
-            out = Path(tmp) / "lab.json"
-            cmd = [*detnet_command(), "lab", "--quiet", "3", "--congestion", "12",
-                   "--recovery", "2", "--json", str(out)]  # fmt: skip
-            done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
-            if done.returncode != 0:
-                raise BenchError(f"detnet lab failed: {done.stderr.strip()[-400:]}")
-            run = json.loads(out.read_text())["runs"]["with_controller"]
+        run = _node_lab("--congestion", "12")
         protect.append(run["time_to_protect_s"])
         enforce_ms += [
             d["enforce_s"] * 1000.0 for d in run["decisions"] if d.get("enforce_s") is not None
@@ -293,9 +301,13 @@ def lab_reaction(*, runs: int) -> dict[str, Any]:
     if not enforce_ms:
         raise BenchError("the lab runs made no enforced decision")
     a = np.asarray(enforce_ms)
+    steps = {
+        step: _node_lab("--congestion", "20", "--step", step)["step"] for step in ("load", "knee")
+    }
     return {
         "runs": runs,
         "time_to_protect_s": protect,
+        "steps": steps,
         "tc_enforce_ms": {
             "n": int(a.size),
             "p50": float(np.percentile(a, 50)),
@@ -303,6 +315,10 @@ def lab_reaction(*, runs: int) -> dict[str, Any]:
             "max": float(a.max()),
         },
     }
+
+
+def _pct(value: float | None) -> str:
+    return "-" if value is None else f"{100 * value:.0f}%"
 
 
 def render_lab(report: dict[str, Any]) -> str:
@@ -317,6 +333,11 @@ def render_lab(report: dict[str, Any]) -> str:
         ],
         ["enforced decisions", tc["n"]],
     ]
+    for step, st in report.get("steps", {}).items():
+        rec = st["recovery_s"]
+        how = "SLO held" if not st["broke"] else "never" if rec is None else f"{rec:.1f} s"
+        att = st["slo_attainment"]
+        rows.append([f"{step} step: recovery, SLO attainment after", f"{how}, {_pct(att)}"])
     return f"reaction, lab part ({report['runs']} shortened lab runs)\n" + table(["", ""], rows)
 
 
