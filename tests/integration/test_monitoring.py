@@ -197,7 +197,7 @@ def test_dashboard_is_well_formed() -> None:
         (target,) = heat["targets"]
         assert target["format"] == "heatmap"
         assert (
-            f'detnet_probe_rtt_seconds_bucket{{job="detnet-controller", target="{app}"}}'
+            f'detnet_probe_rtt_seconds_bucket{{job="detnet-controller", target=~"{app}(/.+)?"}}'
             in (target["expr"])
         )
         assert "by (le)" in target["expr"]
