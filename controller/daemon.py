@@ -227,6 +227,7 @@ class Daemon:
         cfg = self.plan.config
         params = dataclasses.replace(cfg.policy, scope=self.plan.scope)
         policy = AsymmetricAimd(params=params, slos=cfg.slos(), workloads=cfg.workloads())
+        self.metrics.expect(enforcer=enforcer.name, agent_usage=self.plan.agent_usage)
         self.loop = ControlLoop(
             engine=self.engine,
             policy=policy,

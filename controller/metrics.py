@@ -23,6 +23,15 @@ _ENFORCE_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 
 _STEP_BUCKETS = (25e-6, 50e-6, 100e-6, 250e-6, 500e-6, 0.001, 0.0025, 0.005, 0.01, 0.05, 0.25)
 
 
+# The API failures worth an alert from the first scrape (others appear when they occur).
+API_ERROR_CODES = ("connection", "401", "403", "404", "409", "422", "429", "500", "503")
+# Why an agent gave no usage (controller/usage.py UsageReport), zeroed when agents are used.
+USAGE_ERROR_KINDS = (
+    "no_agent", "timeout", "connection", "http_401", "http_403", "http_503",
+    "malformed", "wrong_node", "no_token",
+)  # fmt: skip
+
+
 class ControllerMetrics:
     """Every controller metric, registered on ``registry``."""
 
@@ -106,8 +115,20 @@ class ControllerMetrics:
         )
         self._violated_endpoints: set[tuple[str, str]] = set()
         self._series: dict[int, set[tuple[str, str]]] = {}
+        # Export zeros from the first scrape: an alert on increase() never sits on a
+        # missing series, and misses no first error.
         for action in ("decrease", "increase", "hold"):
-            self.decisions.labels(action=action)  # export zeros from the start
+            self.decisions.labels(action=action)
+        for code in API_ERROR_CODES:
+            self.api_errors.labels(code=code)
+
+    def expect(self, *, enforcer: str, agent_usage: bool) -> None:
+        """Zero the error counters this run can increment (the enforcer's, and the
+        agents' when usage comes from them)."""
+        self.enforcement_errors.labels(enforcer=enforcer)
+        if agent_usage:
+            for kind in USAGE_ERROR_KINDS:
+                self.usage_errors.labels(kind=kind)
 
     def set_slos(self, slos: Iterable[Slo]) -> None:
         """Export the thresholds, and start every configured signal as not violated."""

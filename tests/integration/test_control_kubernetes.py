@@ -315,6 +315,13 @@ async def test_cuts_patch_every_pod_in_place_within_a_second(
         return any(set(d["limits"].values()) == {10} for d in c.cuts())
 
     await until(at_min, 30, f"cuts down to min_bandwidth; stderr: {c.log()}")
+    # No fault here: the error counters an alert reads are there, at zero, not absent.
+    for name, labels in (
+        ("detnet_api_errors_total", {"code": "500"}),
+        ("detnet_api_errors_total", {"code": "connection"}),
+        ("detnet_enforcement_errors_total", {"enforcer": "kubernetes"}),
+    ):
+        assert await c.metric(name, **labels) == 0.0, (name, labels)
     cuts = c.cuts()
     assert [d["limits"]["telemetry-upload"] for d in cuts] == [50, 25, 12, 10]
     for d in cuts:
