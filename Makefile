@@ -6,6 +6,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip
 STAMP  := $(VENV)/.installed
+LAB_STAMP := $(VENV)/.installed-lab
 PKGS   := native engine controller lab bench
 
 # Debian packages the tests, the lab and the benchmarks use (installed when root).
@@ -16,11 +17,16 @@ APT_BENCH := irtt sockperf
 
 all: test
 
-$(STAMP): pyproject.toml setup.py $(wildcard native/*.pyx native/*.pxi native/*.pxd)
+# The lab needs detnet and its runtime dependencies only; the tests add the dev tools.
+$(LAB_STAMP): pyproject.toml setup.py $(wildcard native/*.pyx native/*.pxi native/*.pxd)
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip setuptools wheel
-	$(PIP) install -q -e '.[dev,plot]'
+	$(PIP) install -q -e .
 	@$(PY) -c "import detnet.native as n; print('detnet.native backend:', n.BACKEND)"
+	@touch $@
+
+$(STAMP): $(LAB_STAMP)
+	$(PIP) install -q -e '.[dev,plot]'
 	@touch $@
 
 venv: $(STAMP)
@@ -53,7 +59,7 @@ test: $(STAMP) apt-test lint
 	$(PY) -m pytest -q
 	DETNET_NO_EXTENSIONS=1 $(PY) -m pytest -q -m "not slow" tests/unit tests/integration
 
-lab: $(STAMP)
+lab: $(LAB_STAMP)
 	@if [ "$$(id -u)" = 0 ]; then $(VENV)/bin/detnet lab; \
 	else $(VENV)/bin/detnet lab --unshare; fi
 
