@@ -731,3 +731,23 @@ def test_dockerfile_is_clean_under_hadolint() -> None:
         cwd=ROOT,
     )
     assert out.returncode == 0, out.stdout + out.stderr
+
+
+def test_the_readme_commands_select_what_the_manifests_deploy() -> None:
+    # Every `kubectl apply -k deploy/X` names a base, and each `-n NS ... -l SELECTOR`
+    # selects a pod template of that namespace in the rendered manifests.
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    applied = re.findall(r"kubectl apply -k deploy/([\w-]+)", readme)
+    assert set(applied) == set(BASES), applied
+    selectors = re.findall(r"kubectl -n ([\w-]+) logs -l (\S+)", readme)
+    assert selectors, "the README shows how to follow the controller's log"
+    docs = everything()
+    for namespace, selector in selectors:
+        wanted = dict(pair.split("=", 1) for pair in selector.split(","))
+        templates = [
+            d["spec"]["template"]["metadata"].get("labels", {})
+            for kind in WORKLOAD_KINDS
+            for d in of_kind(docs, kind)
+            if d["metadata"].get("namespace") == namespace and "template" in d.get("spec", {})
+        ]
+        assert any(wanted.items() <= labels.items() for labels in templates), (namespace, selector)
