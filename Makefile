@@ -9,6 +9,15 @@ STAMP  := $(VENV)/.installed
 LAB_STAMP := $(VENV)/.installed-lab
 PKGS   := native engine controller lab bench
 
+# The shared suite of the Cython core and its pure-Python fallback: everything that runs
+# the measurement core (native, engine, the probe and reflect commands, the controller
+# process end to end). `make test` runs it a second time with DETNET_NO_EXTENSIONS=1.
+CORE_TESTS := $(wildcard tests/unit/test_native_*.py tests/integration/test_native_*.py) \
+	$(addprefix tests/unit/test_,$(addsuffix .py,core recorder ring stats sequence scheduler \
+	  parse connections targets tbf slo collector)) \
+	$(addprefix tests/integration/test_,$(addsuffix .py,probe_engine probe_engine_dynamic \
+	  reflector cmd_probe cmd_reflect cmd_control daemon))
+
 # Debian packages the tests, the lab and the benchmarks use (installed when root).
 APT_TEST  := iproute2 prometheus kubectl
 APT_BENCH := irtt sockperf
@@ -57,7 +66,7 @@ typecheck: lint
 
 test: $(STAMP) apt-test lint
 	$(PY) -m pytest -q
-	DETNET_NO_EXTENSIONS=1 $(PY) -m pytest -q -m "not slow" tests/unit tests/integration
+	DETNET_NO_EXTENSIONS=1 $(PY) -m pytest -q -m "not slow" $(CORE_TESTS)
 
 lab: $(LAB_STAMP)
 	@if [ "$$(id -u)" = 0 ]; then $(VENV)/bin/detnet lab; \
