@@ -235,7 +235,7 @@ class AsymmetricAimd:
 
     def evidence_since(self, endpoints: Mapping[str, Endpoint]) -> dict[str, int]:
         """Per probe target, the monotonic time from which its samples count: after the
-        last cut of its group took effect. Targets not named have no such bound."""
+        last cut (or trim) of its group took effect. Targets not named have no such bound."""
         delay = _ns(self.params.effect_delay_s)
         starts = {
             name: last + delay
