@@ -34,9 +34,12 @@ $(LAB_STAMP): pyproject.toml setup.py $(wildcard native/*.pyx native/*.pxi nativ
 	@$(PY) -c "import detnet.native as n; print('detnet.native backend:', n.BACKEND)"
 	@touch $@
 
-$(STAMP): $(LAB_STAMP)
+$(STAMP): pyproject.toml setup.py $(wildcard native/*.pyx native/*.pxi native/*.pxd)
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip setuptools wheel
 	$(PIP) install -q -e '.[dev,plot]'
-	@touch $@
+	@$(PY) -c "import detnet.native as n; print('detnet.native backend:', n.BACKEND)"
+	@touch $@ $(LAB_STAMP)
 
 venv: $(STAMP)
 
