@@ -22,9 +22,15 @@ prototype's ConfigMap and legacy keys), ``resolve`` (DNS, for the users).
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
-from detnet.controller.config.compat import is_configmap, unwrap_configmap
+from detnet.controller.config.compat import (
+    is_configmap,
+    is_prototype,
+    prototype_notices,
+    unwrap_configmap,
+)
 from detnet.controller.config.model import (
     CONFIGMAP_KEY,
     Config,
@@ -92,9 +98,14 @@ def parse_config(text: str, *, source: str = "<config>") -> Config:
     doc = Document(source, text)
     if doc.root is None:
         raise ConfigError(f"{source}: empty config")
-    if is_configmap(doc):
+    configmap = is_configmap(doc)
+    if configmap:
         doc = unwrap_configmap(doc)
     if doc.root is None or not doc.root.is_mapping:
         shown = "nothing" if doc.root is None else doc.root.shown()
         raise doc.error("", f"the config must be a mapping, got {shown}")
-    return build_config(doc)
+    config = build_config(doc)
+    if is_prototype(doc, configmap=configmap):
+        notices = prototype_notices(config)
+        config = dataclasses.replace(config, warnings=(*config.warnings, *notices))
+    return config

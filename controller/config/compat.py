@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from detnet.controller.config.model import CONFIGMAP_KEY
+from detnet.controller.config.model import CONFIGMAP_KEY, Config
 from detnet.controller.config.reading import Document, Section, Value, boolean, positive
 from detnet.engine.parse import escape
 
@@ -104,8 +104,8 @@ def adopt_legacy_policy(top: Section, control: Section, policy: Section) -> Lega
     """File the prototype's policy keys under ``policy``; return what else they say.
 
     A key set both in the prototype's place and in ours is an error. ``step_down`` below
-    1 is a decrease factor; 1 or more is the Mbit/s figure the prototype wrote but never
-    applied (its controller always cut 20 %): we keep that behaviour and say so."""
+    1 is a decrease factor; 1 or more is the prototype's Mbit/s figure (it subtracted that,
+    times the severity, per cut): detnet cuts 20 % of the usage instead and says so."""
     warnings: list[str] = []
     for legacy, ours in _LEGACY_POLICY.items():
         value = control.value(legacy)
@@ -116,9 +116,9 @@ def adopt_legacy_policy(top: Section, control: Section, policy: Section) -> Lega
         if legacy == "step_down" and _STEP_DOWN(value) >= 1:
             line = value.line
             warnings.append(
-                f"{value.doc.source}:{line}: {value.path}: {value.shown()} reads as Mbit/s, "
-                "which the prototype never applied; using decrease_factor 0.20 "
-                "(set a fraction like 0.2)"
+                f"{value.doc.source}:{line}: {value.path}: {value.shown()} reads as Mbit/s: "
+                "the prototype subtracted that (times the severity) per cut; detnet cuts a "
+                "fraction of the usage, decrease_factor 0.20 (set a fraction like 0.2)"
             )
             continue
         policy.adopt(ours, value)
@@ -135,3 +135,91 @@ def adopt_legacy_policy(top: Section, control: Section, policy: Section) -> Lega
         return LegacyPolicy(warnings=tuple(warnings), severity_default=PROTOTYPE_SEVERITY)
     policy.adopt("severity_max_multiplier", multiplier)
     return LegacyPolicy(warnings=tuple(warnings))
+
+
+def is_prototype(doc: Document, *, configmap: bool) -> bool:
+    """Whether a document is the prototype's: its ConfigMap wrapper or its legacy keys."""
+    if configmap:
+        return True
+    root = doc.root
+    if root is None or not root.is_mapping:
+        return False
+    pairs = zip(root.node.children[0::2], root.node.children[1::2], strict=True)
+    for key, value in pairs:
+        if key.kind != "scalar":
+            continue
+        if key.text in LEGACY_TOP_KEYS:
+            return True
+        if key.text == "control" and value.kind == "mapping":
+            inner = {k.text for k in value.children[0::2] if k.kind == "scalar"}
+            if inner & set(LEGACY_CONTROL_KEYS):
+                return True
+    return False
+
+
+def prototype_notices(config: Config) -> tuple[str, ...]:
+    """Where a prototype config means something else to detnet: one notice per difference
+    that applies to ``config``, with the setting that restores the prototype's behaviour
+    where there is one."""
+    out: list[str] = []
+    for i, app in enumerate(config.critical_apps):
+        at = f"critical_apps[{i}]"
+        if app.max_latency_ms is not None:
+            out.append(
+                f"{config.where(f'{at}.max_latency_ms')}: enforced as a p99 RTT limit (a "
+                "breach cuts best-effort traffic); the prototype did not act on it: remove "
+                "it to cut on jitter alone"
+            )
+        if app.protocol == "tcp":
+            out.append(
+                f"{config.where(f'{at}.protocol')}: {app.name}'s SLO breaches cut "
+                "best-effort traffic too (the prototype cut on UDP jitter only); no setting "
+                "restores that: drop its thresholds to only watch it"
+            )
+    p, c = config.policy, config.control
+    if p.severity_max_multiplier > 1.0:
+        where = _where_any(
+            config,
+            "severity_max_multiplier",
+            "severity_multiplier_enabled",
+            "policy.severity_max_multiplier",
+        )
+        out.append(
+            f"{where}: a violation k times over its "
+            f"threshold cuts as k compounded {p.decrease_factor:.0%} cuts (k <= "
+            f"{p.severity_max_multiplier:g}); the prototype multiplied one step: set "
+            "severity_max_multiplier: 1 for single cuts"
+        )
+    where = _where_any(config, "control.step_up", "policy.increase_step", "control")
+    out.append(
+        f"{where}: recovery adds {p.increase_step} Mbit/s after "
+        f"{p.increase_interval_s:g} s of stable signals each time, slower than the "
+        "prototype's give-back every control cycle: lower policy.increase_interval to "
+        "recover faster"
+    )
+    if c.window_samples is not None:
+        ours = c.window_samples * c.probe_interval_s
+        theirs = c.window_samples * c.control_interval_s
+        out.append(
+            f"{config.where('control.window_size')}: {c.window_samples} samples at "
+            f"probe_interval {c.probe_interval_s:g} s cover {ours:g} s; the prototype took "
+            f"one sample per control_interval, {theirs:g} s: set control.window: "
+            f"{theirs:g}s for the same span"
+        )
+    for i, t in enumerate(config.best_effort_targets):
+        if t.initial_bandwidth is not None:
+            out.append(
+                f"{config.where(f'best_effort_targets[{i}].initial_bandwidth')}: applied to "
+                f"the running pods at start (a pod at {p.max_bandwidth}M gets "
+                f"{t.initial_bandwidth}M on the controller's first act); remove it to start "
+                "from max_bandwidth"
+            )
+    return tuple(out)
+
+
+def _where_any(config: Config, *paths: str) -> str:
+    """``FILE:LINE: path`` of the first of ``paths`` the file has (the last one otherwise)."""
+    for path in paths:
+        if path in config._lines:
+            return config.where(path)
+    return config.where(paths[-1])

@@ -352,3 +352,48 @@ def test_bad_pod_namespace_is_a_config_error() -> None:
         "c.yaml:15: kubernetes.lease_namespace: not set, and "
         'POD_NAMESPACE="Not_A_Namespace" is not a namespace name; set it explicitly'
     )
+
+
+# --------------------------------------------------- coming from the prototype: notices
+
+PROTOTYPE_NOTICES = {
+    # (the config path the notice names, what it says)
+    ("critical_apps[0].max_latency_ms", "enforced as a p99 RTT limit"),
+    ("critical_apps[1].max_latency_ms", "enforced as a p99 RTT limit"),
+    ("critical_apps[1].protocol", "cut best-effort traffic too"),
+    ("severity_max_multiplier", "set severity_max_multiplier: 1"),
+    ("control.step_up", "lower policy.increase_interval"),
+    ("control.window_size", "set control.window: 40s"),
+    ("best_effort_targets[0].initial_bandwidth", "gets 100M on the controller's first act"),
+    ("best_effort_targets[1].initial_bandwidth", "gets 100M on the controller's first act"),
+}
+
+
+def test_the_prototype_configmap_gets_one_notice_per_difference() -> None:
+    cfg = load_config(FIXTURES / "prototype-configmap.yaml")
+    for path, text in PROTOTYPE_NOTICES:
+        hits = [w for w in cfg.warnings if f": {path}: " in w and text in w]
+        assert len(hits) == 1, (path, text, cfg.warnings)
+    # and the step_down figure, read as the prototype as deployed read it
+    (step,) = [w for w in cfg.warnings if "control.step_down" in w]
+    assert "subtracted that (times the severity) per cut" in step
+    assert len(cfg.warnings) == len(PROTOTYPE_NOTICES) + 1
+
+
+def test_a_notice_appears_only_where_its_difference_applies() -> None:
+    # The prototype's form (its legacy control keys) without the settings that differ.
+    text = """
+critical_apps:
+  - {name: robot, host: 198.18.0.1, port: 5201, protocol: UDP, max_jitter_ms: 1.0}
+best_effort_targets:
+  - {deployment: bulk}
+control: {min_bandwidth: 10, max_bandwidth: 1000}
+"""
+    warnings = parse_config(text, source="p.yaml").warnings
+    assert [w for w in warnings if "recovery adds" in w], warnings
+    assert len(warnings) == 1, warnings  # only the slower recovery applies
+
+
+def test_our_own_form_gets_no_prototype_notice() -> None:
+    for name in ("detnet.yaml", "minimal.yaml"):
+        assert load_config(FIXTURES / name).warnings == (), name
