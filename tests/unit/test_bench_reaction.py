@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from detnet.bench.reaction import render_lab
 
 
 def test_the_lab_table_shows_protection_enforcement_and_each_step() -> None:
-    report = {
+    report: dict[str, Any] = {
         "runs": 2,
         "time_to_protect_s": [0.5, None],
         "tc_enforce_ms": {"n": 7, "p50": 1.25, "p99": 3.5, "max": 4.0},
