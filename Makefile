@@ -22,7 +22,7 @@ CORE_TESTS := $(wildcard tests/unit/test_native_*.py tests/integration/test_nati
 APT_TEST  := iproute2 prometheus kubectl
 APT_BENCH := irtt sockperf
 
-.PHONY: all venv test lint typecheck unit lab bench bench-deps apt-test clean
+.PHONY: all venv test lint typecheck unit lab bench bench-deps apt-test image clean
 
 all: test
 
@@ -81,6 +81,17 @@ bench-deps: $(STAMP)
 	  if [ "$$(id -u)" = 0 ]; then apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing >/dev/null; \
 	  else echo "not root: cannot install$$missing; compare will report them as skipped"; fi; \
 	fi
+
+# The container image of deploy/Dockerfile, with whichever builder this machine has.
+VERSION = $(shell $(PYTHON) -c 'import tomllib; print(tomllib.load(open("pyproject.toml", "rb"))["project"]["version"])')
+image:
+	@for b in docker podman buildah; do \
+	  if command -v $$b >/dev/null; then \
+	    if [ $$b = buildah ]; then set -x; buildah bud -f deploy/Dockerfile -t detnet:$(VERSION) .; \
+	    else set -x; $$b build -f deploy/Dockerfile -t detnet:$(VERSION) .; fi; exit $$?; \
+	  fi; \
+	done; \
+	echo "make image: no docker, podman or buildah on this machine; install one, or build deploy/Dockerfile elsewhere" >&2; exit 1
 
 bench: bench-deps
 	$(VENV)/bin/detnet bench all --json bench-results.json
