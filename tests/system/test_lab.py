@@ -84,7 +84,7 @@ def test_a_knee_step_is_weathered(tmp_path: Path) -> None:
     done = subprocess.run(
         [
             *(sys.executable, "-m", "detnet.controller", "lab", "--topology", "node"),
-            *("--quiet", "3", "--congestion", "16", "--recovery", "2", "--step", "knee"),
+            *("--quiet", "2", "--congestion", "10", "--recovery", "1", "--step", "knee"),
             *("--json", str(report_path)),
         ],
         capture_output=True,
@@ -96,7 +96,7 @@ def test_a_knee_step_is_weathered(tmp_path: Path) -> None:
     assert report["config"]["lab"]["step"] == "knee"
     without = report["runs"]["without_controller"]["step"]
     with_ = report["runs"]["with_controller"]["step"]
-    assert without["at_s"] == with_["at_s"] == pytest.approx(3 + 16 / 2)
+    assert without["at_s"] == with_["at_s"] == pytest.approx(2 + 10 / 2)
     assert without["recovery_s"] is None  # the queue stands until the senders stop
     assert with_["recovery_s"] is not None
     # the caps end under the lower link: best effort is held to less than 60 Mbit/s
