@@ -20,7 +20,7 @@ CORE_TESTS := $(wildcard tests/unit/test_native_*.py tests/integration/test_nati
 
 # Debian packages the tests, the lab and the benchmarks use (installed when root).
 APT_TEST  := iproute2 prometheus kubectl
-APT_BENCH := irtt sockperf
+APT_BENCH := irtt sockperf  # the peer probers `bench compare` (and its test) measure against
 
 .PHONY: all venv test lint typecheck unit lab bench bench-deps apt-test image clean
 
@@ -53,6 +53,7 @@ apt-test:
 	command -v tc >/dev/null || missing="$$missing iproute2"; \
 	command -v promtool >/dev/null || missing="$$missing prometheus"; \
 	command -v kubectl >/dev/null || missing="$$missing kubectl"; \
+	for p in $(APT_BENCH); do command -v $$p >/dev/null || missing="$$missing $$p"; done; \
 	if [ -n "$$missing" ]; then \
 	  if [ "$$(id -u)" = 0 ]; then \
 	    echo "installing Debian packages:$$missing"; \
