@@ -206,9 +206,7 @@ def summarise_run(
             ttp = round(k * _SLIDE_S, 3)
             break
     from_s = c_start + (ttp or 0.0)
-    n_windows = math.floor(c_end - from_s + 1e-9)
-    good = sum(_all_within(run, slos, base, from_s + i, from_s + i + 1.0) for i in range(n_windows))
-    attainment = good / n_windows if n_windows > 0 else None
+    attainment = _attainment(run, slos, base, from_s, c_end)
     spare = _mean_spare(
         from_s,
         c_end,
@@ -242,6 +240,15 @@ def summarise_run(
         "phases": phases,
         "decisions": [dict(d) for d in run.decisions],
     }
+
+
+def _attainment(
+    run: RunData, slos: Sequence[Slo], base: Mapping[str, float | None], start: float, end: float
+) -> float | None:
+    """The share of whole one-second windows from ``start`` to ``end`` within SLO."""
+    n = math.floor(end - start + 1e-9)
+    good = sum(_all_within(run, slos, base, start + i, start + i + 1.0) for i in range(n))
+    return good / n if n > 0 else None
 
 
 def _mean_spare(
@@ -280,13 +287,11 @@ def step_summary(
         recovery = round(float(starts[bad[-1] + 1] - at_s), 3)
     else:
         recovery = None
-    n = math.floor(c_end - at_s + 1e-9)
-    good = sum(_all_within(run, slos, base, at_s + i, at_s + i + 1.0) for i in range(n))
     return {
         "at_s": round(at_s, 3),
         "broke": bool(bad),
         "recovery_s": recovery,
-        "slo_attainment": good / n if n > 0 else None,
+        "slo_attainment": _attainment(run, slos, base, at_s, c_end),
         "best_effort_mbps_before": _mean_goodput(run, max(c_start, at_s - 5.0), at_s),
         "best_effort_mbps_after": _mean_goodput(run, at_s, c_end),
     }
@@ -384,21 +389,18 @@ def format_table(report: Mapping[str, Any]) -> str:
         )
         step = run.get("step")
         if step:
-            rec = step["recovery_s"]
-            satt = step["slo_attainment"]
+            rec, att = step["recovery_s"], step["slo_attainment"]
+            how = (
+                "SLO held" if not step["broke"]
+                else "never recovered" if rec is None
+                else f"recovered in {rec:.1f} s"
+            )  # fmt: skip
             lines.append(
                 f"{'':<19}{report['config']['lab'].get('step', 'a')} step at "
-                f"{step['at_s']:.1f} s: "
-                + (
-                    "SLO held"
-                    if not step["broke"]
-                    else "never recovered"
-                    if rec is None
-                    else f"recovered in {rec:.1f} s"
-                )
-                + f", SLO attainment after it {_fmt(None if satt is None else 100 * satt, '.1f')}%"
-                + f", best effort {_fmt(step['best_effort_mbps_before'], '.1f')} -> "
-                + f"{_fmt(step['best_effort_mbps_after'], '.1f')} Mbit/s"
+                f"{step['at_s']:.1f} s: {how}, SLO attainment after it "
+                f"{_fmt(None if att is None else 100 * att, '.1f')}%, best effort "
+                f"{_fmt(step['best_effort_mbps_before'], '.1f')} -> "
+                f"{_fmt(step['best_effort_mbps_after'], '.1f')} Mbit/s"
             )
         lines.append("")
     return "\n".join(lines).rstrip() + "\n"

@@ -420,19 +420,20 @@ def _one_run(
         senders: list[subprocess.Popen[bytes]] = []
         launched = False
         stopped = False
-        step_at, stepped = settings.step_at_s, False
+        step_at, stepped = settings.step_at_s or 0.0, settings.step_at_s is None
+        # senders launch ahead and are told the start time; a rate changes on the spot
+        step_due = step_at - (1.5 if settings.step == "load" else 0.0)
         forward.rec = rec
         while (now := time.time() - rec.t0) < tl.total_s:
             if not launched and now >= c_start - 1.5:
                 senders += _wave(settings, topo, at=rec.t0 + c_start)
                 launched = True
-            if step_at is not None and not stepped and now >= step_at - 1.5:
+            if not stepped and now >= step_due:
                 if settings.step == "load":
                     senders += _wave(settings, topo, at=rec.t0 + step_at)
-                    stepped = True
-                elif now >= step_at:
+                else:
                     topo.set_bottleneck(settings.stepped_mbps)
-                    stepped = True
+                stepped = True
             if launched and not stopped and now >= c_end:
                 for proc in senders:
                     topo.stop(proc, timeout_s=2.0)

@@ -186,12 +186,7 @@ class Topology:
         _run(["ip", "-n", node, "link", "set", "up1", "netns", up])
         _run(["ip", "-n", node, "link", "set", "up0", "master", "br0", "up"])
         _run(["ip", "-n", up, "link", "set", "up1", "master", "br1", "up"])
-        _run(
-            [
-                *("tc", "-n", node, "qdisc", "replace", "dev", "up0", "root", "handle", "1:"),
-                *tbf_args(rate_mbps=self.bottleneck_mbps, buffer_ms=self.buffer_ms),
-            ]
-        )
+        self._shape_uplink("replace", self.bottleneck_mbps)
         for pod in PODS:
             ns = self.ns(pod.role)
             self._add_ns(ns)
@@ -213,11 +208,14 @@ class Topology:
         """Change the bottleneck's rate in place (the knee step), same queue depth."""
         if rate_mbps <= 0:
             raise LabError("bottleneck rate must be positive")
+        self._shape_uplink("change", rate_mbps)
+
+    def _shape_uplink(self, verb: str, rate_mbps: float) -> None:
+        """``tc qdisc VERB`` the uplink's root tbf: the bottleneck."""
         _run(
             [
-                *("tc", "-n", self.ns("node"), "qdisc", "change", "dev", "up0", "root"),
-                *("handle", "1:"),
-                *tbf_args(rate_mbps=rate_mbps, buffer_ms=self.buffer_ms),
+                *("tc", "-n", self.ns("node"), "qdisc", verb, "dev", "up0", "root"),
+                *("handle", "1:", *tbf_args(rate_mbps=rate_mbps, buffer_ms=self.buffer_ms)),
             ]
         )
 

@@ -207,24 +207,20 @@ def _final_limits(
 
 def _patched_by_node(
     patches: Sequence[Mapping[str, Any]], pods: Sequence[PodRef]
-) -> dict[str, dict[str, float | None]]:
-    """Per node, each patched pod's lowest patched limit in Mbit/s (None: no limit)."""
+) -> dict[str, dict[str, list[float]]]:
+    """Per node, each patched pod's patched limits in Mbit/s (a value that sets no limit,
+    as Cilium reads it, adds none)."""
     node_of = {p.name: p.node for p in pods}
-    out: dict[str, dict[str, float | None]] = {}
+    out: dict[str, dict[str, list[float]]] = {}
     for patch in patches:
-        node = node_of.get(str(patch.get("pod")))
-        if node is None:
+        pod = str(patch.get("pod"))
+        if pod not in node_of:
             continue
         value = patch.get("value")
         rate = egress_limit(value if isinstance(value, str) else None).bytes_per_s
-        mbps = None if rate is None else round(rate * 8 / 1e6, 3)
-        seen = out.setdefault(node, {})
-        pod = str(patch["pod"])
-        if pod not in seen:
-            seen[pod] = mbps
-        elif mbps is not None:
-            before = seen[pod]
-            seen[pod] = mbps if before is None else min(before, mbps)
+        limits = out.setdefault(node_of[pod], {}).setdefault(pod, [])
+        if rate is not None:
+            limits.append(round(rate * 8 / 1e6, 3))
     return out
 
 
@@ -270,7 +266,7 @@ def summarise_cluster_run(
         mbps = phases["congestion"]["best_effort_mbps"][n]
         spare = setup.uplink_mbps - setup.critical_mbps.get(n, 0.0)
         node_patches = patched_by_node.get(n, {})
-        lowest = [v for v in node_patches.values() if v is not None]
+        lowest = [v for limits in node_patches.values() for v in limits]
         nodes[n] = {
             "best_effort_mbps": mbps,
             "utilisation": None if mbps is None or spare <= 0 else mbps / spare,

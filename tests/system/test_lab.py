@@ -8,6 +8,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -36,13 +37,13 @@ def _lab_processes() -> set[int]:
     return found
 
 
-def test_shortened_lab_meets_the_claims(tmp_path: Path) -> None:
-    before_ns, before_procs = _lab_namespaces(), _lab_processes()
+def _run_lab(tmp_path: Path, *flags: str) -> tuple[subprocess.CompletedProcess[str], Any]:
+    """A one-node `detnet lab` run with ``flags``; it must succeed. Its output and report."""
     report_path = tmp_path / "lab.json"
     done = subprocess.run(
         [
             *(sys.executable, "-m", "detnet.controller", "lab", "--topology", "node"),
-            *("--quiet", "4", "--congestion", "16", "--recovery", "3"),
+            *flags,
             *("--json", str(report_path)),
         ],
         capture_output=True,
@@ -50,7 +51,12 @@ def test_shortened_lab_meets_the_claims(tmp_path: Path) -> None:
         timeout=150,
     )
     assert done.returncode == 0, done.stderr[-2000:]
-    report = json.loads(report_path.read_text())
+    return done, json.loads(report_path.read_text())
+
+
+def test_shortened_lab_meets_the_claims(tmp_path: Path) -> None:
+    before_ns, before_procs = _lab_namespaces(), _lab_processes()
+    done, report = _run_lab(tmp_path, "--quiet", "4", "--congestion", "16", "--recovery", "3")
     without = report["runs"]["without_controller"]
     with_ = report["runs"]["with_controller"]
 
@@ -80,19 +86,9 @@ def test_a_knee_step_is_weathered(tmp_path: Path) -> None:
     """The bottleneck drops to 60 % halfway through congestion: without the controller the
     SLO never comes back; with it, it does before congestion ends, and the caps follow
     the link down."""
-    report_path = tmp_path / "lab.json"
-    done = subprocess.run(
-        [
-            *(sys.executable, "-m", "detnet.controller", "lab", "--topology", "node"),
-            *("--quiet", "2", "--congestion", "10", "--recovery", "1", "--step", "knee"),
-            *("--json", str(report_path)),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=150,
+    done, report = _run_lab(
+        tmp_path, "--quiet", "2", "--congestion", "10", "--recovery", "1", "--step", "knee"
     )
-    assert done.returncode == 0, done.stderr[-2000:]
-    report = json.loads(report_path.read_text())
     assert report["config"]["lab"]["step"] == "knee"
     without = report["runs"]["without_controller"]["step"]
     with_ = report["runs"]["with_controller"]["step"]
