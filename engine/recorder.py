@@ -53,14 +53,42 @@ U8 = npt.NDArray[np.uint8]
 CLOCK_STEP_NS = 5_000_000
 
 # Timestamp sources: which clocks a record's RTT comes from. A code per record; its name is
-# what samples and metrics say, its ring flag what the window statistics read. A new source
-# (a two-step reflector TX stamp, hardware stamps) is a new code here, with its name and flag.
+# what samples and metrics say (docs/protocol.md, "Timestamp sources and labels"), its ring
+# flag what the window statistics read.
 SOURCE_USER = 0  # user-space clock reads next to the syscalls
-SOURCE_KERNEL = 1  # kernel TX/RX software stamps, or the kernel's own RTT (TCP_INFO)
-SOURCE_NAMES: tuple[str, ...] = ("user", "kernel")
-SOURCE_FLAGS: tuple[int, ...] = (0, FLAG_KERNEL)
+SOURCE_KERNEL = 1  # kernel TX/RX software stamps, one-step turnaround (or TCP_INFO's RTT)
+SOURCE_KERNEL_2STEP = 2  # ... and the reflector's kernel TX stamp, sent two-step
+SOURCE_KERNEL_ECHO = 3  # kernel stamps of a verbatim echo: the server's wake-up included
+SOURCE_HARDWARE = 4  # the NIC's TX and RX stamps
+SOURCE_NAMES: tuple[str, ...] = ("user", "kernel", "kernel-2step", "kernel-echo", "hardware")
+SOURCE_FLAGS: tuple[int, ...] = (0, FLAG_KERNEL, FLAG_KERNEL, FLAG_KERNEL, FLAG_KERNEL)
 _SOURCE_FLAGS = np.array(SOURCE_FLAGS, np.uint8)
 _SOURCE_BY_KERNEL = np.array((SOURCE_USER, SOURCE_KERNEL), np.uint8)  # [kernel stamps used]
+
+# Row kinds and follow-up sources of the native REPLY_DTYPE (detnet.native's KIND_* and
+# FOLLOWUP_*; tests/unit/test_recorder.py holds them equal).
+KIND_REPLY, KIND_REPLY_2STEP, KIND_FOLLOWUP, KIND_ECHO = 0, 1, 2, 3
+FOLLOWUP_NONE, FOLLOWUP_KERNEL = 0, 1
+
+# A two-step reply waits for its reflector TX stamp at most this long past the wait the
+# prober asked the reflector for (a follow-up lost on the way); then it is recorded
+# one-step. Stamps that overtake their reply (reordering) wait in a table this big.
+SETTLE_MARGIN_NS = 20_000_000
+MAX_EARLY_STAMPS = 256
+
+
+class _Pending:
+    """A two-step reply waiting for its stamp: what its record needs, copied out of the
+    tracker (whose slot may be reused meanwhile)."""
+
+    __slots__ = ("due_ns", "fields", "flags", "seq")
+
+    def __init__(self, due_ns: int, seq: int, flags: int, fields: tuple[int, ...]) -> None:
+        self.due_ns = due_ns
+        self.seq = seq
+        self.flags = flags  # FLAG_REORDERED, and FLAG_DUP or FLAG_LATE once one comes
+        # slot, user_tx, kernel_tx, hw_tx, rx_user, rx_kernel, rx_hw, refl_rx, refl_tx
+        self.fields = fields
 
 
 # --- inputs -----------------------------------------------------------------------------
@@ -77,11 +105,23 @@ class Reply(NamedTuple):
     refl_rx_ns: int = 0  # the reflector's receive stamp
     refl_tx_ns: int = 0  # the reflector's send stamp
     rtt_override_ns: int | None = None  # network RTT measured elsewhere (TCP_INFO); 0: none
+    kind: int = KIND_REPLY  # KIND_*: one-step, two-step, follow-up or echo
+    followup_source: int = FOLLOWUP_NONE  # FOLLOWUP_*: a reflector TX stamp in this row
+    followup_seq: int = 0  # ... for this probe
+    refl_tx_kernel_ns: int = 0  # ... its kernel TX stamp (0 with FOLLOWUP_LOST)
+    rx_hw_ns: int = 0  # raw hardware RX stamp
 
 
 # The native REPLY_DTYPE field behind each field of Reply, in Reply's order (the override
 # has none: it comes from TCP_INFO).
 NATIVE_FIELDS: tuple[str, ...] = ("seq", "user_rx_ns", "kernel_rx_ns", "refl_rx_ns", "refl_tx_ns")
+NATIVE_TWO_STEP_FIELDS: tuple[str, ...] = (
+    "kind",
+    "followup_source",
+    "followup_seq",
+    "refl_tx_kernel_ns",
+    "hw_rx_ns",
+)
 
 
 @dataclass(frozen=True)
@@ -101,7 +141,8 @@ class Replies:
 
     @classmethod
     def from_native(cls, r: npt.NDArray[np.void]) -> Replies:
-        """A native ``REPLY_DTYPE`` array (views, no copies)."""
+        """A native ``REPLY_DTYPE`` array (views, no copies) of one-step replies: the
+        two-step fields are not read (``record_native`` sends other rows elsewhere)."""
         return cls(*[r[name] for name in NATIVE_FIELDS])
 
     def take(self, mask: npt.NDArray[np.bool_]) -> Replies:
@@ -187,6 +228,7 @@ class ProbeTotals:
     dropped: int  # replies dropped because the clock stepped during the probe
     skipped: int  # send slots skipped because the loop woke up too late
     send_errors: int
+    foreign: int = 0  # datagrams or frames that were neither our replies nor an echo
 
 
 SampleCallback = Callable[[Sample], None]
@@ -221,6 +263,12 @@ class ProbeRecorder:
         self.on_sample = on_sample
         self.skipped = 0  # the scheduler's missed send slots, counted by the engine
         self.send_errors = 0  # sends the kernel refused, counted by the prober
+        self.foreign = 0  # replies that are not ours (nor an echo), counted by the prober
+        # Two-step replies by seq, in arrival order (so due order), and stamps that came
+        # before their reply; the prober sets settle_ns from the wait it asked for.
+        self.settle_ns = SETTLE_MARGIN_NS
+        self._pending: dict[int, _Pending] = {}
+        self._early: dict[int, int] = {}
         self._source = SOURCE_USER
         self._base = BaseRttTracker()
         self._base_lock = threading.Lock()
@@ -267,26 +315,64 @@ class ProbeRecorder:
             dropped=t.dropped,
             skipped=self.skipped,
             send_errors=self.send_errors,
+            foreign=self.foreign,
         )
 
+    @property
+    def awaiting_stamps(self) -> int:
+        """Two-step replies waiting for their reflector TX stamp."""
+        return len(self._pending)
+
     # --- sending and losses -------------------------------------------------------------
-    def on_sent(self, *, now_ns: int, offset_ns: int, user_tx_ns: I64, kernel_tx_ns: I64) -> None:
-        """Record probes ``next_seq ..`` as sent at ``now_ns`` (their TX stamps; kernel 0
-        where there is none), first finishing the oldest ones if their slots are needed."""
+    def on_sent(
+        self,
+        *,
+        now_ns: int,
+        offset_ns: int,
+        user_tx_ns: I64,
+        kernel_tx_ns: I64,
+        hw_tx_ns: I64 | None = None,
+    ) -> None:
+        """Record probes ``next_seq ..`` as sent at ``now_ns`` (their TX stamps; kernel and
+        hardware 0 where there is none), first finishing the oldest ones if their slots
+        are needed."""
         n = int(user_tx_ns.shape[0])
         self.sweep(now_ns, reserve=n)
         self.tracker.on_sent(
             first_seq=self.tracker.next_seq,
             user_tx_ns=user_tx_ns,
             kernel_tx_ns=kernel_tx_ns,
+            hw_tx_ns=hw_tx_ns,
             deadline_ns=now_ns + self.timeout_ns,
             offset_ns=offset_ns,
         )
 
+    def on_late_tx(self, stamps: npt.NDArray[np.void]) -> int:
+        """TX stamps that came after their send returned (native ``SENT_DTYPE`` rows from
+        ``take_tx_stamps()``); return how many belonged to probes still in flight."""
+        late_tx = self.tracker.late_tx
+        return sum(
+            late_tx(int(seq), kernel_tx_ns=int(k), hw_tx_ns=int(h))
+            for seq, k, h in zip(
+                stamps["seq"].tolist(),
+                stamps["kernel_tx_ns"].tolist(),
+                stamps["hw_tx_ns"].tolist(),
+                strict=True,
+            )
+        )
+
     def sweep(self, now_ns: int, *, reserve: int = 0) -> None:
         """Record every probe past its deadline as lost (and the oldest ones when
-        ``reserve`` new probes need their slots)."""
+        ``reserve`` new probes need their slots); two-step replies whose stamp is overdue
+        are recorded one-step."""
         self._record_lost(now_ns, self.tracker.expire(now_ns, reserve=reserve))
+        pending = self._pending
+        while pending:
+            first = next(iter(pending.values()))
+            if first.due_ns > now_ns and len(pending) <= self.tracker.capacity:
+                break
+            del pending[first.seq]
+            self._write_pending(now_ns, first, 0)
 
     def _record_lost(self, now_ns: int, expired: Expired) -> None:
         n = int(expired.seq.shape[0])
@@ -314,20 +400,26 @@ class ProbeRecorder:
     def record_native(
         self, replies: npt.NDArray[np.void], *, now_ns: int, offset_now_ns: int
     ) -> None:
-        """Record a native ``REPLY_DTYPE`` batch: one reply takes the scalar path."""
-        if replies.shape[0] != 1:
+        """Record a native ``REPLY_DTYPE`` batch. One-step replies in bulk take the
+        vectorised path; one reply, and batches with two-step replies, follow-ups, echoes
+        or hardware stamps, take the scalar one, row by row."""
+        n = replies.shape[0]
+        if n != 1 and not any(replies[f].any() for f in NATIVE_TWO_STEP_FIELDS):
             self.record_replies(
                 Replies.from_native(replies), now_ns=now_ns, offset_now_ns=offset_now_ns
             )
             return
         if replies.dtype is not self._native_dtype:
             names = replies.dtype.names or ()
-            self._native_pick = operator.itemgetter(*(names.index(n) for n in NATIVE_FIELDS))
+            fields = NATIVE_FIELDS + NATIVE_TWO_STEP_FIELDS
+            self._native_pick = operator.itemgetter(*(names.index(f) for f in fields))
             self._native_dtype = replies.dtype
-        # One item() call gives every field as a Python int: five field reads would cost
-        # ten times as much, more than all the arithmetic.
-        seq, rx_user, rx_kernel, refl_rx, refl_tx = self._native_pick(replies.item(0))
-        self._record_one(now_ns, offset_now_ns, seq, rx_user, rx_kernel, refl_rx, refl_tx, None)
+        # One item() call gives every field as a Python int: ten field reads would cost
+        # twenty times as much, more than all the arithmetic.
+        pick, record = self._native_pick, self._record_one
+        for i in range(n):
+            seq, rx_user, rx_kernel, refl_rx, refl_tx, *rest = pick(replies.item(i))
+            record(now_ns, offset_now_ns, seq, rx_user, rx_kernel, refl_rx, refl_tx, None, *rest)
 
     def record_replies(self, replies: Replies, *, now_ns: int, offset_now_ns: int) -> None:
         """Join a batch of replies (arrival order) to the probes in flight and record the
@@ -399,7 +491,8 @@ class ProbeRecorder:
                 )
 
     def record_reply(self, reply: Reply, *, now_ns: int, offset_now_ns: int) -> None:
-        """Scalar twin of ``record_replies`` for one reply: the same records, on Python ints."""
+        """Scalar twin of ``record_replies`` for one reply: the same records, on Python ints.
+        Also takes what the batch path does not: two-step replies, follow-ups, echoes."""
         self._record_one(now_ns, offset_now_ns, *reply)
 
     def _record_one(  # positional parameters on purpose: the per-reply hot path
@@ -412,42 +505,119 @@ class ProbeRecorder:
         refl_rx: int,
         refl_tx: int,
         override: int | None,
+        kind: int = KIND_REPLY,
+        followup_source: int = FOLLOWUP_NONE,
+        followup_seq: int = 0,
+        refl_tx_kernel: int = 0,
+        rx_hw: int = 0,
     ) -> None:
         self.sweep(now_ns)
+        if followup_source != FOLLOWUP_NONE:
+            # The stamp of an earlier reply first: that reply's record comes before ours.
+            stamp = refl_tx_kernel if followup_source == FOLLOWUP_KERNEL else 0
+            self._on_stamp(now_ns, followup_seq, stamp)
+        if kind == KIND_FOLLOWUP:
+            return
         tr = self.tracker
         outcome = tr.on_reply(seq)
         slot = seq & (tr.capacity - 1)
         if outcome in (DUPLICATE, LATE):
             if int(tr.seq[slot]) == seq:
+                flag = FLAG_DUP if outcome == DUPLICATE else FLAG_LATE
                 pos = int(tr.ring_pos[slot])
                 if pos >= 0:
-                    self.ring.set_flags(
-                        np.array([pos]), FLAG_DUP if outcome == DUPLICATE else FLAG_LATE
-                    )
+                    self.ring.set_flags(np.array([pos]), flag)
+                elif seq in self._pending:
+                    self._pending[seq].flags |= flag
             return
         if abs(int(tr.offset_ns[slot]) - offset_now_ns) > CLOCK_STEP_NS:
             tr.drop(slot)
             return
-        # The arithmetic of delays(), inline: a function call here costs a tenth of the path.
         user_tx = int(tr.user_tx_ns[slot])
         kernel_tx = int(tr.kernel_tx_ns[slot])
+        hw_tx = int(tr.hw_tx_ns[slot])
+        flags = FLAG_REORDERED if outcome == REORDERED else 0
+        if kind == KIND_REPLY_2STEP:
+            p = _Pending(
+                now_ns + self.settle_ns,
+                seq,
+                flags,
+                (slot, user_tx, kernel_tx, hw_tx, rx_user, rx_kernel, rx_hw, refl_rx, refl_tx),
+            )
+            stamp = self._early.pop(seq, None)
+            if stamp is not None:
+                self._write_pending(now_ns, p, stamp)
+            else:
+                self._pending[seq] = p
+            return
+        self._write_one(
+            now_ns, seq, slot, user_tx, kernel_tx, hw_tx, rx_user, rx_kernel, rx_hw,
+            refl_rx, refl_tx, override, flags,
+            SOURCE_KERNEL_ECHO if kind == KIND_ECHO else SOURCE_KERNEL,
+        )  # fmt: skip
+
+    def _on_stamp(self, now_ns: int, seq: int, stamp: int) -> None:
+        """The reflector's kernel TX stamp of reply ``seq`` (0: it has none)."""
+        p = self._pending.pop(seq, None)
+        if p is not None:
+            self._write_pending(now_ns, p, stamp)
+        elif stamp and int(self.tracker.seq[seq & (self.tracker.capacity - 1)]) == seq:
+            # Overtook its reply (reordering); a stamp for a reply that was lost stays here
+            # until the table is full.
+            early = self._early
+            early[seq] = stamp
+            if len(early) > MAX_EARLY_STAMPS:
+                del early[next(iter(early))]
+
+    def _write_pending(self, now_ns: int, p: _Pending, stamp: int) -> None:
+        """Record a two-step reply: with the reflector's kernel TX ``stamp``, or one-step
+        when it is 0 (lost, or not in time)."""
+        slot, user_tx, kernel_tx, hw_tx, rx_user, rx_kernel, rx_hw, refl_rx, refl_tx = p.fields
+        self._write_one(
+            now_ns, p.seq, slot, user_tx, kernel_tx, hw_tx, rx_user, rx_kernel, rx_hw,
+            refl_rx, stamp or refl_tx, None, p.flags,
+            SOURCE_KERNEL_2STEP if stamp else SOURCE_KERNEL,
+        )  # fmt: skip
+
+    def _write_one(  # positional parameters on purpose: the per-reply hot path
+        self,
+        now_ns: int,
+        seq: int,
+        slot: int,
+        user_tx: int,
+        kernel_tx: int,
+        hw_tx: int,
+        rx_user: int,
+        rx_kernel: int,
+        rx_hw: int,
+        refl_rx: int,
+        refl_tx: int,
+        override: int | None,
+        flags: int,
+        kernel_source: int,
+    ) -> None:
+        # The arithmetic of delays(), inline, extended by the stamps only this path sees.
         has_refl = refl_rx != 0 and refl_tx != 0
         turn = refl_tx - refl_rx if has_refl else 0
         kernel = kernel_tx != 0 and rx_kernel != 0
         tx = kernel_tx if kernel else user_tx
         rx = rx_kernel if kernel else rx_user
+        source = kernel_source if kernel else SOURCE_USER
         rtt = rx - tx - turn
+        if rx_hw and hw_tx:
+            # The NIC's clock on both ends: never mixed with software stamps, and the
+            # one-way delays (which compare with the reflector's clock) stay software.
+            rtt = rx_hw - hw_tx - turn
+            source = SOURCE_HARDWARE
         user_rtt = rx_user - user_tx - turn
         if override is not None:
             kernel = override > 0
             rtt = override if kernel else user_rtt
+            source = SOURCE_KERNEL if kernel else SOURCE_USER
         fwd = float(refl_rx - tx) if has_refl else math.nan
         back = float(rx - refl_tx) if has_refl else math.nan
-        source = SOURCE_KERNEL if kernel else SOURCE_USER
-        flags = FLAG_RECEIVED | SOURCE_FLAGS[source]
-        if outcome == REORDERED:
-            flags |= FLAG_REORDERED
-        tr.ring_pos[slot] = self.ring.append_one(
+        flags |= FLAG_RECEIVED | SOURCE_FLAGS[source]
+        pos = self.ring.append_one(
             t_ns=now_ns,
             sent_ns=user_tx,
             seq=seq,
@@ -457,6 +627,9 @@ class ProbeRecorder:
             back_ns=back,
             flags=flags,
         )
+        tr = self.tracker
+        if int(tr.seq[slot]) == seq:
+            tr.ring_pos[slot] = pos
         self.histogram.add_one(rtt)
         self._source = source
         with self._base_lock:

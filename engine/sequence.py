@@ -60,6 +60,7 @@ class SequenceTracker:
         self.seq = np.full(cap, -1, np.int64)
         self.user_tx_ns = np.zeros(cap, np.int64)
         self.kernel_tx_ns = np.zeros(cap, np.int64)
+        self.hw_tx_ns = np.zeros(cap, np.int64)  # raw hardware TX stamps (the NIC's clock)
         self.deadline_ns = np.zeros(cap, np.int64)  # CLOCK_MONOTONIC
         self.offset_ns = np.zeros(cap, np.int64)  # realtime - monotonic at send
         self.ring_pos = np.full(cap, -1, np.int64)  # where the probe's record went
@@ -90,8 +91,10 @@ class SequenceTracker:
         kernel_tx_ns: I64,
         deadline_ns: int,
         offset_ns: int,
+        hw_tx_ns: I64 | None = None,
     ) -> None:
-        """Record probes ``first_seq .. first_seq+len(user_tx_ns)-1`` as sent.
+        """Record probes ``first_seq .. first_seq+len(user_tx_ns)-1`` as sent (TX stamps
+        0 where there is none).
 
         The caller must first ``expire(now, reserve=count)`` so no pending slot is reused.
         """
@@ -104,6 +107,7 @@ class SequenceTracker:
         self.seq[slots] = np.arange(first_seq, first_seq + n, dtype=np.int64)
         self.user_tx_ns[slots] = user_tx_ns
         self.kernel_tx_ns[slots] = kernel_tx_ns
+        self.hw_tx_ns[slots] = 0 if hw_tx_ns is None else hw_tx_ns
         self.deadline_ns[slots] = deadline_ns
         self.offset_ns[slots] = offset_ns
         self.ring_pos[slots] = -1
@@ -200,6 +204,18 @@ class SequenceTracker:
             self._max_received = seq
         self._advance()
         return REORDERED if reordered else RECEIVED
+
+    def late_tx(self, seq: int, *, kernel_tx_ns: int, hw_tx_ns: int) -> bool:
+        """A TX stamp of probe ``seq`` that came after its send returned (a non-zero
+        field replaces the slot's); False when the probe has finished or is unknown."""
+        slot = seq & self._mask
+        if int(self.seq[slot]) != seq or int(self.state[slot]) != PENDING:
+            return False
+        if kernel_tx_ns:
+            self.kernel_tx_ns[slot] = kernel_tx_ns
+        if hw_tx_ns:
+            self.hw_tx_ns[slot] = hw_tx_ns
+        return True
 
     def drop(self, slots: I64 | int) -> None:
         """Turn received probes into dropped ones (their RTT spans a clock step)."""

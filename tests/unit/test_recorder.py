@@ -19,6 +19,7 @@ from hypothesis import strategies as st
 from detnet.engine.recorder import (
     CLOCK_STEP_NS,
     NATIVE_FIELDS,
+    NATIVE_TWO_STEP_FIELDS,
     SOURCE_KERNEL,
     SOURCE_USER,
     ProbeRecorder,
@@ -349,7 +350,17 @@ def test_skipped_slots_and_send_errors_are_in_the_totals():
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_one_reply_and_a_batch_use_the_native_fields_of_every_field(backend):
-    assert Reply._fields == tuple(f.name for f in dataclasses.fields(Replies))
+    batch_fields = tuple(f.name for f in dataclasses.fields(Replies))
+    assert Reply._fields[: len(batch_fields)] == batch_fields
+    # What only the scalar path reads, each from its native field, in Reply's order.
+    assert Reply._fields[len(batch_fields) :] == (
+        "kind",
+        "followup_source",
+        "followup_seq",
+        "refl_tx_kernel_ns",
+        "rx_hw_ns",
+    )
+    assert set(NATIVE_TWO_STEP_FIELDS) <= set(backend.REPLY_DTYPE.names)
     assert Reply._fields[: len(NATIVE_FIELDS)] == (
         "seq",
         "rx_user_ns",
