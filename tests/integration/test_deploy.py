@@ -136,6 +136,80 @@ def test_namespaced_objects_name_their_namespace_and_it_exists() -> None:
         assert ns in namespaces, f"{d['kind']}/{d['metadata']['name']}: namespace {ns!r}"
 
 
+# --------------------------------------------------------------------------- labels
+
+RECOMMENDED = tuple(
+    f"app.kubernetes.io/{k}" for k in ("name", "instance", "component", "part-of", "version")
+)
+# Every folder `kubectl kustomize` builds on its own: the bases and the operator's objects.
+LABELLED = (*BASES, ".", "monitoring/operator")
+
+
+def _project_version() -> str:
+    text = (ROOT / "pyproject.toml").read_text(encoding="utf-8")
+    match = re.search(r'^version = "([^"]+)"$', text, flags=re.M)
+    assert match, "no version in pyproject.toml"
+    return match.group(1)
+
+
+def _image_tags() -> dict[str, str]:
+    """Image name (last path part) -> tag, over every container deployed."""
+    tags: dict[str, str] = {}
+    for _, template in pod_specs(everything()):
+        for c in containers(template["spec"]):
+            name, _, tag = c["image"].rpartition(":")
+            assert name, f"{c['image']}: no tag"
+            tags[name.rsplit("/", 1)[-1]] = tag
+    return tags
+
+
+@requires_kubectl
+@pytest.mark.parametrize("base", LABELLED)
+def test_every_object_carries_the_recommended_labels(base: str) -> None:
+    """name, instance, component, part-of and version on every object and pod template;
+    version is the tag of the image of the app the object names (Prometheus, Grafana),
+    else detnet's own: the project's version, which is the tag of the detnet image."""
+    tags = _image_tags()
+    assert tags["detnet"] == _project_version()
+    for d in render(base):
+        where = f"deploy/{base}: {d['kind']}/{d['metadata']['name']}"
+        labelled = [(where, d["metadata"].get("labels", {}))]
+        if d["kind"] in WORKLOAD_KINDS and d["kind"] != "Pod":
+            labelled.append((f"{where} pod template", d["spec"]["template"]["metadata"]["labels"]))
+        for at, labels in labelled:
+            missing = [k for k in RECOMMENDED if not labels.get(k)]
+            assert not missing, f"{at}: no {missing}"
+            app = labels["app.kubernetes.io/name"]
+            assert labels["app.kubernetes.io/version"] == tags.get(app, tags["detnet"]), at
+            assert labels["app.kubernetes.io/part-of"] in ("detnet", "detnet-demo"), at
+
+
+@requires_kubectl
+def test_workloads_name_the_image_they_run() -> None:
+    """A workload labelled for an app whose image we deploy runs that image (so its
+    version label is that image's tag, not a guess)."""
+    tags = _image_tags()
+    for where, template in pod_specs(everything()):
+        app = template["metadata"]["labels"]["app.kubernetes.io/name"]
+        if app in tags and app != "detnet":
+            images = {c["image"].rpartition(":")[0].rsplit("/", 1)[-1] for c in
+                      containers(template["spec"])}  # fmt: skip
+            assert app in images, f"{where}: labelled {app}, runs {images}"
+
+
+@requires_kubectl
+def test_selectors_are_unchanged_by_the_labels() -> None:
+    """Selectors never carry the recommended labels kustomize adds (a Deployment's
+    selector is immutable: adding version to it would break every upgrade)."""
+    added = {"app.kubernetes.io/instance", "app.kubernetes.io/part-of", "app.kubernetes.io/version"}
+    for d in everything():
+        spec = d.get("spec", {})
+        selector = spec.get("selector", {})
+        selector = selector.get("matchLabels", selector) if isinstance(selector, dict) else {}
+        where = f"{d['kind']}/{d['metadata']['name']}"
+        assert not added & set(selector), f"{where}: selector {selector}"
+
+
 # ----------------------------------------------------------------------------- RBAC
 
 
@@ -733,21 +807,70 @@ def test_dockerfile_is_clean_under_hadolint() -> None:
     assert out.returncode == 0, out.stdout + out.stderr
 
 
+_KUBECTL = re.compile(r"kubectl\s[^|;)`\n]*")
+_POD_VERBS = re.compile(r"\s(logs|get\s+(?:pods?|po))\s")
+
+
+def kubectl_pod_selectors(text: str) -> list[tuple[str | None, dict[str, str], str]]:
+    """(namespace or None for -A, selector, command) of every `kubectl logs|get pods -l`
+    in ``text`` (continuation lines joined)."""
+    found = []
+    for command in _KUBECTL.findall(text.replace("\\\n", " ")):
+        if not _POD_VERBS.search(command + " "):
+            continue
+        selector = re.search(r"(?<![\w-])(?:-l|--selector)[ =]'?([^\s']+)'?", command)
+        if selector is None:
+            continue
+        namespace = re.search(r"(?<![\w-])(?:-n|--namespace)[ =](\S+)", command)
+        everywhere = re.search(r"\s(-A|--all-namespaces)\b", command)
+        ns = None if everywhere else (namespace.group(1) if namespace else "default")
+        wanted = dict(pair.split("=", 1) for pair in selector.group(1).split(","))
+        found.append((ns, wanted, command.strip()))
+    return found
+
+
+def test_kubectl_pod_selectors_parser() -> None:
+    text = (
+        "kubectl -n a logs -l x=1,y=2 -f\n"
+        "NODE=$(kubectl -n b get pod -l 'c=d' -o jsonpath='{.x}')\n"
+        "kubectl get pods -A \\\n  -l e=f | head\n"
+        "kubectl -n a get endpointslices -l g=h\n"
+    )
+    assert kubectl_pod_selectors(text) == [
+        ("a", {"x": "1", "y": "2"}, "kubectl -n a logs -l x=1,y=2 -f"),
+        ("b", {"c": "d"}, "kubectl -n b get pod -l 'c=d' -o jsonpath='{.x}'"),
+        (None, {"e": "f"}, "kubectl get pods -A    -l e=f"),
+    ]
+
+
+@requires_kubectl
 def test_the_readme_commands_select_what_the_manifests_deploy() -> None:
-    # Every `kubectl apply -k deploy/X` names a base, and each `-n NS ... -l SELECTOR`
-    # selects a pod template of that namespace in the rendered manifests.
+    """Every `kubectl apply -k deploy/X` of the README names a base, and every `kubectl
+    logs|get pods -l SELECTOR` of the README and docs/ in a namespace we deploy (or -A)
+    selects a pod template of the rendered manifests (other namespaces, kube-system's
+    Cilium or the prototype's, are not ours to check)."""
     readme = (ROOT / "README.md").read_text(encoding="utf-8")
     applied = re.findall(r"kubectl apply -k deploy/([\w-]+)", readme)
     assert set(applied) == set(BASES), applied
-    selectors = re.findall(r"kubectl -n ([\w-]+) logs -l (\S+)", readme)
-    assert selectors, "the README shows how to follow the controller's log"
     docs = everything()
-    for namespace, selector in selectors:
-        wanted = dict(pair.split("=", 1) for pair in selector.split(","))
-        templates = [
-            d["spec"]["template"]["metadata"].get("labels", {})
-            for kind in WORKLOAD_KINDS
-            for d in of_kind(docs, kind)
-            if d["metadata"].get("namespace") == namespace and "template" in d.get("spec", {})
-        ]
-        assert any(wanted.items() <= labels.items() for labels in templates), (namespace, selector)
+    ours = {d["metadata"]["name"] for d in of_kind(docs, "Namespace")}
+    templates = [
+        (d["metadata"]["namespace"], d["spec"]["template"]["metadata"].get("labels", {}))
+        for d in docs
+        if d["kind"] in WORKLOAD_KINDS and d["kind"] != "Pod"
+    ]
+    checked = []
+    for path in [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]:
+        for ns, wanted, command in kubectl_pod_selectors(path.read_text(encoding="utf-8")):
+            if ns is not None and ns not in ours:
+                continue
+            hit = any(
+                wanted.items() <= labels.items()
+                for where, labels in templates
+                if ns in (None, where)
+            )
+            assert hit, f"{path.name}: `{command}` selects no pod of deploy/"
+            checked.append((path.name, command))
+    assert any(name == "README.md" and " logs " in cmd for name, cmd in checked), (
+        "the README shows how to follow the controller's log"
+    )

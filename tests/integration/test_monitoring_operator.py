@@ -43,7 +43,10 @@ def prometheus_rule() -> str:
         "metadata": {
             "name": "detnet",
             "namespace": "detnet-system",
-            "labels": {"app.kubernetes.io/name": "detnet"},
+            "labels": {
+                "app.kubernetes.io/name": "detnet",
+                "app.kubernetes.io/component": "monitoring",
+            },
         },
         "spec": yaml.safe_load(RULES.read_text(encoding="utf-8")),
     }
@@ -59,7 +62,11 @@ def dashboard_configmap() -> str:
         "metadata": {
             "name": "detnet-dashboard",
             "namespace": "detnet-system",
-            "labels": {"app.kubernetes.io/name": "detnet", "grafana_dashboard": "1"},
+            "labels": {
+                "app.kubernetes.io/name": "detnet",
+                "app.kubernetes.io/component": "monitoring",
+                "grafana_dashboard": "1",
+            },
         },
         "data": {"detnet.json": _Literal(DASHBOARD.read_text(encoding="utf-8"))},
     }
