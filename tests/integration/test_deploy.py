@@ -74,8 +74,11 @@ def containers(spec: dict[str, Any]) -> list[dict[str, Any]]:
     return list(spec.get("containers", [])) + list(spec.get("initContainers", []))
 
 
+CILIUM_KINDS = ("CiliumNetworkPolicy", "CiliumClusterwideNetworkPolicy")
+
+
 def cilium_policies() -> list[dict[str, Any]]:
-    """Every CiliumNetworkPolicy: deploy/policies', and the agent's own (deploy/agent)."""
+    """Every Cilium policy: deploy/policies', and the agent's own (deploy/agent)."""
     return [*render("policies"), *of_kind(render("agent"), "CiliumNetworkPolicy")]
 
 
@@ -128,7 +131,7 @@ def test_objects_validate_against_kubernetes_schemas(base: str) -> None:
 def test_namespaced_objects_name_their_namespace_and_it_exists() -> None:
     docs = everything()
     namespaces = {d["metadata"]["name"] for d in of_kind(docs, "Namespace")}
-    cluster_scoped = {"Namespace", "ClusterRole", "ClusterRoleBinding"}
+    cluster_scoped = {"Namespace", "ClusterRole", "ClusterRoleBinding", CILIUM_KINDS[1]}
     for d in docs:
         if d["kind"] in cluster_scoped:
             continue
@@ -459,13 +462,20 @@ _RULE_KEYS = {
 }
 
 
+_NAMESPACE = "k8s:io.kubernetes.pod.namespace"
+# The one expression the policies use: "in any namespace" (without it, a namespaced
+# policy's peer selector is confined to the policy's own namespace).
+_ANY_NAMESPACE = {"key": _NAMESPACE, "operator": "Exists"}
+
+
 def _check_selector(sel: Any, where: str) -> None:
     assert isinstance(sel, dict), where
     assert set(sel) <= {"matchLabels", "matchExpressions"}, where
-    assert sel.get("matchLabels") or sel.get("matchExpressions"), f"{where}: selects everything"
+    assert sel.get("matchLabels"), f"{where}: selects by no label"
     for k, v in sel.get("matchLabels", {}).items():
         assert isinstance(k, str), f"{where}: {k}={v!r}"
         assert isinstance(v, str), f"{where}: {k}={v!r}"
+    assert sel.get("matchExpressions", [_ANY_NAMESPACE]) == [_ANY_NAMESPACE], where
 
 
 def _check_ports(to_ports: Any, where: str) -> None:
@@ -489,9 +499,10 @@ def test_cilium_policies_are_well_formed() -> None:
     for d in policies:
         name = d["metadata"]["name"]
         assert d["apiVersion"] == "cilium.io/v2", name
-        assert d["kind"] == "CiliumNetworkPolicy", name
+        assert d["kind"] in CILIUM_KINDS, name
         assert re.match(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$", name)
-        assert d["metadata"].get("namespace"), name
+        # A namespaced policy names its namespace; a cluster-wide one has none.
+        assert bool(d["metadata"].get("namespace")) == (d["kind"] == CILIUM_KINDS[0]), name
         spec = d["spec"]
         assert set(spec) <= {
             "description",
@@ -522,14 +533,19 @@ def test_cilium_policies_are_well_formed() -> None:
 
 
 def _pods_selected(
-    docs: tuple[dict[str, Any], ...], selector: dict[str, str], namespace: str
+    docs: tuple[dict[str, Any], ...], selector: dict[str, Any], namespace: str | None
 ) -> list[dict[str, Any]]:
-    labels = dict(selector)
-    ns = labels.pop("k8s:io.kubernetes.pod.namespace", namespace)
+    """Pod templates an endpoint selector matches, as Cilium reads it: confined to the
+    policy's ``namespace`` unless it names one or allows any (None: a cluster-wide
+    policy, which matches in every namespace)."""
+    labels = dict(selector.get("matchLabels", {}))
+    ns = labels.pop(_NAMESPACE, namespace)
+    if _ANY_NAMESPACE in selector.get("matchExpressions", []):
+        ns = None
     labels = {k.removeprefix("k8s:"): v for k, v in labels.items()}
     out = []
     for d in docs:
-        if d["kind"] not in WORKLOAD_KINDS or d["metadata"]["namespace"] != ns:
+        if d["kind"] not in WORKLOAD_KINDS or ns not in (None, d["metadata"]["namespace"]):
             continue
         template = d if d["kind"] == "Pod" else d["spec"]["template"]
         if template["metadata"].get("labels", {}).items() >= labels.items():
@@ -553,8 +569,8 @@ def test_policy_selectors_and_ports_hit_real_pods() -> None:
     kube-dns lives outside deploy/ and is exempt."""
     docs = everything()
     for d in cilium_policies():
-        ns, name = d["metadata"]["namespace"], d["metadata"]["name"]
-        selected = _pods_selected(docs, d["spec"]["endpointSelector"]["matchLabels"], ns)
+        ns, name = d["metadata"].get("namespace"), d["metadata"]["name"]
+        selected = _pods_selected(docs, d["spec"]["endpointSelector"], ns)
         if d["spec"]["endpointSelector"]["matchLabels"].get("app.kubernetes.io/component") == (
             "probe"
         ):
@@ -565,37 +581,97 @@ def test_policy_selectors_and_ports_hit_real_pods() -> None:
                 for p in tp["ports"]:
                     assert _serves(selected, int(p["port"]), p["protocol"]), f"{name}: {p}"
             for sel in rule.get("fromEndpoints", []):
-                assert _pods_selected(docs, sel["matchLabels"], ns), f"{name}: from {sel}"
+                assert _pods_selected(docs, sel, ns), f"{name}: from {sel}"
         for rule in d["spec"].get("egress", []):
             for sel in rule.get("toEndpoints", []):
                 if sel["matchLabels"].get("k8s:io.kubernetes.pod.namespace") == "kube-system":
                     continue
-                peers = _pods_selected(docs, sel["matchLabels"], ns)
+                peers = _pods_selected(docs, sel, ns)
                 assert peers, f"{name}: to {sel}"
                 for tp in rule["toPorts"]:
                     for p in tp["ports"]:
                         assert _serves(peers, int(p["port"]), p["protocol"]), f"{name}: {p}"
 
 
-@requires_kubectl
-def test_probe_ports_are_allowed_in_both_directions() -> None:
-    """The controller may send to each probe port, and the app accepts it from detnet."""
-    policies = render("policies")
-    ctl = named(policies, "CiliumNetworkPolicy", "detnet-controller")
-    egress = {
-        (sel["matchLabels"].get("app"), p["port"], p["protocol"])
-        for rule in ctl["spec"]["egress"]
-        for sel in rule.get("toEndpoints", [])
-        for tp in rule["toPorts"]
-        for p in tp["ports"]
+CRITICAL = {"detnet.io/class": "critical"}
+
+
+def _probe_ports() -> set[tuple[str, str]]:
+    """(port, protocol) of the probe endpoints the demo critical apps run (the reflector
+    and TCP endpoint sidecars: container ports named probe-udp, probe-tcp)."""
+    return {
+        (str(p["containerPort"]), p["protocol"])
+        for _, t in pod_specs(render("critical-apps"))
+        for c in containers(t["spec"])
+        for p in c.get("ports", [])
+        if p["name"].startswith("probe-")
     }
-    assert ("robot-control", "5201", "UDP") in egress
-    assert ("safety-scanner", "5202", "TCP") in egress
-    for app, port, proto in (("robot-control", "5201", "UDP"), ("safety-scanner", "5202", "TCP")):
-        pol = named(policies, "CiliumNetworkPolicy", f"detnet-probes-to-{app}")
-        assert pol["spec"]["enableDefaultDeny"]["ingress"] is False  # additive only
-        (rule,) = pol["spec"]["ingress"]
-        assert rule["toPorts"] == [{"ports": [{"port": port, "protocol": proto}]}]
+
+
+def _allowed(rules: list[dict[str, Any]]) -> set[tuple[str, str]]:
+    return {(p["port"], p["protocol"]) for r in rules for tp in r["toPorts"] for p in tp["ports"]}
+
+
+@requires_kubectl
+def test_probe_policy_admits_critical_apps_by_label() -> None:
+    """One cluster-wide, additive policy admits detnet's probes to every pod labelled
+    detnet.io/class=critical, in any namespace, on exactly the probe endpoints' ports;
+    the demo critical apps (and only they) carry the label."""
+    ports = _probe_ports()
+    assert ports == {("5201", "UDP"), ("5202", "TCP")}
+    pol = named(render("policies"), CILIUM_KINDS[1], "detnet-probes-to-critical-apps")
+    assert pol["spec"]["endpointSelector"] == {"matchLabels": CRITICAL}  # no names, no namespace
+    assert pol["spec"]["enableDefaultDeny"] == {"ingress": False, "egress": False}
+    assert "egress" not in pol["spec"]
+    (rule,) = pol["spec"]["ingress"]
+    assert rule["fromEndpoints"] == [
+        {"matchLabels": {_NAMESPACE: "detnet-system", "app.kubernetes.io/name": "detnet"}}
+    ]
+    assert _allowed([rule]) == ports
+    # The probe ports the config names are these, too.
+    from detnet.controller.config import parse_config
+
+    cm = named(render("base"), "ConfigMap", "detnet-config")
+    cfg = parse_config(yaml.safe_dump(cm), source="detnet-config")
+    assert {(str(a.port), a.protocol.upper()) for a in cfg.critical_apps} == ports
+    labelled = {
+        where
+        for where, t in pod_specs(everything())
+        if t["metadata"]["labels"].items() >= CRITICAL.items()
+    }
+    assert labelled == {"Deployment/robot-control", "Deployment/safety-scanner"}
+    # The old per-app policies are gone: nothing names a critical app.
+    assert not [d for d in cilium_policies() if "robot-control" in yaml.safe_dump(d)]
+
+
+@requires_kubectl
+def test_a_new_critical_app_needs_only_the_label() -> None:
+    """A pod labelled critical in a namespace of its own is admitted by the probe policy,
+    and reachable on both probe ports from the controller and the standalone probes."""
+    newcomer = {
+        "kind": "Deployment",
+        "metadata": {"name": "conveyor", "namespace": "line-3"},
+        "spec": {
+            "template": {
+                "metadata": {"labels": {"app": "conveyor", **CRITICAL}},
+                "spec": {"containers": [{"name": "reflector", "ports": []}]},
+            }
+        },
+    }
+    docs = (*everything(), newcomer)
+    pol = named(render("policies"), CILIUM_KINDS[1], "detnet-probes-to-critical-apps")
+    assert newcomer["spec"]["template"] in _pods_selected(
+        docs, pol["spec"]["endpointSelector"], None
+    )
+    for sender in ("detnet-controller", "detnet-probe"):
+        egress = named(render("policies"), CILIUM_KINDS[0], sender)["spec"]["egress"]
+        to_new = [
+            r
+            for r in egress
+            for sel in r.get("toEndpoints", [])
+            if newcomer["spec"]["template"] in _pods_selected(docs, sel, "detnet-system")
+        ]
+        assert _allowed(to_new) == _probe_ports(), sender
 
 
 # --------------------------------------------------------------------------- agent
