@@ -43,6 +43,12 @@ PROMETHEUS_SERIES = {"up"}
 # Grafana's range variable, replaced as Grafana would with the 1 s test scrape interval.
 GRAFANA_VARS = {"$__rate_interval": "15s", "$__interval": "5s", "$__range": "5m"}
 STARTUP_TIMEOUT_S = 60.0  # a bound on waiting, not a performance assertion
+OPERATOR = MONITORING / "operator"
+# Labels prometheus-operator attaches to every ServiceMonitor/PodMonitor target itself.
+OPERATOR_TARGET_LABELS = {"namespace", "service", "pod", "container", "endpoint"}
+# Labels of per-endpoint probe series (docs/metrics.md), which the dry-run live setup,
+# probing fixed addresses, does not produce.
+ENDPOINT_LABELS = {"app", "pod", "node"}
 
 requires_promtool = requires_tool("promtool", "prometheus")
 requires_prometheus = requires_tool("prometheus", "prometheus")
@@ -231,6 +237,29 @@ def test_series_names_parser() -> None:
 # --------------------------------------------------------------- live processes
 
 
+def shipped_target_labels(job: str) -> dict[str, str]:
+    """The labels the shipped scrape config gives a target of ``job`` from Kubernetes
+    service discovery, with stand-in values (Debian's Prometheus has no Kubernetes SD)."""
+    config = yaml.safe_load(PROMETHEUS_YML.read_text(encoding="utf-8"))
+    (found,) = [j for j in config["scrape_configs"] if j["job_name"] == job]
+    return {
+        r["target_label"]: f"detnet-test-{r['target_label']}"
+        for r in found["relabel_configs"]
+        if "target_label" in r
+    }
+
+
+def operator_target_labels() -> set[str]:
+    """Every label the operator's monitors attach to a target: its own, and ours."""
+    labels = set(OPERATOR_TARGET_LABELS)
+    for path in sorted(OPERATOR.glob("*monitor*.yaml")):
+        for doc in yaml.safe_load_all(path.read_text(encoding="utf-8")):
+            spec = doc["spec"]
+            for endpoint in spec.get("endpoints", []) + spec.get("podMetricsEndpoints", []):
+                labels |= {r["targetLabel"] for r in endpoint.get("relabelings", [])}
+    return labels
+
+
 def _detnet() -> str:
     exe = Path(sys.executable).with_name("detnet")
     return str(exe) if exe.exists() else "detnet"
@@ -374,7 +403,7 @@ def live(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Live]:
                         "static_configs": [
                             {
                                 "targets": [f"127.0.0.1:{metrics_port}"],
-                                "labels": {"pod": "detnet-controller-test"},
+                                "labels": shipped_target_labels("detnet-controller"),
                             }
                         ],
                     }
@@ -480,6 +509,30 @@ def test_metric_names_exist_in_the_live_scrape(live: Live) -> None:
             assert names, f"{where}: no metric in {expr!r}"
             for name in names - PROMETHEUS_SERIES:
                 assert name in exposed, f"{where}: {name} is not in the controller's /metrics"
+
+
+def test_target_labels_never_hide_the_series_own(live: Live) -> None:
+    """The labels the shipped configs attach to a scraped pod (plain and operator) are
+    none of those detnet's series carry, so Prometheus renames none to exported_* and a
+    workload-wide limit (node="") is not given the controller's node. ``pod`` is the one
+    overlap, on purpose: it names the scraped replica in both setups (the operator always
+    attaches it); a per-endpoint probe series' own pod arrives as exported_pod, and its
+    ``target`` (APP/POD) carries it too."""
+    own = {k for fam in text_string_to_metric_families(live.scrape) for s in fam.samples
+           for k in s.labels} | ENDPOINT_LABELS  # fmt: skip
+    attached = set(shipped_target_labels("detnet-controller"))
+    attached |= set(shipped_target_labels("detnet-probes")) | operator_target_labels()
+    assert own & attached == {"pod"}
+    series = wait_for(
+        "Prometheus to store the controller's limits",
+        lambda: live.query('detnet_egress_limit_bytes_per_second{job="detnet-controller"}') or None,
+        live.procs,
+    )
+    for s in live.query('{job="detnet-controller"}'):
+        assert not [k for k in s["metric"] if k.startswith("exported_")], s["metric"]
+    # Cluster scope in this setup: every limit is workload-wide.
+    assert {s["metric"]["workload"] for s in series} == set(WORKLOADS)
+    assert all("node" not in s["metric"] for s in series), series
 
 
 def test_controller_serves_health_endpoints(live: Live) -> None:
