@@ -648,7 +648,7 @@ def test_probe_policy_admits_critical_apps_by_label() -> None:
 def test_a_new_critical_app_needs_only_the_label() -> None:
     """A pod labelled critical in a namespace of its own is admitted by the probe policy,
     and reachable on both probe ports from the controller and the standalone probes."""
-    newcomer = {
+    newcomer: dict[str, Any] = {
         "kind": "Deployment",
         "metadata": {"name": "conveyor", "namespace": "line-3"},
         "spec": {

@@ -1,8 +1,10 @@
-"""deploy/monitoring: the alert rules pass promtool, the dashboard is well formed, every
-metric name the dashboard and the rules use exists in a real controller's /metrics, and a
-real Prometheus (Debian's binary, on 127.0.0.1) scraping a running `detnet control
---dry-run` (probing reflectors on 127.0.0.1) answers every dashboard query with data and
-evaluates every alert rule without error."""
+"""deploy/monitoring: the alert rules and the prototype-compatibility recording rules pass
+promtool (the latter also promtool's rule tests, which pin their units and labels), the
+dashboard is well formed, every metric name the dashboard and the rules use exists in a
+real controller's /metrics, and a real Prometheus (Debian's binary, on 127.0.0.1) scraping
+a running `detnet control --dry-run` (probing reflectors on 127.0.0.1) answers every
+dashboard query with data, evaluates every rule without error, and records the prototype's
+series with the prototype's labels."""
 
 from __future__ import annotations
 
@@ -33,6 +35,8 @@ from tests.conftest import requires_tool
 ROOT = Path(__file__).resolve().parents[2]
 MONITORING = ROOT / "deploy" / "monitoring"
 RULES = MONITORING / "rules" / "detnet-rules.yaml"
+COMPAT_RULES = MONITORING / "compat" / "prototype-rules.yaml"
+RULE_FILES = (RULES, COMPAT_RULES)
 DASHBOARD = MONITORING / "dashboards" / "detnet.json"
 DATASOURCES = MONITORING / "grafana" / "datasources.yaml"
 PROMETHEUS_YML = MONITORING / "prometheus" / "prometheus.yml"
@@ -73,11 +77,53 @@ def dashboard_queries() -> list[tuple[str, str]]:
     ]
 
 
-def rule_exprs() -> list[tuple[str, str]]:
-    doc = yaml.safe_load(RULES.read_text(encoding="utf-8"))
+def rules_of(path: Path) -> list[dict[str, Any]]:
+    doc = yaml.safe_load(path.read_text(encoding="utf-8"))
+    return [r for g in doc["groups"] for r in g["rules"]]
+
+
+def rule_exprs(*paths: Path) -> list[tuple[str, str]]:
+    """(alert or record name, expr) of every rule of ``paths`` (default: every rule file)."""
     return [
-        (r.get("alert") or r.get("record"), r["expr"]) for g in doc["groups"] for r in g["rules"]
+        (str(r.get("alert") or r["record"]), str(r["expr"]))
+        for path in paths or RULE_FILES
+        for r in rules_of(path)
     ]
+
+
+# What the prototype exported (its flow manager and its metrics exporter), with its labels.
+PROTOTYPE_SERIES = {
+    "flowmanager_udp_jitter_ms": {"service", "target_host"},
+    "flowmanager_tcp_jitter_ms": {"service", "target_host"},
+    "flowmanager_udp_latency_ms": {"service", "target_host"},
+    "flowmanager_tcp_latency_ms": {"service", "target_host"},
+    "flowmanager_bandwidth_limit_mbps": {"deployment", "namespace"},
+    "kubernetes_deployment_bandwidth_limit_mbps": {"namespace", "deployment"},
+    "flowmanager_best_effort_throughput_mbps": {"deployment"},
+    "flowmanager_tcp_throughput_mbps": {"service", "target_host"},
+}
+# Not recorded at all, and why (docs/migrating.md says the same).
+NOT_RECORDED = {
+    "flowmanager_tcp_throughput_mbps": "the prototype made it up from connect times",
+}
+# Prototype labels no detnet series carries, so no recording can fill them.
+NOT_CARRIED = {
+    "target_host": "detnet's series name the app (target), not the address probed",
+    "namespace": "detnet's series name the workload, not its namespace",
+}
+# The series the prototype's flow manager served itself, scraped as job flow-manager (the
+# job its dashboard selects them by): the compat rules give them that job.
+FLOW_MANAGER_JOB = {
+    "flowmanager_udp_jitter_ms",
+    "flowmanager_tcp_jitter_ms",
+    "flowmanager_bandwidth_limit_mbps",
+}
+USAGE = "detnet_egress_usage_bytes_per_second"
+# Recorded series the dry-run live setup cannot produce, and why: usage comes from the
+# node agents, which only the Kubernetes enforcer asks (and the tc enforcer measures).
+NOT_PRODUCED_LIVE = {
+    "flowmanager_best_effort_throughput_mbps": f"{USAGE} needs node agents; dry-run has none",
+}
 
 
 def for_prometheus(expr: str) -> str:
@@ -136,16 +182,118 @@ def family_of(sample: str) -> str:
 
 
 @requires_promtool
-def test_promtool_check_rules() -> None:
+@pytest.mark.parametrize("path", RULE_FILES, ids=lambda p: p.name)
+def test_promtool_check_rules(path: Path) -> None:
     out = subprocess.run(
-        ["promtool", "check", "rules", str(RULES)],
+        ["promtool", "check", "rules", str(path)],
         capture_output=True,
         text=True,
         timeout=60,
         check=False,
     )
     assert out.returncode == 0, out.stdout + out.stderr
-    assert f"SUCCESS: {len(rule_exprs())} rules found" in out.stdout
+    assert f"SUCCESS: {len(rule_exprs(path))} rules found" in out.stdout
+
+
+def test_compat_rules_record_the_prototype_series() -> None:
+    """Every series the prototype exported is recorded, but the one with no honest
+    source; each keeps the prototype's labels but those detnet cannot know; the flow
+    manager's own carry its scrape job."""
+    rules = {r["record"]: r for r in rules_of(COMPAT_RULES)}
+    assert set(rules) == set(PROTOTYPE_SERIES) - set(NOT_RECORDED)
+    for name, rule in rules.items():
+        assert rule.get("labels", {}) == (
+            {"job": "flow-manager"} if name in FLOW_MANAGER_JOB else {}
+        )
+        wanted = PROTOTYPE_SERIES[name] - set(NOT_CARRIED)
+        assert f"by ({', '.join(sorted(wanted))})" in rule["expr"], name
+    assert {n for n, r in rules.items() if USAGE in r["expr"]} == set(NOT_PRODUCED_LIVE)
+
+
+def _series(name: str, labels: dict[str, str]) -> str:
+    return name + "{" + ",".join(f'{k}="{v}"' for k, v in sorted(labels.items())) + "}"
+
+
+@requires_promtool
+def test_compat_rules_units_and_labels(tmp_path: Path) -> None:
+    """promtool's rule tests on made-up detnet series: ms from seconds, Mbit/s from bytes
+    per second, one series per app over its endpoints (the worst) and replicas, the
+    tightest limit of a workload over its nodes, measured usage over all of its pods."""
+    ctl = {"job": "detnet-controller"}
+    rc = {**ctl, "app": "robot-control", "protocol": "udp"}
+    ep_a = {**rc, "target": "robot-control/rc-a", "pod": "rc-a", "node": "node-a"}
+    ep_b = {**rc, "target": "robot-control/rc-b", "pod": "rc-b", "node": "node-b"}
+    ss = {**ctl, "target": "safety-scanner", "app": "safety-scanner", "protocol": "tcp"}
+    jitter, window = "detnet_probe_jitter_seconds", "detnet_probe_rtt_window_seconds"
+    limit = "detnet_egress_limit_bytes_per_second"
+    tu = {**ctl, "workload": "telemetry-upload"}
+    series = {
+        _series(jitter, {**ep_a, "method": "iqr"}): 0.0004,
+        _series(jitter, {**ep_b, "method": "iqr"}): 0.0009,  # the worst endpoint
+        _series(jitter, {**ep_b, "method": "rfc3550"}): 0.005,  # not the prototype's jitter
+        _series(jitter, {**ss, "method": "iqr"}): 0.0015,
+        _series(window, {**ep_a, "quantile": "0.5"}): 0.00025,
+        _series(window, {**ep_a, "quantile": "0.99"}): 0.004,
+        _series(window, {**ss, "quantile": "0.5"}): 0.0012,
+        # telemetry-upload under scope node, seen by two replicas; erp cluster-wide.
+        _series(limit, {**tu, "pod": "ctl-1", "node": "node-a"}): 1e7,
+        _series(limit, {**tu, "pod": "ctl-2", "node": "node-a"}): 1e7,
+        _series(limit, {**tu, "pod": "ctl-1", "node": "node-b"}): 1.25e8,
+        _series(limit, {**ctl, "pod": "ctl-1", "workload": "erp-dashboard"}): 5e6,
+        _series(USAGE, {**ctl, "workload": "telemetry-upload"}): 7.5e6,  # node="": all pods
+        _series(USAGE, {**ctl, "workload": "telemetry-upload", "node": "node-a"}): 5e6,
+        _series(jitter, {"job": "other", "target": "x", "protocol": "udp", "method": "iqr"}): 1.0,
+    }  # fmt: skip
+    fm = {"job": "flow-manager"}
+    expected = {
+        "flowmanager_udp_jitter_ms": [({**fm, "service": "robot-control"}, 0.0009 * 1000)],
+        "flowmanager_tcp_jitter_ms": [({**fm, "service": "safety-scanner"}, 0.0015 * 1000)],
+        "flowmanager_udp_latency_ms": [({"service": "robot-control"}, 0.00025 * 1000)],
+        "flowmanager_tcp_latency_ms": [({"service": "safety-scanner"}, 0.0012 * 1000)],
+        "flowmanager_bandwidth_limit_mbps": [
+            ({**fm, "deployment": "telemetry-upload"}, 1e7 * 8 / 1e6),
+            ({**fm, "deployment": "erp-dashboard"}, 5e6 * 8 / 1e6),
+        ],
+        "kubernetes_deployment_bandwidth_limit_mbps": [
+            ({"deployment": "telemetry-upload"}, 1e7 * 8 / 1e6),
+            ({"deployment": "erp-dashboard"}, 5e6 * 8 / 1e6),
+        ],
+        "flowmanager_best_effort_throughput_mbps": [
+            ({"deployment": "telemetry-upload"}, 7.5e6 * 8 / 1e6)
+        ],
+    }
+    assert set(expected) == {r["record"] for r in rules_of(COMPAT_RULES)}
+    spec = {
+        "rule_files": [str(COMPAT_RULES)],
+        "evaluation_interval": "1m",
+        "tests": [
+            {
+                "interval": "1m",
+                "input_series": [{"series": s, "values": f"{v!r}x5"} for s, v in series.items()],
+                "promql_expr_test": [
+                    {
+                        "expr": name,
+                        "eval_time": "3m",
+                        "exp_samples": [
+                            {"labels": _series(name, labels), "value": value}
+                            for labels, value in samples
+                        ],
+                    }
+                    for name, samples in expected.items()
+                ],
+            }
+        ],
+    }
+    path = tmp_path / "compat-test.yaml"
+    path.write_text(yaml.safe_dump(spec), encoding="utf-8")
+    out = subprocess.run(
+        ["promtool", "test", "rules", str(path)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert out.returncode == 0, out.stdout + out.stderr
 
 
 @requires_promtool
@@ -161,7 +309,7 @@ def test_promtool_check_prometheus_config(tmp_path: Path) -> None:
         assert sd[0]["role"] == "pod"
         assert sd[0]["namespaces"]["names"] == ["detnet-system"]  # what the Role allows
         job["static_configs"] = [{"targets": ["127.0.0.1:9"]}]
-    config["rule_files"] = [str(RULES)]
+    config["rule_files"] = [str(p) for p in RULE_FILES]
     path = tmp_path / "prometheus.yml"
     path.write_text(yaml.safe_dump(config), encoding="utf-8")
     out = subprocess.run(
@@ -396,7 +544,7 @@ def live(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Live]:
         yaml.safe_dump(
             {
                 "global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
-                "rule_files": [str(RULES)],
+                "rule_files": [str(p) for p in RULE_FILES],
                 "scrape_configs": [
                     {
                         "job_name": "detnet-controller",
@@ -574,8 +722,9 @@ def test_prometheus_answers_every_dashboard_query(live: Live) -> None:
 
 
 def test_prometheus_evaluates_every_alert_rule(live: Live) -> None:
-    """Prometheus loaded the rules and evaluated each one without an error; with both
-    reflectors answering and a controller up, the outage alerts stay quiet."""
+    """Prometheus loaded the rules (alerts and compat recordings) and evaluated each one
+    without an error; with both reflectors answering and a controller up, the outage
+    alerts stay quiet."""
 
     def evaluated() -> list[dict[str, Any]] | None:
         body = json.loads(_get(f"{live.prometheus_url}/api/v1/rules"))
@@ -584,8 +733,54 @@ def test_prometheus_evaluates_every_alert_rule(live: Live) -> None:
         return rules if done else None
 
     rules = wait_for("every rule to be evaluated", evaluated, live.procs)
-    assert {r["name"] for r in rules} == {name for name, _ in rule_exprs()}
+    assert sorted(r["name"] for r in rules) == sorted(name for name, _ in rule_exprs())
     for r in rules:
         assert r["health"] == "ok", f"{r['name']}: {r.get('lastError')}"
-    firing = {r["name"] for r in rules if r["state"] != "inactive"}
+    firing = {r["name"] for r in rules if r["type"] == "alerting" and r["state"] != "inactive"}
     assert not firing & {"DetnetControllerDown", "DetnetProbeTargetUnreachable"}, firing
+
+
+def test_prometheus_records_the_prototype_series(live: Live) -> None:
+    """Every compat series detnet produces in this setup comes back from Prometheus with
+    the prototype's labels (less those detnet cannot know), one per app or workload, in
+    the prototype's units (ms, Mbit/s: within a factor of detnet's own series in seconds
+    and bytes/s at the same instant). Those it cannot produce here are exactly the
+    usage-derived ones, and come back empty, for the reason NOT_PRODUCED_LIVE names."""
+    sampled, _ = exposed_names(live.scrape)
+    assert USAGE not in sampled  # the reason below holds: no agents, no usage
+    per_app = {"service": set(APPS), "deployment": set(WORKLOADS)}
+    median = 'max(detnet_probe_rtt_window_seconds{quantile="0.5", protocol="%s"})'
+    tightest = "min(detnet_egress_limit_bytes_per_second)"
+    reference = {  # the detnet series each is in, and the factor to the prototype's unit
+        "flowmanager_udp_latency_ms": (median % "udp", 1000),
+        "flowmanager_tcp_latency_ms": (median % "tcp", 1000),
+        "flowmanager_bandwidth_limit_mbps": (tightest, 8e-6),
+        "kubernetes_deployment_bandwidth_limit_mbps": (tightest, 8e-6),
+    }
+    for rule in rules_of(COMPAT_RULES):
+        name = rule["record"]
+        if name in NOT_PRODUCED_LIVE:
+            assert live.query(name) == [], f"{name}: {NOT_PRODUCED_LIVE[name]}"
+            continue
+        wanted = (PROTOTYPE_SERIES[name] - set(NOT_CARRIED)) | set(rule.get("labels", {}))
+
+        def recorded(n: str = name) -> list[dict[str, Any]] | None:
+            return live.query(n) or None
+
+        result = wait_for(f"Prometheus to record {name}", recorded, live.procs)
+        for s in result:
+            labels = dict(s["metric"])
+            assert labels.pop("__name__") == name
+            assert set(labels) == wanted, f"{name}: {labels}"
+            assert labels.get("job", "flow-manager") == "flow-manager", labels
+            assert float(s["value"][1]) >= 0, s
+        key = "service" if "service" in wanted else "deployment"
+        shown = {s["metric"][key] for s in result}
+        assert shown <= per_app[key], f"{name}: {shown}"
+        if name in reference:
+            expr, factor = reference[name]
+            ours = max(float(s["value"][1]) for s in result)
+            if "limit" in name:
+                ours = min(float(s["value"][1]) for s in result)
+            theirs = float(live.query(expr)[0]["value"][1]) * factor
+            assert theirs / 2 <= ours <= theirs * 2, f"{name}: {ours} against {theirs}"
