@@ -69,8 +69,13 @@ def dashboard() -> dict[str, Any]:
 
 def dashboard_queries() -> list[tuple[str, str]]:
     """(panel title, expr) of every query of every panel."""
+    return [(title, expr) for title, _, expr in dashboard_targets()]
+
+
+def dashboard_targets() -> list[tuple[str, str, str]]:
+    """(panel title, refId, expr) of every query of every panel."""
     return [
-        (p["title"], t["expr"])
+        (p["title"], t["refId"], t["expr"])
         for p in dashboard()["panels"]
         for t in p.get("targets", [])
         if t.get("expr")
@@ -119,11 +124,14 @@ FLOW_MANAGER_JOB = {
     "flowmanager_bandwidth_limit_mbps",
 }
 USAGE = "detnet_egress_usage_bytes_per_second"
-# Recorded series the dry-run live setup cannot produce, and why: usage comes from the
-# node agents, which only the Kubernetes enforcer asks (and the tc enforcer measures).
-NOT_PRODUCED_LIVE = {
-    "flowmanager_best_effort_throughput_mbps": f"{USAGE} needs node agents; dry-run has none",
-}
+# Why the dry-run live setup has no usage: it comes from the node agents, which only the
+# Kubernetes enforcer asks (or from the tc enforcer's counters); a dry run has neither.
+NO_USAGE_LIVE = f"{USAGE} needs node agents or the tc enforcer; a dry run has neither"
+# Recorded series the dry-run live setup cannot produce (the usage-derived ones).
+NOT_PRODUCED_LIVE = {"flowmanager_best_effort_throughput_mbps": NO_USAGE_LIVE}
+# Dashboard queries without data in the dry-run live setup, (panel title, refId): the
+# usage-derived ones, for the same reason.
+NO_DATA_LIVE = {("Best-effort usage against limit, per workload and node", "A"): NO_USAGE_LIVE}
 
 
 def for_prometheus(expr: str) -> str:
@@ -363,8 +371,18 @@ def test_dashboard_is_well_formed() -> None:
         "detnet_probe_loss_ratio",
         "detnet_egress_limit_bytes_per_second",
         "detnet_decisions_total",
+        "detnet_enforcement_latency_seconds_bucket",
+        USAGE,
     ):
         assert name in used, f"no panel shows {name}"
+    # Usage against limit in one panel, by workload and node.
+    (panel,) = [p for p in panels if USAGE in json.dumps(p["targets"])]
+    exprs = [t["expr"] for t in panel["targets"]]
+    assert {n for e in exprs for n in series_names(e)} == {
+        USAGE,
+        "detnet_egress_limit_bytes_per_second",
+    }
+    assert all("by (workload, node)" in e for e in exprs), exprs
 
 
 def test_queries_name_only_documented_metrics() -> None:
@@ -647,11 +665,17 @@ def exposed_names(scrape: str) -> tuple[set[str], set[str]]:
 
 
 def test_metric_names_exist_in_the_live_scrape(live: Live) -> None:
-    """Dashboard names must have samples (the panels need data); alert rules may also use
+    """Dashboard names must have samples (the panels need data), but usage, which this
+    setup cannot produce (NO_USAGE_LIVE) and the controller declares; rules may also use
     a family the controller declares but has no series of yet (API errors by code exist
     only once an error happened)."""
     sampled, declared = exposed_names(live.scrape)
-    for source, exposed in ((dashboard_queries(), sampled), (rule_exprs(), sampled | declared)):
+    assert USAGE in declared
+    assert USAGE not in sampled, "usage has samples: drop the NO_USAGE_LIVE exemptions"
+    for source, exposed in (
+        (dashboard_queries(), sampled | {USAGE}),
+        (rule_exprs(), sampled | declared),
+    ):
         for where, expr in source:
             names = series_names(expr)
             assert names, f"{where}: no metric in {expr!r}"
@@ -706,8 +730,14 @@ def test_prometheus_answers_every_dashboard_query(live: Live) -> None:
         live.procs,
     )
     assert target["labels"]["job"] == "detnet-controller"
-    for title, expr in dashboard_queries():
+    # The queries exempt from data here are exactly the usage-derived ones.
+    exempt = {(title, ref) for title, ref, expr in dashboard_targets() if USAGE in expr}
+    assert exempt == set(NO_DATA_LIVE)
+    for title, ref, expr in dashboard_targets():
         promql = for_prometheus(expr)
+        if (title, ref) in NO_DATA_LIVE:
+            assert live.query(promql) == [], f"{title} {ref}: {NO_DATA_LIVE[title, ref]}"
+            continue
 
         def answered(e: str = promql) -> list[dict[str, Any]] | None:
             return live.query(e) or None
