@@ -58,6 +58,7 @@ class ReflectorConfig:
     tcp_max_connections: int | None = None
     tcp_idle_timeout: float = 60.0  # seconds without a frame before a connection is closed
     tcp_frame_timeout: float = 2.0  # seconds from a frame's first byte to its last
+    two_step: bool = True  # send kernel TX stamps two-step to probers that ask
 
     def __post_init__(self) -> None:
         if self.tcp_max_connections is not None and self.tcp_max_connections < 1:
@@ -299,6 +300,8 @@ class ReflectorServer:
             raise ReflectorError(f"reflector rate limit: {exc}") from exc
         self._table: ConnectionTable[_TcpEcho] = ConnectionTable(limit=1)  # sized by start()
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._followup_timer: asyncio.TimerHandle | None = None
+        self._followup_due = 0
         self.udp_errors = 0
         self.tcp_connections = 0
         self.tcp_frames = 0
@@ -345,10 +348,14 @@ class ReflectorServer:
                         rate_pps=cfg.rate_pps,
                         burst=cfg.burst,
                         batch=cfg.batch,
+                        two_step=cfg.two_step,  # to requests that ask (docs/protocol.md)
                     )
                 except ValueError as exc:
                     raise ReflectorError(f"reflector settings: {exc}") from exc
-                loop.add_reader(self._udp_sock.fileno(), self._on_udp_readable)
+                # The wake descriptor, not the socket: a late TX stamp on the error queue
+                # must wake us, not put the socket into POLLERR (which stops uvloop's
+                # watcher for good).
+                loop.add_reader(self._reflector.fileno(), self._on_udp_readable)
             if cfg.tcp is not None:
                 self._table = ConnectionTable(limit=tcp_connection_limit(cfg.tcp_max_connections))
                 host, port = cfg.tcp
@@ -375,6 +382,36 @@ class ReflectorServer:
         except OSError:
             # A socket error must not kill the loop's watcher; it is counted and logged.
             self.udp_errors += 1
+        self._arm_followups()
+
+    def _arm_followups(self) -> None:
+        """Keep one timer for the next follow-up that is due (two-step stamps whose
+        session sent no next request in time)."""
+        refl, loop = self._reflector, self._loop
+        if refl is None or loop is None or self._udp_sock is None:
+            return
+        due = refl.next_followup_ns()
+        if not due:
+            return
+        timer = self._followup_timer
+        if timer is not None:
+            if self._followup_due <= due:
+                return  # the armed timer comes first and re-arms after flushing
+            timer.cancel()
+        # libuv rounds timers to milliseconds: 1 ms late rather than early.
+        delay = max(due - native.monotonic_ns(), 0) / 1e9 + 0.001
+        self._followup_due = due
+        self._followup_timer = loop.call_later(delay, self._on_followup_timer)
+
+    def _on_followup_timer(self) -> None:
+        self._followup_timer = None
+        if self._reflector is None or self._udp_sock is None:
+            return
+        try:
+            self._reflector.flush()
+        except OSError:
+            self.udp_errors += 1
+        self._arm_followups()
 
     def stats(self) -> dict[str, int]:
         """Counters: the UDP reflector's (received, replied, ...) and tcp_* ones."""
@@ -398,9 +435,15 @@ class ReflectorServer:
 
     async def close(self) -> None:
         """Stop serving and close every socket and connection (idempotent)."""
+        if self._followup_timer is not None:
+            self._followup_timer.cancel()
+            self._followup_timer = None
         if self._udp_sock is not None:
-            if self._loop is not None:
-                self._loop.remove_reader(self._udp_sock.fileno())
+            if self._reflector is not None:
+                # Kept (closed) for its counters: stats() still reports them.
+                if self._loop is not None and not self._loop.is_closed():
+                    self._loop.remove_reader(self._reflector.fileno())
+                self._reflector.close()
             self._udp_sock.close()
             self._udp_sock = None
         if self._tcp_server is not None:

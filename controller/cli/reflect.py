@@ -85,6 +85,12 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         help="close a TCP connection whose frame takes longer than this to arrive (2s)",
     )
     p.add_argument(
+        "--one-step",
+        action="store_true",
+        help="answer every probe one-step (no kernel TX stamps sent later): the old "
+        "behaviour, for comparisons",
+    )
+    p.add_argument(
         "--stats-interval",
         type=float,
         default=10.0,
@@ -128,6 +134,7 @@ def build_config(args: argparse.Namespace) -> tuple[ReflectorConfig, float]:
             tcp_max_connections=args.max_connections,
             tcp_idle_timeout=idle,
             tcp_frame_timeout=frame,
+            two_step=not args.one_step,
         )
     except ReflectorError as exc:
         raise CommandError(str(exc)) from exc
