@@ -1,9 +1,11 @@
 """Probe targets: what to probe, how often, and how to spell it on the command line.
 
-``NAME=udp://HOST:PORT`` probes a ``detnet reflect --udp`` reflector;
-``NAME=tcp://HOST:PORT?mode=connect`` times TCP handshakes (kernel TCP_INFO RTT), the
-default for TCP; ``NAME=tcp://HOST:PORT?mode=echo`` times framed probes over one
-kept-open connection. HOST:PORT follows ``engine.parse``'s one rule (IPv6 in brackets).
+``NAME=udp://HOST:PORT`` probes a ``detnet reflect --udp`` reflector, or any UDP echo
+server (recognised by itself; ``?mode=echo`` says so up front and asks for no two-step
+stamps); ``NAME=tcp://HOST:PORT?mode=connect`` times TCP handshakes (kernel TCP_INFO
+RTT), the default for TCP; ``NAME=tcp://HOST:PORT?mode=echo`` times framed probes over
+one kept-open connection; ``NAME=icmp://HOST`` pings (ICMP echo, the target's kernel
+answers). HOST:PORT follows ``engine.parse``'s one rule (IPv6 in brackets).
 
 ``Target`` is where every field is checked, once: the config (``Config.targets()``) and
 the command line build Targets and report its ``TargetError`` as their one-line error.
@@ -19,15 +21,22 @@ from urllib.parse import parse_qs
 
 from detnet import native
 from detnet.engine.errors import TargetError
-from detnet.engine.parse import ParseError, parse_address, show
+from detnet.engine.parse import ParseError, parse_address, parse_host, show
 
-Protocol = Literal["udp", "tcp"]
-TcpMode = Literal["connect", "echo"]
+Protocol = Literal["udp", "tcp", "icmp"]
+Mode = Literal["auto", "connect", "echo"]
 
-TCP_MODES: tuple[TcpMode, ...] = ("connect", "echo")
-# What a TCP target measures unless told: the handshake, which needs only a listening
-# port, not a detnet echo server. UDP targets ignore the mode.
-DEFAULT_TCP_MODE: TcpMode = "connect"
+PROTOCOLS: tuple[Protocol, ...] = ("udp", "tcp", "icmp")
+# The modes of each protocol, the first its default. UDP: a detnet reflector (two-step
+# stamps) or, recognised by itself, a plain echo server; TCP: the handshake, which needs
+# only a listening port, or framed probes to a detnet echo server; ICMP: echo only.
+MODES: dict[str, tuple[Mode, ...]] = {
+    "udp": ("auto", "echo"),
+    "tcp": ("connect", "echo"),
+    "icmp": ("echo",),
+}
+TCP_MODES: tuple[Mode, ...] = MODES["tcp"]
+DEFAULT_TCP_MODE: Mode = "connect"
 DEFAULT_SIZE = 64  # bytes: a header, room for an HMAC trailer, no fragmentation anywhere
 MAX_BATCH = 1024
 MIN_INTERVAL_NS = 100_000  # 0.1 ms: below this the scheduler only measures itself
@@ -81,8 +90,8 @@ class Target:
     name: str
     protocol: Protocol
     host: str
-    port: int
-    mode: TcpMode = DEFAULT_TCP_MODE
+    port: int = 0  # none for ICMP
+    mode: Mode | None = None  # None: the protocol's default (MODES)
     interval_ns: int = 10_000_000
     timeout_ns: int = 1_000_000_000
     size: int = DEFAULT_SIZE
@@ -96,17 +105,24 @@ class Target:
             raise TargetFieldError(
                 f"target name {show(self.name)}: {TARGET_NAME_RULE}", field="name"
             )
-        if self.protocol not in ("udp", "tcp"):
+        if self.protocol not in PROTOCOLS:
             raise TargetFieldError(
-                f"target {self.name}: protocol must be udp or tcp", field="protocol"
+                f"target {self.name}: protocol must be udp, tcp or icmp", field="protocol"
             )
-        if not 0 < self.port < 65536:
+        if self.protocol == "icmp":
+            if self.port != 0:
+                raise TargetFieldError(f"target {self.name}: icmp has no port", field="port")
+        elif isinstance(self.port, bool) or not 0 < self.port < 65536:
             raise TargetFieldError(
-                f"target {self.name}: port {self.port} is not in 1..65535", field="port"
+                f"target {self.name}: port {show(self.port)} is not in 1..65535", field="port"
             )
-        if self.mode not in TCP_MODES:
+        modes = MODES[self.protocol]
+        if self.mode is None:
+            object.__setattr__(self, "mode", modes[0])
+        elif self.mode not in modes:
             raise TargetFieldError(
-                f"target {self.name}: mode must be connect or echo", field="mode"
+                f"target {self.name}: {self.protocol} mode must be {' or '.join(modes)}",
+                field="mode",
             )
         if self.interval_ns < MIN_INTERVAL_NS:
             raise TargetFieldError(
@@ -120,7 +136,14 @@ class Target:
             raise TargetFieldError(
                 f"target {self.name}: batch applies to udp and tcp echo only", field="batch"
             )
+        if self.protocol == "icmp" and self.key is not None:
+            raise TargetFieldError(
+                f"target {self.name}: icmp probes carry no HMAC (the target's kernel answers them)",
+                field="key",
+            )
         low, high = probe_size_range(keyed=self.key is not None)
+        if self.protocol == "icmp":
+            low = native.ICMP_MIN_SIZE
         if isinstance(self.size, bool) or not low <= self.size <= high:
             with_key = f" (an HMAC key adds {native.HMAC_SIZE})" if self.key is not None else ""
             raise TargetFieldError(
@@ -137,45 +160,67 @@ class Target:
     def url(self) -> str:
         """The target spelled as on the command line (without the name)."""
         host = f"[{self.host}]" if ":" in self.host else self.host
-        suffix = f"?mode={self.mode}" if self.protocol == "tcp" else ""
+        if self.protocol == "icmp":
+            return f"icmp://{host}"
+        shown = self.protocol == "tcp" or self.mode != MODES[self.protocol][0]
+        suffix = f"?mode={self.mode}" if shown else ""
         return f"{self.protocol}://{host}:{self.port}{suffix}"
 
 
 def parse_target(spec: str, **defaults: object) -> Target:
-    """Parse ``NAME=udp://HOST:PORT`` or ``NAME=tcp://HOST:PORT[?mode=connect|echo]``.
+    """Parse ``NAME=udp://HOST:PORT[?mode=auto|echo]``,
+    ``NAME=tcp://HOST:PORT[?mode=connect|echo]`` or ``NAME=icmp://HOST``.
 
     ``defaults`` fill the remaining Target fields (interval_ns, timeout_ns, size, key...).
     """
     where = f"target {show(spec)}"
     name, sep, url = spec.partition("=")
     if not sep or not name or not url:
-        raise TargetError(f"{where}: expected NAME=udp://HOST:PORT or NAME=tcp://HOST:PORT")
+        raise TargetError(
+            f"{where}: expected NAME=udp://HOST:PORT, NAME=tcp://HOST:PORT or NAME=icmp://HOST"
+        )
     scheme, sep, rest = url.partition("://")
-    if not sep or scheme not in ("udp", "tcp"):
-        raise TargetError(f"{where}: scheme must be udp:// or tcp://")
+    if not sep or scheme not in PROTOCOLS:
+        raise TargetError(f"{where}: scheme must be udp://, tcp:// or icmp://")
     address, _, query = rest.partition("?")
-    if "#" in rest or "/" in address.removesuffix("/"):
+    address = address.removesuffix("/")
+    if "#" in rest or "/" in address:
         raise TargetError(f"{where}: unexpected path or fragment in the URL")
+    port = 0
     try:
-        host, port = parse_address(address.removesuffix("/"), port_zero=False, host_required=True)
+        if scheme == "icmp":
+            host = _icmp_host(address)
+        else:
+            host, port = parse_address(address, port_zero=False, host_required=True)
     except ParseError as exc:
         raise TargetError(f"{where}: {exc}") from exc
     options = parse_qs(query, keep_blank_values=True)
     unknown = set(options) - {"mode"}
     if unknown:
         raise TargetError(f"{where}: unknown option(s) {', '.join(sorted(map(show, unknown)))}")
-    mode: object = DEFAULT_TCP_MODE
+    mode: object = None
     if "mode" in options:
-        if scheme == "udp":
-            raise TargetError(f"{where}: mode= applies to tcp:// targets only")
+        modes = MODES[scheme]
         mode = options["mode"][-1]
-        if mode not in TCP_MODES:
-            raise TargetError(f"{where}: mode must be connect or echo, not {show(mode)}")
+        if mode not in modes:
+            raise TargetError(
+                f"{where}: {scheme} mode must be {' or '.join(modes)}, not {show(mode)}"
+            )
     return Target(
         name=name,
-        protocol=scheme,  # type: ignore[arg-type]
+        protocol=scheme,
         host=host,
         port=port,
         mode=mode,  # type: ignore[arg-type]
         **defaults,  # type: ignore[arg-type]
     )
+
+
+def _icmp_host(address: str) -> str:
+    """An ICMP target's host (``engine.parse``'s host rule): no port; IPv6 bare or in
+    brackets."""
+    if address.startswith("[") and address.endswith("]"):
+        address = address[1:-1]
+    elif address.count(":") == 1:
+        raise ParseError(f"icmp:// takes a host without a port, got {show(address)}")
+    return parse_host(address)

@@ -32,11 +32,12 @@ from detnet.engine.parse import format_duration_ns
 from detnet.engine.slo import Slo
 from detnet.engine.targets import (
     DEFAULT_SIZE,
-    DEFAULT_TCP_MODE,
+    Mode,
+    Protocol,
     Target,
     TargetFieldError,
-    TcpMode,
 )
+from detnet.engine.targets import MODES as PROBE_MODES
 
 CONFIGMAP_KEY = "critical-apps.yaml"
 EndpointsMode = Literal["pods", "service"]
@@ -52,15 +53,15 @@ class CriticalApp:
     """One critical service: where to probe it and its SLO (thresholds in ms / ratio)."""
 
     name: str
-    protocol: Literal["udp", "tcp"]
-    port: int
+    protocol: Protocol
+    port: int  # 0 for ICMP
     service: str | None = None  # DNS name, resolved at start
     host: str | None = None  # explicit address; overrides service
     namespace: str | None = None  # the Service's, for a bare ``service: NAME``
     # pods: every ready endpoint of the Service; service: its address. None: pods when
     # the Kubernetes enforcer runs and the app names a Service (make_plan decides).
     endpoints: EndpointsMode | None = None
-    mode: TcpMode = DEFAULT_TCP_MODE  # TCP only
+    mode: Mode | None = None  # None: the protocol's default (engine.targets.MODES)
     max_jitter_ms: float | None = None
     max_latency_ms: float | None = None
     max_queue_delay_ms: float | None = None
@@ -204,9 +205,11 @@ class Config:
                 d["namespace"] = a.namespace
             if a.endpoints is not None:
                 d["endpoints"] = a.endpoints
-            d |= {"port": a.port, "protocol": a.protocol.upper()}
-            if a.protocol == "tcp":
-                d["mode"] = a.mode
+            if a.protocol != "icmp":
+                d["port"] = a.port
+            d["protocol"] = a.protocol.upper()
+            if a.protocol != "icmp":
+                d["mode"] = a.mode or PROBE_MODES[a.protocol][0]
             for key in ("max_jitter_ms", "max_latency_ms", "max_queue_delay_ms", "max_loss_ratio"):
                 if getattr(a, key) is not None:
                     d[key] = getattr(a, key)

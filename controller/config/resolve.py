@@ -34,9 +34,9 @@ def _address(config: Config, app: CriticalApp, index: int) -> str:
         return str(ipaddress.ip_address(app.address))
     except ValueError:
         pass
-    kind = socket.SOCK_DGRAM if app.protocol == "udp" else socket.SOCK_STREAM
+    kind = socket.SOCK_STREAM if app.protocol == "tcp" else socket.SOCK_DGRAM
     try:
-        infos = socket.getaddrinfo(app.address, app.port, type=kind)
+        infos = socket.getaddrinfo(app.address, app.port or None, type=kind)
     except (socket.gaierror, UnicodeError) as exc:
         where = config.where(f"critical_apps[{index}].{'host' if app.host else 'service'}")
         raise ConfigError(

@@ -56,12 +56,12 @@ from detnet.engine.core import DEFAULT_CAPACITY
 from detnet.engine.parse import show
 from detnet.engine.targets import (
     DEFAULT_SIZE,
-    DEFAULT_TCP_MODE,
     MIN_INTERVAL_NS,
     NAME_PATTERN,
     NAME_RULE,
-    TCP_MODES,
+    PROTOCOLS,
 )
+from detnet.engine.targets import MODES as PROBE_MODES
 
 MS, S = 1_000_000, 1_000_000_000
 _W = TypeVar("_W", bound=str)
@@ -221,8 +221,11 @@ def _one_of(words: tuple[_W, ...], rule: str) -> Reader[_W]:
     return read
 
 
-_PROTOCOL = _one_of(("udp", "tcp"), "must be UDP or TCP")
-_TCP_MODE = _one_of(TCP_MODES, "must be connect or echo")
+_PROTOCOL = _one_of(PROTOCOLS, "must be UDP, TCP or ICMP")
+_PROBE_MODE = {
+    p: _one_of(modes, f"must be {' or '.join(modes)} for {p.upper()} apps")
+    for p, modes in PROBE_MODES.items()
+}
 _KIND = _one_of(KINDS, f"must be one of {', '.join(KINDS)}")
 _ENDPOINTS = _one_of(ENDPOINTS_MODES, "must be pods or service")
 _SCOPE = _one_of(("node", "cluster"), "must be node or cluster")
@@ -260,14 +263,15 @@ def _apps(doc: Document, top: Section) -> tuple[CriticalApp, ...]:
             )
         seen[name] = i
         protocol = s.need("protocol", _PROTOCOL)
-        port = s.need("port", _PORT)
+        if protocol != "icmp":
+            port = s.need("port", _PORT)
+        elif s.has("port"):
+            raise s.err("port", "ICMP apps have no port")
+        else:
+            port = 0
         if not s.has("service") and not s.has("host"):
             raise doc.error(f"{item.path}.service", "missing (give service or host)")
-        mode = DEFAULT_TCP_MODE
-        if s.has("mode"):
-            if protocol == "udp":
-                raise s.err("mode", "applies to TCP apps only")
-            mode = s.need("mode", _TCP_MODE)
+        mode = s.get("mode", _PROBE_MODE[protocol], PROBE_MODES[protocol][0])
         service = s.get("service", host, None)
         namespace = s.get("namespace", _NAMESPACE, None)
         endpoints = s.get("endpoints", _ENDPOINTS, None)
@@ -284,7 +288,7 @@ def _apps(doc: Document, top: Section) -> tuple[CriticalApp, ...]:
                 raise s.err("service", f"endpoints: pods needs a Service: {exc}") from exc
         app = CriticalApp(
             name=name,
-            protocol=protocol,  # type: ignore[arg-type]
+            protocol=protocol,
             port=port,
             service=service,
             namespace=namespace,

@@ -40,7 +40,7 @@ from typing import Any, Literal
 from detnet.controller.kube.objects import JsonObj, WatchEvent, metadata_of, name_of
 from detnet.controller.kube.objects import resource_version as rv_of
 from detnet.engine.parse import show
-from detnet.engine.targets import Endpoint, Target
+from detnet.engine.targets import Endpoint, Protocol, Target
 
 SERVICE_NAME_LABEL = "kubernetes.io/service-name"
 AddressFamily = Literal["IPv4", "IPv6"]
@@ -63,14 +63,15 @@ class EndpointSpec:
 
     app: str
     port: int | str
-    protocol: Literal["udp", "tcp"]
+    protocol: Protocol
     family: AddressFamily = "IPv4"
 
     def __post_init__(self) -> None:
         named = isinstance(self.port, str) and bool(self.port)
         if isinstance(self.port, bool) or not (named or isinstance(self.port, int)):
             raise ValueError(f"port must be a number or a port name, got {self.port!r}")
-        if isinstance(self.port, int) and not 0 < self.port < 65536:
+        icmp = self.protocol == "icmp" and self.port == 0  # ICMP has no port
+        if isinstance(self.port, int) and not icmp and not 0 < self.port < 65536:
             raise ValueError(f"port {self.port} is not in 1..65535")
         if self.family not in ADDRESS_FAMILIES:
             raise ValueError(f"family must be IPv4 or IPv6, got {self.family!r}")
@@ -89,7 +90,7 @@ class ProbeEndpoint:
     pod: str | None
     node: str | None
 
-    def as_target(self, *, protocol: Literal["udp", "tcp"], **fields: Any) -> Target:
+    def as_target(self, *, protocol: Protocol, **fields: Any) -> Target:
         """The engine's ``Target`` for this endpoint, carrying its app, pod and node;
         ``fields`` are the app's other Target fields (interval_ns, timeout_ns, mode,
         size, key...). TargetError when the engine refuses them."""

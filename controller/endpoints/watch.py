@@ -24,7 +24,7 @@ import logging
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any
 
 import aiohttp
 from kubernetes_asyncio import client
@@ -45,6 +45,7 @@ from detnet.controller.kube.api import KubeClient
 from detnet.controller.kube.listwatch import ListWatch
 from detnet.controller.kube.objects import JsonObj, WatchEvent
 from detnet.controller.retry import KubernetesApiError, NotFound
+from detnet.engine.targets import Protocol
 
 log = logging.getLogger(__name__)
 
@@ -120,7 +121,7 @@ class EndpointWatch:
         app: str,
         service: ServiceRef,
         port: int | str,
-        protocol: Literal["udp", "tcp"],
+        protocol: Protocol,
         on_change: EndpointCallback,
         removal_grace_ns: int = DEFAULT_REMOVAL_GRACE_NS,
         watch_timeout_s: int = 60,

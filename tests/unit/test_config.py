@@ -220,10 +220,20 @@ def test_duplicate_yaml_key() -> None:
     assert msg == "bad.yaml:5: critical_apps[0].port: duplicate key"
 
 
-def test_protocol_any_case_but_only_udp_tcp() -> None:
+def test_protocol_any_case_but_only_udp_tcp_icmp() -> None:
     assert parse_config(GOOD.replace("UDP", "Udp")).critical_apps[0].protocol == "udp"
     msg = bad(GOOD.replace("UDP", "SCTP"))
-    assert msg == 'bad.yaml:5: critical_apps[0].protocol: must be UDP or TCP, got "SCTP"'
+    assert msg == 'bad.yaml:5: critical_apps[0].protocol: must be UDP, TCP or ICMP, got "SCTP"'
+
+
+def test_an_icmp_app_has_no_port() -> None:
+    icmp = GOOD.replace("protocol: UDP", "protocol: ICMP")
+    assert bad(icmp) == "bad.yaml:4: critical_apps[0].port: ICMP apps have no port"
+    config = parse_config(icmp.replace("    port: 5201\n", ""))
+    app = config.critical_apps[0]
+    assert (app.protocol, app.port, app.mode) == ("icmp", 0, "echo")
+    assert config.targets()[0].url == "icmp://127.0.0.1"
+    assert "port" not in config.to_dict()["critical_apps"][0]
 
 
 def test_app_needs_a_threshold() -> None:
@@ -271,9 +281,15 @@ def test_bad_kind() -> None:
     )
 
 
-def test_udp_mode_refused() -> None:
+def test_udp_modes_are_auto_and_echo() -> None:
     msg = bad(GOOD.replace("protocol: UDP", "protocol: UDP\n    mode: connect"))
-    assert msg == "bad.yaml:6: critical_apps[0].mode: applies to TCP apps only"
+    assert msg == (
+        'bad.yaml:6: critical_apps[0].mode: must be auto or echo for UDP apps, got "connect"'
+    )
+    echo = parse_config(GOOD.replace("protocol: UDP", "protocol: UDP\n    mode: ECHO"))
+    assert echo.critical_apps[0].mode == "echo"
+    assert echo.targets()[0].url.endswith("?mode=echo")
+    assert parse_config(GOOD).critical_apps[0].mode == "auto"
 
 
 def test_configmap_errors_point_into_the_file() -> None:

@@ -20,6 +20,23 @@ def test_parse_udp_and_tcp_targets():
     assert parse_target("c=tcp://localhost:1/").url == "tcp://localhost:1?mode=connect"
 
 
+def test_udp_modes_and_icmp_targets():
+    assert parse_target("r=udp://h:1").mode == "auto"
+    echo = parse_target("r=udp://h:1?mode=echo")
+    assert (echo.mode, echo.url) == ("echo", "udp://h:1?mode=echo")
+    assert parse_target("r=udp://h:1?mode=auto").url == "udp://h:1"
+    for spec, host in (("p=icmp://198.18.0.2", "198.18.0.2"), ("p=icmp://[fd00::1]", "fd00::1")):
+        t = parse_target(spec)
+        assert (t.protocol, t.host, t.port, t.mode) == ("icmp", host, 0, "echo")
+    assert parse_target("p=icmp://fd00::1").url == "icmp://[fd00::1]"
+    with pytest.raises(TargetError, match="icmp has no port"):
+        Target(name="p", protocol="icmp", host="h", port=7)
+    with pytest.raises(TargetError, match="no HMAC"):
+        Target(name="p", protocol="icmp", host="h", key=b"k")
+    with pytest.raises(TargetError, match=r"probe size 55 is not in 56\.\.9000"):
+        Target(name="p", protocol="icmp", host="h", size=55)
+
+
 def test_the_tcp_default_is_connect_everywhere():
     # The URL form, the dataclass and the config all mean the handshake when unsaid.
     assert parse_target("c=tcp://localhost:1").mode == "connect"
@@ -39,7 +56,12 @@ def test_the_tcp_default_is_connect_everywhere():
         "nourl",
         "x=http://h:1",
         "x=udp://h",
-        "x=udp://h:1?mode=echo",
+        "x=udp://h:1?mode=connect",
+        "x=icmp://h:1",
+        "x=icmp://",
+        "x=icmp://bad host",
+        "x=icmp://h?mode=connect",
+        "x=icmp://h/path",
         "x=tcp://h:1?mode=bogus",
         "x=tcp://h:1?foo=1",
         "x=tcp://h:1/path",
