@@ -17,7 +17,7 @@ from collections.abc import Iterator, Mapping
 from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
-from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from detnet.engine.ring import FLAG_RECEIVED, CumulativeHistogram, HistogramSnapshot
@@ -42,6 +42,10 @@ COUNTERS: dict[str, tuple[str, str]] = {
         "detnet_probes_clock_step_dropped",
         "Replies dropped because the clock stepped during the probe.",
     ),
+    "foreign": (
+        "detnet_probes_foreign_replies",
+        "Datagrams or frames that were neither our replies nor an echo of our probes.",
+    ),
 }
 
 
@@ -51,6 +55,9 @@ class ReadableEngine(Protocol):
     backend: str
     clock_read_ns: float
     lateness: CumulativeHistogram
+
+    @property
+    def stream_dropped(self) -> int | None: ...  # None: no --stream
 
     def readings(self) -> Mapping[str, Reading]: ...
 
@@ -186,6 +193,12 @@ class EngineCollector(Collector):
         )
         _histogram(lat, {}, late)
         yield lat
+        if engine.stream_dropped is not None:
+            yield CounterMetricFamily(
+                "detnet_stream_dropped",
+                "Probe records --stream dropped because its reader was too slow.",
+                value=engine.stream_dropped,
+            )
         yield GaugeMetricFamily(
             "detnet_engine_clock_read_seconds",
             "Cost of one clock read.",

@@ -48,6 +48,7 @@ from detnet.engine.ring import (
 )
 from detnet.engine.scheduler import Cadence, Timetable
 from detnet.engine.stats import WindowStats, window_stats
+from detnet.engine.stream import SampleStream
 from detnet.engine.targets import Target
 
 DEFAULT_CAPACITY = 1 << 16  # ring slots of a target whose window is not bounded
@@ -141,7 +142,8 @@ class ProbeEngine:
     ``capacity`` is the number of records each target's ring keeps (default: enough for
     the window, ``ring_capacity``; a ``windows(window_ns=...)`` longer than the engine's
     window sees only what the ring holds). ``on_sample`` is
-    called on the loop with one ``Sample`` per finished probe (received or lost).
+    called on the loop with one ``Sample`` per finished probe (received or lost); a
+    ``SampleStream`` there (``--stream``) also reports what it dropped.
     An engine refuses to start without targets unless ``allow_empty`` (targets that come
     later through ``add_target``). ``max_total_rate_pps`` caps the probes per second of
     all targets together: intervals are stretched uniformly to stay under it.
@@ -183,6 +185,7 @@ class ProbeEngine:
         self.backend: str = native.BACKEND
         self.lateness = CumulativeHistogram(LATENESS_EDGES_S)
         self.clock_read_ns: float = 0.0
+        self._stream = on_sample if isinstance(on_sample, SampleStream) else None
         self._configured = configured  # before start: the targets start() opens
         self._running: Mapping[str, _Running] = _NOTHING  # published, replaced whole
         self._adding: set[str] = set()  # names being resolved and opened
@@ -229,7 +232,8 @@ class ProbeEngine:
 
     async def aclose(self, *, drain: bool = True) -> None:
         """Stop sending; with ``drain``, wait until every probe in flight got its reply or
-        timed out (so every probe sent is accounted for); then close everything.
+        timed out, and every two-step reply its stamp (or settled one-step), so every probe
+        sent is accounted for; then close everything.
 
         The last windows and totals stay readable."""
         self._state = "closed"
@@ -241,12 +245,16 @@ class ProbeEngine:
             self._sweeper = None
         running = list(self._running.values())
         if drain and running:
-            deadline = native.monotonic_ns() + max(r.target.timeout_ns for r in running)
+            longest = max(r.target.timeout_ns + r.prober.recorder.settle_ns for r in running)
+            deadline = native.monotonic_ns() + longest
             while True:
                 now = native.monotonic_ns()
                 for r in running:
                     r.prober.recorder.sweep(now)
-                if all(r.prober.recorder.in_flight == 0 for r in running):
+                if all(
+                    r.prober.recorder.in_flight == 0 and r.prober.recorder.awaiting_stamps == 0
+                    for r in running
+                ):
                     break
                 if now > deadline:
                     break
@@ -551,6 +559,11 @@ class ProbeEngine:
         """Cumulative RTT histograms of every target."""
         return {name: r.prober.recorder.histogram.snapshot() for name, r in self._running.items()}
 
+    @property
+    def stream_dropped(self) -> int | None:
+        """Records the ``SampleStream`` given as ``on_sample`` dropped (None: none given)."""
+        return None if self._stream is None else self._stream.dropped
+
     def timestamp_sources(self) -> dict[str, str]:
         """``"kernel"`` or ``"user"``: what each target's latest samples used."""
         return {name: r.prober.recorder.timestamp_source for name, r in self._running.items()}
@@ -623,9 +636,9 @@ async def _close_all(probers: Iterable[Prober]) -> None:
 
 async def _resolve(loop: asyncio.AbstractEventLoop, target: Target) -> str:
     """The numeric address of ``target.host``; TargetError when it does not resolve."""
-    kind = socket.SOCK_DGRAM if target.protocol == "udp" else socket.SOCK_STREAM
+    kind = socket.SOCK_STREAM if target.protocol == "tcp" else socket.SOCK_DGRAM
     try:
-        infos = await loop.getaddrinfo(target.host, target.port, type=kind)
+        infos = await loop.getaddrinfo(target.host, target.port or None, type=kind)
     except (socket.gaierror, UnicodeError) as exc:
         raise TargetError(f"target {target.name}: cannot resolve {target.host!r}: {exc}") from exc
     if not infos:

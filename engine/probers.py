@@ -7,8 +7,11 @@ reconnects, clock reads, and handing what they return to the recorder. ``send(no
 count)`` is called by the engine's scheduler.
 
 - ``UdpProber``: the native ``ProbeSocket`` registered with ``loop.add_reader``; network
-  RTT from kernel stamps (kernel RX - kernel TX - reflector turnaround), user-space stamps
-  where the kernel gave none.
+  RTT from kernel stamps (kernel RX - kernel TX - the reflector's kernel RX -> kernel TX,
+  sent two-step), user-space stamps where the kernel gave none. A plain UDP echo server
+  is recognised by itself (or named with ``mode=echo``): its replies have no turnaround.
+- ``IcmpProber``: the same over ``IcmpProbeSocket`` (ICMP echo; the target's kernel
+  answers).
 - ``TcpConnectProber``: one non-blocking connect per probe; RTT from the kernel's
   ``TCP_INFO`` (SYN -> SYN-ACK), the user-space connect time beside it.
 - ``TcpEchoProber``: framed probe packets over one kept-open connection, reconnecting
@@ -19,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import random
 import socket
 import struct
@@ -26,8 +30,13 @@ import struct
 import numpy as np
 
 from detnet import native
+from detnet.engine.parse import escape
 from detnet.engine.recorder import (
+    KIND_ECHO,
+    SETTLE_MARGIN_NS,
     SOURCE_KERNEL,
+    SOURCE_KERNEL_2STEP,
+    SOURCE_KERNEL_ECHO,
     SOURCE_USER,
     ProbeRecorder,
     Reply,
@@ -35,7 +44,22 @@ from detnet.engine.recorder import (
 )
 from detnet.engine.targets import Target
 
+log = logging.getLogger("detnet.probe")
+
 RECV_BATCH = 1024
+TX_STAMP_BATCH = 256
+# How long a reflector may hold a reply's kernel TX stamp for the session's next reply
+# before sending it in a follow-up: two probe intervals (so at steady probing the stamp
+# rides in the next reply, free), within these bounds (a record waits at most this long).
+FOLLOWUP_WAIT_MIN_NS = 1_000_000
+FOLLOWUP_WAIT_MAX_NS = 50_000_000
+
+
+def followup_wait_ns(interval_ns: int) -> int:
+    """The follow-up wait a prober asks for at ``interval_ns``, in the protocol's 100 µs
+    steps."""
+    wait = min(max(2 * interval_ns, FOLLOWUP_WAIT_MIN_NS), FOLLOWUP_WAIT_MAX_NS)
+    return wait // 100_000 * 100_000
 
 
 class Prober:
@@ -76,27 +100,32 @@ class Prober:
         """Close sockets and cancel this prober's tasks."""
 
 
-class UdpProber(Prober):
-    """UDP probes against a ``detnet reflect --udp`` reflector, via the native core."""
+class _DatagramProber(Prober):
+    """A native probe socket on the loop: sends, drains replies and late TX stamps, says
+    once what a target that answers strangely sends instead."""
 
     def _setup(self) -> None:
-        self._sock: native.ProbeSocket | None = None
+        self._sock: native.ProbeSocket | native.IcmpProbeSocket | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._sent = np.zeros(max(self.target.batch, 1), native.SENT_DTYPE)
         self._replies = np.zeros(RECV_BATCH, native.REPLY_DTYPE)
+        self._stamps = np.zeros(TX_STAMP_BATCH, native.SENT_DTYPE)
+        self._reported_foreign = False
         self.recv_errors = 0
+
+    def _socket(self) -> native.ProbeSocket | native.IcmpProbeSocket:
+        raise NotImplementedError
 
     async def open(self) -> None:
         self._loop = asyncio.get_running_loop()
-        self._sock = native.ProbeSocket(
-            self.address,
-            self.target.port,
-            session=self.session,
-            size=self.target.size,
-            key=self.target.key,
-        )
-        self.recorder.expect_source(SOURCE_KERNEL if self._sock.kernel_rx else SOURCE_USER)
-        self._loop.add_reader(self._sock.fileno(), self._on_readable)
+        sock = self._sock = self._socket()
+        self.recorder.expect_source(self._expected_source(sock))
+        # The wake descriptor: readable on replies and on late TX stamps (the error queue
+        # never puts it into POLLERR, which would stop uvloop's watcher for good).
+        self._loop.add_reader(sock.fileno(), self._on_readable)
+
+    def _expected_source(self, sock: native.ProbeSocket | native.IcmpProbeSocket) -> int:
+        return SOURCE_KERNEL if sock.kernel_rx else SOURCE_USER
 
     def send(self, now_ns: int, count: int) -> None:
         sock = self._sock
@@ -115,17 +144,30 @@ class UdpProber(Prober):
         out = self._sent[:n]
         user_tx = out["user_tx_ns"]
         kernel_tx = out["kernel_tx_ns"]
+        hw_tx = out["hw_tx_ns"]
         if n < count:
             # Probes the kernel did not take still count as sent, and will time out lost.
             now_rt = native.realtime_ns()
             user_tx = np.concatenate((user_tx, np.full(count - n, now_rt, np.int64)))
             kernel_tx = np.concatenate((kernel_tx, np.zeros(count - n, np.int64)))
-        rec.on_sent(now_ns=now_ns, offset_ns=offset, user_tx_ns=user_tx, kernel_tx_ns=kernel_tx)
+            hw_tx = np.concatenate((hw_tx, np.zeros(count - n, np.int64)))
+        rec.on_sent(
+            now_ns=now_ns,
+            offset_ns=offset,
+            user_tx_ns=user_tx,
+            kernel_tx_ns=kernel_tx,
+            hw_tx_ns=hw_tx if hw_tx.any() else None,
+        )
 
     def _on_readable(self) -> None:
         sock = self._sock
         if sock is None:
             return
+        # TX stamps first: a reply never leaves before its request's stamp is queued.
+        while (k := sock.take_tx_stamps(self._stamps)) > 0:
+            self.recorder.on_late_tx(self._stamps[:k])
+            if k < self._stamps.shape[0]:
+                break
         buf = self._replies
         while True:
             try:
@@ -138,9 +180,29 @@ class UdpProber(Prober):
             if n:
                 now = native.monotonic_ns()
                 offset_now = native.realtime_ns() - now
+                self._on_rows(buf[:n])
                 self.recorder.record_native(buf[:n], now_ns=now, offset_now_ns=offset_now)
+            if sock.foreign != self.recorder.foreign:
+                self._on_foreign(sock)
             if n < buf.shape[0]:
                 return
+
+    def _on_rows(self, rows: np.ndarray) -> None:
+        """What the rows say about the peer, before they are recorded."""
+
+    def _on_foreign(self, sock: native.ProbeSocket | native.IcmpProbeSocket) -> None:
+        self.recorder.foreign = sock.foreign
+        first = sock.first_foreign
+        if first is not None and not self._reported_foreign:
+            self._reported_foreign = True
+            log.warning(
+                "target %s (%s): got a reply that is neither ours nor an echo of our probe: "
+                "%s (counted in detnet_probes_foreign_replies_total; is this the right "
+                "port, and a detnet reflector or an echo server?)",
+                self.target.name,
+                self.target.url,
+                escape(first.describe()),
+            )
 
     async def aclose(self) -> None:
         if self._sock is not None:
@@ -148,6 +210,63 @@ class UdpProber(Prober):
                 self._loop.remove_reader(self._sock.fileno())
             self._sock.close()
             self._sock = None
+
+
+class UdpProber(_DatagramProber):
+    """UDP probes against a ``detnet reflect --udp`` reflector (two-step stamps) or any
+    UDP echo server, via the native core."""
+
+    def _setup(self) -> None:
+        super()._setup()
+        self.echo = self.target.mode == "echo"  # the peer echoes verbatim (said or seen)
+
+    def _socket(self) -> native.ProbeSocket:
+        wait = followup_wait_ns(self.target.interval_ns)
+        sock = native.ProbeSocket(
+            self.address,
+            self.target.port,
+            session=self.session,
+            size=self.target.size,
+            key=self.target.key,
+            two_step=not self.echo,
+            followup_wait_ns=wait,
+            hardware="auto",
+        )
+        self.recorder.settle_ns = wait + SETTLE_MARGIN_NS
+        return sock
+
+    def _expected_source(self, sock: native.ProbeSocket | native.IcmpProbeSocket) -> int:
+        if not sock.kernel_rx:
+            return SOURCE_USER
+        if self.echo:
+            return SOURCE_KERNEL_ECHO
+        assert isinstance(sock, native.ProbeSocket)
+        return SOURCE_KERNEL_2STEP if sock.two_step else SOURCE_KERNEL
+
+    def _on_rows(self, rows: np.ndarray) -> None:
+        if not self.echo and (rows["kind"] == KIND_ECHO).any():
+            self.echo = True
+            if self._sock is not None and self._sock.kernel_rx:
+                self.recorder.expect_source(SOURCE_KERNEL_ECHO)
+            log.warning(
+                "target %s (%s) echoes our probes verbatim: measuring it as an echo server "
+                "(timestamp_source kernel-echo: the server's wake-up is part of the RTT); "
+                "add ?mode=echo (or mode: echo) to say so",
+                self.target.name,
+                self.target.url,
+            )
+
+
+class IcmpProber(_DatagramProber):
+    """ICMP echo probes (ping socket, or raw socket with CAP_NET_RAW): the target's kernel
+    answers, so kernel stamps make the RTT kernel-to-kernel without any reflector."""
+
+    def _socket(self) -> native.IcmpProbeSocket:
+        # IcmpNotPermitted (an OSError) says in one line what to set: the engine reports
+        # it as the target's error.
+        return native.IcmpProbeSocket(
+            self.address, session=self.session, size=self.target.size, hardware="auto"
+        )
 
 
 class TcpConnectProber(Prober):
@@ -219,7 +338,32 @@ class TcpEchoProber(Prober):
         self._reader_task: asyncio.Task[None] | None = None
         self._reconnect: asyncio.Task[None] | None = None
         self._closing = False
+        self._said_echo = False
         self.reconnects = 0
+
+    def _foreign(self, frame: bytes) -> None:
+        rec = self.recorder
+        rec.foreign += 1
+        if rec.foreign == 1:
+            log.warning(
+                "target %s (%s): got a frame that is neither our reply nor an echo of our "
+                "probe: %d bytes starting %s (counted in "
+                "detnet_probes_foreign_replies_total; is this a detnet echo server?)",
+                self.target.name,
+                self.target.url,
+                len(frame),
+                frame[:16].hex(),
+            )
+
+    def _echoed(self) -> None:
+        if not self._said_echo:
+            self._said_echo = True
+            log.warning(
+                "target %s (%s) echoes our probes verbatim: measuring it as an echo "
+                "server (no reflector stamps, the server's wake-up is part of the RTT)",
+                self.target.name,
+                self.target.url,
+            )
 
     async def open(self) -> None:
         await self._connect()
@@ -268,14 +412,17 @@ class TcpEchoProber(Prober):
                 try:
                     p = native.decode_probe(data, key=self.target.key)
                 except native.PacketError:
-                    continue  # a frame that is not our reply: ignore, like the UDP path
-                if not p.is_reply or p.session != self.session:
+                    self._foreign(data)  # a frame that is not our reply: count, go on
                     continue
-                self.recorder.record_reply(
-                    Reply(p.seq, rx, refl_rx_ns=p.refl_rx_ns, refl_tx_ns=p.refl_tx_ns),
-                    now_ns=now,
-                    offset_now_ns=rx - now,
-                )
+                if p.session != self.session:
+                    self._foreign(data)
+                    continue
+                if p.is_reply:
+                    reply = Reply(p.seq, rx, refl_rx_ns=p.refl_rx_ns, refl_tx_ns=p.refl_tx_ns)
+                else:
+                    self._echoed()  # our own request back: a plain TCP echo server
+                    reply = Reply(p.seq, rx)
+                self.recorder.record_reply(reply, now_ns=now, offset_now_ns=rx - now)
         except (OSError, asyncio.IncompleteReadError):
             pass  # connection lost: reconnect below; probes in flight time out as lost
         finally:
@@ -328,6 +475,8 @@ def make_prober(
     cls: type[Prober]
     if target.protocol == "udp":
         cls = UdpProber
+    elif target.protocol == "icmp":
+        cls = IcmpProber
     elif target.mode == "connect":
         cls = TcpConnectProber
     else:

@@ -73,7 +73,7 @@ FOLLOWUP_NONE, FOLLOWUP_KERNEL = 0, 1
 # A two-step reply waits for its reflector TX stamp at most this long past the wait the
 # prober asked the reflector for (a follow-up lost on the way); then it is recorded
 # one-step. Stamps that overtake their reply (reordering) wait in a table this big.
-SETTLE_MARGIN_NS = 20_000_000
+SETTLE_MARGIN_NS = 50_000_000
 MAX_EARLY_STAMPS = 256
 
 
@@ -544,8 +544,8 @@ class ProbeRecorder:
                 flags,
                 (slot, user_tx, kernel_tx, hw_tx, rx_user, rx_kernel, rx_hw, refl_rx, refl_tx),
             )
-            stamp = self._early.pop(seq, None)
-            if stamp is not None:
+            stamp = self._early.pop(seq, 0)
+            if stamp:
                 self._write_pending(now_ns, p, stamp)
             else:
                 self._pending[seq] = p

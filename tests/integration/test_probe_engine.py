@@ -56,7 +56,11 @@ async def test_udp_tcp_connect_and_echo_with_a_dead_target(reflector):
         assert s.rtt_p50_ns is not None
         assert s.rtt_max_ns is not None
         assert 0 < s.rtt_min_ns <= s.rtt_p50_ns <= s.rtt_max_ns
-    assert stats["udp"].timestamp_source == "kernel"
+    # Our reflector sends its kernel TX stamps two-step; a stamp that comes too late
+    # (a loaded machine) leaves its record one-step, never unmeasured.
+    udp = [s.timestamp_source for s in samples if s.target == "udp"]
+    assert set(udp) <= {"kernel-2step", "kernel"}
+    assert udp.count("kernel-2step") >= 0.9 * len(udp)
     assert stats["udp"].ipdv_fwd_p50_ns is not None
     assert stats["conn"].ipdv_fwd_p50_ns is None  # no reflector stamps on a handshake
     assert totals["dead"].lost == totals["dead"].sent > 0  # down: loss, others go on
@@ -85,7 +89,7 @@ async def test_stream_agrees_with_window_stats(reflector):
     assert s.sent == len(samples)
     assert s.rtt_p99_ns == np.percentile(rtt, 99)
     assert s.jitter_iqr_ns == np.percentile(rtt, 75) - np.percentile(rtt, 25)
-    kernel = [x for x in samples if x.timestamp_source == "kernel"]
+    kernel = [x for x in samples if x.timestamp_source == "kernel-2step"]
     assert kernel
     assert all((x.user_rtt_ns or 0) >= (x.rtt_ns or 0) for x in kernel)
 

@@ -27,7 +27,7 @@ from tests.conftest import requires_tool
 # (24 buckets, +Inf, _count, _sum), the window summary (5 quantiles, _count, _sum),
 # jitter (2 methods), IPDV (2 directions x 2 quantiles, _count, _sum), queue delay, base
 # RTT, loss ratio, interval, 8 counters, the timestamp source.
-SERIES_PER_TARGET = 27 + 7 + 2 + 8 + 4 + 8 + 1
+SERIES_PER_TARGET = 27 + 7 + 2 + 8 + 4 + 9 + 1
 
 MS = 1_000_000
 REALTIME = 1_764_000_000 * 10**9
@@ -76,7 +76,13 @@ class FakeEngine:
     backend = "python"
     clock_read_ns = 30.0
 
-    def __init__(self, targets: list[Target], rate: ProbeRate | None = None) -> None:
+    def __init__(
+        self,
+        targets: list[Target],
+        rate: ProbeRate | None = None,
+        stream_dropped: int | None = None,
+    ) -> None:
+        self.stream_dropped = stream_dropped
         self.lateness = CumulativeHistogram(LATENESS_EDGES_S)
         self.lateness.add_one(2_000)
         self._readings = {t.name: _reading(t) for t in targets}
@@ -256,7 +262,8 @@ async def test_collector_exports_the_documented_metrics(engine):
     assert got("detnet_probe_loss_ratio", lv) == 0
     assert got("detnet_probe_loss_ratio", {"target": "gone", "protocol": "udp"}) == 1
     assert got("detnet_probes_lost_total", {"target": "gone", "protocol": "udp"}) >= 3
-    assert got("detnet_probe_timestamp_source_info", {**lv, "source": "kernel"}) == 1
+    assert got("detnet_probe_timestamp_source_info", {**lv, "source": "kernel-2step"}) == 1
+    assert got("detnet_probes_foreign_replies_total", lv) == 0
     assert got("detnet_engine_send_lateness_seconds_count") >= 20
     assert got("detnet_engine_native_backend_info", {"backend": engine.backend}) == 1
     assert got("detnet_engine_clock_read_seconds") > 0
