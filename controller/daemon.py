@@ -25,7 +25,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
-import json
 import logging
 import sys
 from collections.abc import Mapping
@@ -43,7 +42,7 @@ from detnet.controller.loop import ControlLoop, DecisionLog, UsageSource
 from detnet.controller.metrics import ControllerMetrics
 from detnet.engine.core import ProbeEngine
 from detnet.engine.httpserver import MetricsServer
-from detnet.engine.recorder import Sample
+from detnet.engine.stream import SampleStream
 from detnet.engine.targets import Target
 
 if TYPE_CHECKING:
@@ -172,15 +171,15 @@ def _kubernetes_enforcer(config: Config, metrics: ControllerMetrics, kube: KubeC
 class Daemon:
     """One run of the controller: ``await run()`` until ``stop()`` or the plan's duration.
 
-    ``stream`` gets one JSON line per finished probe; decisions go to ``log_stream``
-    (default stdout, or stderr when the probe records are on stdout). ``registry``
+    ``stream`` (a ``SampleStream``) gets one JSON line per finished probe, off the loop;
+    decisions go to ``log_stream`` (default stdout). ``registry``
     collects the engine's and the controller's metrics (a fresh one by default)."""
 
     def __init__(
         self,
         plan: Plan,
         *,
-        stream: TextIO | None = None,
+        stream: SampleStream | None = None,
         log_stream: TextIO | None = None,
         registry: CollectorRegistry | None = None,
     ) -> None:
@@ -198,15 +197,15 @@ class Daemon:
             plan.targets,
             window_ns=None if cfg.control.window_s is None else round(cfg.control.window_s * 1e9),
             window_samples=cfg.control.window_samples,
-            on_sample=self._on_sample if stream is not None else None,
+            on_sample=stream,
             allow_empty=bool(plan.endpoint_apps),  # endpoints arrive once the watch lists
             max_total_rate_pps=cfg.control.max_probe_rate,
         )
         self.probes: EndpointProbes | None = None  # the endpoint targets, once watched
         self.usage: UsageSource | None = None  # the agents, with usage: agent
-        if log_stream is None:
-            log_stream = sys.stderr if stream is sys.stdout else sys.stdout
-        self.decision_log = DecisionLog(fmt=plan.log_format, stream=log_stream)
+        self.decision_log = DecisionLog(
+            fmt=plan.log_format, stream=sys.stdout if log_stream is None else log_stream
+        )
 
     def stop(self) -> None:
         """End the run: the loop finishes its step, then everything closes (call on the
@@ -217,10 +216,6 @@ class Daemon:
     def stopping(self) -> bool:
         """True once ``stop()`` was called (or the duration passed)."""
         return self._stop.is_set()
-
-    def _on_sample(self, sample: Sample) -> None:
-        assert self.stream is not None
-        self.stream.write(json.dumps(dataclasses.asdict(sample), separators=(",", ":")) + "\n")
 
     def _new_loop(self, enforcer: Enforcer) -> ControlLoop:
         """A loop with a fresh policy (cut/dwell timers) around ``enforcer``."""
@@ -282,6 +277,8 @@ class Daemon:
         """Run until ``stop()`` (or the duration); everything started is closed again."""
         server: MetricsServer | None = None
         try:
+            if self.stream is not None:
+                self.stream.start()
             await self.engine.start()
             self.registry.register(self.engine.collector())
             server = MetricsServer(
@@ -303,6 +300,8 @@ class Daemon:
             if server is not None:
                 server.stop()
             await self.engine.aclose()
+            if self.stream is not None:
+                self.stream.close()
 
     async def _run_local(self, enforcer: Enforcer) -> None:
         task = asyncio.create_task(self._term(enforcer))

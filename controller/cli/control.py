@@ -97,25 +97,32 @@ def run(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     # A reader that goes away (`detnet control --stream - | head`) stops the run quietly.
     stdout = PipeOutput(sys.stdout)
-    stream = stdout if args.stream == "-" else None if file is None else PipeOutput(file)
+    fd = stdout.fileno() if args.stream == "-" else None if file is None else file.fileno()
     try:
-        return runloop.run(_serve(the_plan, stdout=stdout, stream=stream))
+        return runloop.run(_serve(the_plan, stdout=stdout, stream_fd=fd))
     finally:
         if file is not None:
             file.close()
 
 
-async def _serve(plan: Plan, *, stdout: PipeOutput, stream: PipeOutput | None) -> int:
+async def _serve(plan: Plan, *, stdout: PipeOutput, stream_fd: int | None) -> int:
     from detnet.controller.cli.process import StopSignals
     from detnet.controller.daemon import Daemon
+    from detnet.engine.stream import SampleStream
 
     # Probe records own stdout when streamed there; decisions then go to stderr.
     # PipeOutput has what the daemon's writers use (write, flush), not all of TextIO.
-    log_stream = sys.stderr if stream is stdout else cast(TextIO, stdout)
-    daemon = Daemon(plan, stream=cast("TextIO | None", stream), log_stream=log_stream)
+    on_stdout = stream_fd is not None and stream_fd == stdout.fileno()
+    log_stream = sys.stderr if on_stdout else cast(TextIO, stdout)
+    stream = None
+    if stream_fd is not None:
+        stdout.flush()
+        stream = SampleStream(stream_fd)
+    daemon = Daemon(plan, stream=stream, log_stream=log_stream)
     stdout.on_closed = daemon.stop
     if stream is not None:
-        stream.on_closed = daemon.stop
+        # The thread writes the descriptor: EPIPE on stdout is the reader going away.
+        stream.on_closed = stdout.reader_gone if on_stdout else daemon.stop
     with StopSignals(daemon.stop) as signals:
         await daemon.run()
     stdout.flush()

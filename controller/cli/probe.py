@@ -1,11 +1,14 @@
 """`detnet probe`: probe critical services and report latency, jitter and loss.
 
-Targets come from ``--target NAME=udp://HOST:PORT`` / ``NAME=tcp://HOST:PORT?mode=...``
-(repeatable) or from the controller's config (``--config``: its critical apps). The engine
+Targets come from ``--target NAME=udp://HOST:PORT`` / ``NAME=tcp://HOST:PORT?mode=...`` /
+``NAME=icmp://HOST`` (repeatable) or from the controller's config (``--config``: its
+critical apps). The engine
 runs on uvloop until ``--duration`` passes or SIGINT/SIGTERM arrives; then probes in flight
 finish (reply or timeout) and the summary is printed; the exit status is 0, or 130
-after SIGINT. ``--stream`` writes one JSON line per finished probe as it happens (a
-reader that goes away, ``| head``, ends the run quietly); ``--json`` prints the summary
+after SIGINT. ``--stream`` writes one JSON line per finished probe as it happens, from a
+thread with a bounded queue so that a slow reader never bends the probe schedule (records
+it has no room for are dropped and counted: ``stream_dropped``); a reader that goes away,
+``| head``, ends the run quietly; ``--json`` prints the summary
 object at the end; on a terminal without either, a live table refreshes twice a second.
 """
 
@@ -26,11 +29,13 @@ from detnet.engine.parse import (
     show,
 )
 
+STREAM_BUFFER = 65_536  # engine.stream.DEFAULT_CAPACITY (not imported for --help)
+MAX_STREAM_BUFFER = 1 << 22
+
 if TYPE_CHECKING:  # imported when the command runs, not for --help
     from detnet.controller.cli.process import PipeOutput
     from detnet.controller.config import ControlSettings
     from detnet.engine.core import ProbeEngine
-    from detnet.engine.recorder import Sample
     from detnet.engine.stats import WindowStats
     from detnet.engine.targets import Target
 
@@ -91,6 +96,13 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.add_argument("--metrics", metavar="HOST:PORT", help="serve /metrics on this address")
     p.add_argument("--json", action="store_true", help="print a JSON summary at the end")
     p.add_argument("--stream", action="store_true", help="one JSON line per finished probe")
+    p.add_argument(
+        "--stream-buffer",
+        type=int,
+        default=STREAM_BUFFER,
+        metavar="N",
+        help=f"records --stream holds for a slow reader before dropping ({STREAM_BUFFER})",
+    )
     p.set_defaults(func=run)
 
 
@@ -173,7 +185,9 @@ def _ns(v: float | None) -> float | None:
 def summary(engine: ProbeEngine, stats: dict[str, WindowStats]) -> dict[str, Any]:
     """The ``--json`` summary object."""
     out: dict[str, Any] = {}
+    totals = engine.totals()
     for name, s in stats.items():
+        t = totals.get(name)
         out[name] = {
             "protocol": s.protocol,
             "sent": s.sent,
@@ -181,6 +195,8 @@ def summary(engine: ProbeEngine, stats: dict[str, WindowStats]) -> dict[str, Any
             "lost": s.lost,
             "duplicates": s.duplicates,
             "reordered": s.reordered,
+            "skipped": 0 if t is None else t.skipped,  # send slots the loop missed
+            "foreign_replies": 0 if t is None else t.foreign,
             "rtt_ns": {
                 "min": _ns(s.rtt_min_ns),
                 "p50": _ns(s.rtt_p50_ns),
@@ -197,24 +213,11 @@ def summary(engine: ProbeEngine, stats: dict[str, WindowStats]) -> dict[str, Any
             },
             "timestamp_source": s.timestamp_source,
         }
-    return {"backend": engine.backend, "targets": out}
-
-
-def _sample_json(s: Sample) -> str:
-    return json.dumps(
-        {
-            "target": s.target,
-            "seq": s.seq,
-            "sent_ns": s.sent_ns,
-            "rtt_ns": s.rtt_ns,
-            "user_rtt_ns": s.user_rtt_ns,
-            "fwd_ns": s.fwd_ns,
-            "back_ns": s.back_ns,
-            "lost": s.lost,
-            "timestamp_source": s.timestamp_source,
-        },
-        separators=(",", ":"),
-    )
+    return {
+        "backend": engine.backend,
+        "targets": out,
+        "stream_dropped": engine.stream_dropped or 0,  # records --stream had no room for
+    }
 
 
 def _us(v: float | None) -> str:
@@ -244,6 +247,7 @@ async def _probe(args: argparse.Namespace, out: PipeOutput) -> int:
     from detnet.controller.cli.process import StopSignals
     from detnet.engine.core import ProbeEngine
     from detnet.engine.httpserver import MetricsServer
+    from detnet.engine.stream import SampleStream
 
     targets, window = build_targets(args)
     duration = _duration_ns("--duration", args.duration) if args.duration else None
@@ -253,18 +257,20 @@ async def _probe(args: argparse.Namespace, out: PipeOutput) -> int:
             listen = parse_address(args.metrics, port_zero=True)
         except ParseError as exc:
             raise CommandError(f"--metrics {show(args.metrics)}: {exc}") from exc
-    on_sample = None
+    stop = asyncio.Event()
+    out.on_closed = stop.set  # the reader has gone: stop, print nothing more, exit 0
+    if not 1 <= args.stream_buffer <= MAX_STREAM_BUFFER:
+        raise CommandError(f"--stream-buffer {args.stream_buffer}: not in 1..{MAX_STREAM_BUFFER}")
+    stream = None
     if args.stream:
-
-        def on_sample(s: Sample) -> None:
-            out.line(_sample_json(s))
-
+        out.flush()  # the thread writes to the descriptor, after what is buffered
+        stream = SampleStream(out.fileno(), capacity=args.stream_buffer, on_closed=out.reader_gone)
     engine = ProbeEngine(
         targets,
         window_ns=window.ns,
         window_samples=window.samples,
         capacity=_capacity(targets, window),
-        on_sample=on_sample,
+        on_sample=stream,
     )
     server: MetricsServer | None = None
     if listen is not None:
@@ -273,11 +279,11 @@ async def _probe(args: argparse.Namespace, out: PipeOutput) -> int:
         registry = CollectorRegistry()
         registry.register(engine.collector())
         server = MetricsServer(listen[0], listen[1], registry=registry)
-    stop = asyncio.Event()
-    out.on_closed = stop.set  # the reader has gone: stop, print nothing more, exit 0
     live = out.isatty() and not args.json and not args.stream
     with StopSignals(stop.set) as signals:
         try:
+            if stream is not None:
+                stream.start()
             await engine.start()
             if server is not None:
                 host, port = server.start()
@@ -292,6 +298,8 @@ async def _probe(args: argparse.Namespace, out: PipeOutput) -> int:
                     await asyncio.wait_for(stop.wait(), 0.5)
         finally:
             await engine.aclose()
+            if stream is not None:
+                stream.close()
             if server is not None:
                 server.stop()
     stats = engine.stats()

@@ -78,6 +78,15 @@ class PipeOutput:
         """Whether the stream is a terminal."""
         return not self.closed and self.stream.isatty()
 
+    def fileno(self) -> int:
+        """The stream's file descriptor (for a writer that bypasses the text layer)."""
+        return self.stream.fileno()
+
+    def reader_gone(self) -> None:
+        """What a writer of our descriptor calls when the reader went away (EPIPE)."""
+        if not self.closed:
+            self._gone()
+
     def _gone(self) -> None:
         self.closed = True
         if self.stream is sys.stdout:

@@ -178,3 +178,60 @@ control: {{probe_interval: 50ms}}
     # --interval 5ms wins over the config's 50ms: about 200 probes in 1 s, not 20.
     assert len(robot) > 60
     assert all(not r["lost"] for r in robot)
+
+
+async def _late_reader(*args: str, wait_s: float) -> tuple[int, list[str], str]:
+    """Run `detnet probe` with a reader that reads nothing for ``wait_s`` (the pipe fills
+    after a few hundred records), then everything."""
+    proc = await asyncio.create_subprocess_exec(
+        *DETNET, *args, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE
+    )
+    try:
+        await asyncio.sleep(wait_s)
+        out, err = await asyncio.wait_for(proc.communicate(), 60)
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+    assert proc.returncode is not None
+    return proc.returncode, out.decode().splitlines(), err.decode()
+
+
+@pytest.mark.parametrize("buffer", [65_536, 200])
+async def test_a_late_stream_reader_never_bends_the_schedule(reflector, buffer):
+    up = reflector.udp_address[1]
+    rc, lines, err = await _late_reader(
+        "probe", "--target", f"robot=udp://127.0.0.1:{up}", "--interval", "1ms",
+        "--duration", "3s", "--stream", "--json", "--stream-buffer", str(buffer),
+        wait_s=4.0,
+    )  # fmt: skip
+    assert rc == 0, err
+    summary = json.loads(lines[-1])
+    t = summary["targets"]["robot"]
+    records = lines[:-1]
+    # Every send slot of the 3 s was served (the loop never blocked on the pipe); what
+    # the reader could not take in time is dropped and counted, never a probe.
+    slots = t["sent"] + t["skipped"]
+    assert slots >= 2_900
+    assert t["skipped"] <= slots // 10
+    assert len(records) + summary["stream_dropped"] == t["sent"]
+    if buffer == 200:
+        assert summary["stream_dropped"] > 0
+    else:
+        assert summary["stream_dropped"] == 0
+    assert t["foreign_replies"] == 0
+
+
+async def test_the_stream_buffer_is_checked():
+    rc, _, err = await _detnet(
+        "probe", "--target", "r=udp://127.0.0.1:9", "--stream", "--stream-buffer", "0"
+    )
+    assert rc == 2
+    assert err.strip().splitlines() == ["detnet probe: error: --stream-buffer 0: not in 1..4194304"]
+
+
+def test_the_stream_buffer_default_is_the_streams():
+    from detnet.controller.cli.probe import STREAM_BUFFER
+    from detnet.engine.stream import DEFAULT_CAPACITY
+
+    assert STREAM_BUFFER == DEFAULT_CAPACITY

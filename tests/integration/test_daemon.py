@@ -19,6 +19,7 @@ from detnet.controller.config import load_config
 from detnet.controller.daemon import Daemon, make_plan
 from detnet.controller.errors import CommandError, ConfigError
 from detnet.engine.reflector import ReflectorConfig, ReflectorServer
+from detnet.engine.stream import SampleStream
 
 pytestmark = pytest.mark.usefixtures("no_leftover_tasks")
 
@@ -92,10 +93,13 @@ async def test_a_duration_ends_the_run_and_streams_every_probe(reflector, tmp_pa
         duration_s=0.5,
         log_format="json",
     )
-    stream, decisions = io.StringIO(), io.StringIO()
-    daemon = Daemon(plan, stream=stream, log_stream=decisions)
-    await asyncio.wait_for(daemon.run(), 30)  # returns by itself
-    probes = [json.loads(line) for line in stream.getvalue().splitlines()]
+    decisions = io.StringIO()
+    records = tmp_path / "probes.jsonl"
+    with records.open("w") as file:
+        daemon = Daemon(plan, stream=SampleStream(file.fileno()), log_stream=decisions)
+        await asyncio.wait_for(daemon.run(), 30)  # returns by itself
+    probes = [json.loads(line) for line in records.read_text().splitlines()]
+    assert daemon.engine.stream_dropped == 0
     assert probes
     assert {p["target"] for p in probes} == {"robot"}
     assert sum(not p["lost"] for p in probes) == daemon.engine.stats()["robot"].received
