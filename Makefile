@@ -13,10 +13,10 @@ PKGS   := native engine controller lab bench
 # the measurement core (native, engine, the probe and reflect commands, the controller
 # process end to end). `make test` runs it a second time with DETNET_NO_EXTENSIONS=1.
 CORE_TESTS := $(wildcard tests/unit/test_native_*.py tests/integration/test_native_*.py) \
-	$(addprefix tests/unit/test_,$(addsuffix .py,core recorder ring stats sequence scheduler \
+	$(addprefix tests/unit/test_,$(addsuffix .py,core recorder recorder_two_step ring stats sequence scheduler \
 	  parse connections targets tbf slo collector)) \
 	$(addprefix tests/integration/test_,$(addsuffix .py,probe_engine probe_engine_dynamic \
-	  reflector cmd_probe cmd_reflect cmd_control daemon))
+	  reflector probe_peers cmd_probe cmd_reflect cmd_control daemon))
 
 # Debian packages the tests, the lab and the benchmarks use (installed when root).
 APT_TEST  := iproute2 prometheus kubectl

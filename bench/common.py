@@ -178,3 +178,50 @@ def background(
                 proc.wait()
         if proc.stderr:
             proc.stderr.close()
+
+
+_SINK = """
+import socket, sys
+server = socket.create_server((sys.argv[1], int(sys.argv[2])))
+conn, _ = server.accept()
+while conn.recv(1 << 20):
+    pass
+"""
+_BULK = """
+import socket, sys, time
+for _ in range(200):
+    try:
+        conn = socket.create_connection((sys.argv[1], int(sys.argv[2])))
+        break
+    except OSError:
+        time.sleep(0.05)
+else:
+    sys.exit("bulk sender: no sink")
+block = bytes(1 << 16)
+while True:
+    conn.sendall(block)
+"""
+BULK_PORT = 5301  # the bulk flow's sink: on veth in its own namespace, else a free port
+
+
+@contextlib.contextmanager
+def competing_load(path: NetPath, *, hogs: int = 1) -> Iterator[None]:
+    """What a busy node runs beside the probes: ``hogs`` CPU-bound processes and one bulk
+    TCP flow over the same path, client side to server side. All stopped on exit."""
+    port = BULK_PORT if path.server_prefix else _free_tcp_port()
+    with contextlib.ExitStack() as stack:
+        for _ in range(hogs):
+            stack.enter_context(
+                background([sys.executable, "-c", "while True: pass"], ready_after_s=0)
+            )
+        sink = [*path.server_prefix, sys.executable, "-c", _SINK, path.server_addr, str(port)]
+        stack.enter_context(background(sink, ready_after_s=0.3))
+        bulk = [*path.client_prefix, sys.executable, "-c", _BULK, path.server_addr, str(port)]
+        stack.enter_context(background(bulk, ready_after_s=0.5))
+        yield
+
+
+def _free_tcp_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
