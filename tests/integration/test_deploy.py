@@ -950,3 +950,105 @@ def test_the_readme_commands_select_what_the_manifests_deploy() -> None:
     assert any(name == "README.md" and " logs " in cmd for name, cmd in checked), (
         "the README shows how to follow the controller's log"
     )
+
+
+# ------------------------------------------------------------------------ migrating
+
+MIGRATING = ROOT / "docs" / "migrating.md"
+# Top-level folders of this repository: a path starting with one of them is ours (the
+# prototype's own paths, deployments/ and k8s/, are not in this tree).
+_OURS = ("deploy", "docs", "tests", "controller", "engine", "native", "lab", "bench")
+
+
+def _slug(heading: str) -> str:
+    """GitHub's anchor of a Markdown heading."""
+    text = re.sub(r"[^\w\- ]", "", heading.strip().lower())
+    return text.replace(" ", "-")
+
+
+def test_migrating_names_only_paths_and_folders_that_exist() -> None:
+    """Every path of ours docs/migrating.md names exists; every folder it applies or
+    builds with kustomize, or names as a component, is a kustomize folder; every link to
+    another doc (and its section) exists."""
+    text = MIGRATING.read_text(encoding="utf-8")
+    paths = set()
+    for line in text.splitlines():
+        for m in re.finditer(rf"(?<![\w./-])((?:{'|'.join(_OURS)})/[\w./-]*\w)", line):
+            # In a kubectl command, deploy/NAME is a Deployment unless -k or -f names it.
+            before = line[: m.start()]
+            if "kubectl" in before and not re.search(r"(-k|-f|kustomize) $", before):
+                continue
+            paths.add(m.group(1))
+    assert {"deploy/monitoring/compat", "deploy/base/configmap.yaml"} <= paths
+    for path in sorted(paths):
+        assert (ROOT / path).exists(), f"docs/migrating.md names {path}, which does not exist"
+    folders = set(re.findall(r"kubectl (?:apply -k|kustomize) (deploy/[\w/-]+)", text))
+    folders |= {p for p in paths if (ROOT / p).is_dir() and p.startswith("deploy/")}
+    assert {"deploy/base", "deploy/monitoring/compat", "deploy/monitoring/compat/operator"} <= (
+        folders
+    )
+    for folder in sorted(folders):
+        assert (ROOT / folder / "kustomization.yaml").is_file(), f"{folder}: not kustomize"
+    # The components the YAML snippets enable, relative to the kustomization they edit.
+    assert (DEPLOY / "monitoring" / "compat" / "kustomization.yaml").is_file()
+    assert "- compat" in text
+    assert "- ../compat/operator" in text
+    for target, anchor in re.findall(r"\]\(([\w.-]+\.md)(?:#([\w-]+))?\)", text):
+        doc = ROOT / "docs" / target
+        assert doc.is_file(), f"link to {target}"
+        if anchor:
+            headings = re.findall(r"^#+ (.+)$", doc.read_text(encoding="utf-8"), flags=re.M)
+            assert anchor in {_slug(h) for h in headings}, f"{target}#{anchor}"
+
+
+def _metric_table() -> dict[str, str]:
+    """Old name -> the 'compat rule' cell of docs/migrating.md's metric table."""
+    text = MIGRATING.read_text(encoding="utf-8")
+    rows = re.findall(r"^\| `([a-z_]+)` \|.*\| ([^|]+) \|$", text, flags=re.M)
+    return {name: cell.strip().strip("*") for name, cell in rows}
+
+
+def test_migrating_maps_every_prototype_metric() -> None:
+    """The table lists every series the prototype exported; each is recorded by the
+    compat rules, or said not to be provided, exactly as the rules and their tests have it."""
+    from tests.integration.test_monitoring import COMPAT_RULES, NOT_RECORDED, PROTOTYPE_SERIES
+
+    table = _metric_table()
+    assert set(table) == set(PROTOTYPE_SERIES)
+    assert set(table.values()) == {"recorded", "not provided"}
+    doc = yaml.safe_load(COMPAT_RULES.read_text(encoding="utf-8"))
+    recorded = {r["record"] for g in doc["groups"] for r in g["rules"]}
+    assert {n for n, cell in table.items() if cell == "recorded"} == recorded
+    assert {n for n, cell in table.items() if cell == "not provided"} == set(NOT_RECORDED)
+
+
+def test_migrating_shows_what_config_check_prints() -> None:
+    """The notices docs/migrating.md quotes are the ones `detnet config check` prints for
+    the prototype's example ConfigMap, word for word."""
+    text = MIGRATING.read_text(encoding="utf-8")
+    quoted = re.findall(r"^(detnet config: warning: .+)$", text, flags=re.M)
+    assert len(quoted) >= 5
+    out = subprocess.run(
+        [
+            _detnet(),
+            "config",
+            "check",
+            "tests/fixtures/prototype-configmap.yaml",  # as quoted: relative to the root
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+        cwd=ROOT,
+    )
+    assert out.returncode == 0, out.stderr
+    printed = out.stderr.splitlines()
+    for line in quoted:
+        assert line in printed, (
+            f"docs/migrating.md quotes a notice config check does not print: {line}"
+        )
+
+
+def test_migrating_is_linked_from_the_readme_and_deploy_guide() -> None:
+    for doc, link in (("README.md", "docs/migrating.md"), ("docs/deploy.md", "migrating.md")):
+        assert f"]({link})" in (ROOT / doc).read_text(encoding="utf-8"), doc
