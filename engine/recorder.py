@@ -75,20 +75,10 @@ FOLLOWUP_NONE, FOLLOWUP_KERNEL = 0, 1
 # one-step. Stamps that overtake their reply (reordering) wait in a table this big.
 SETTLE_MARGIN_NS = 50_000_000
 MAX_EARLY_STAMPS = 256
-
-
-class _Pending:
-    """A two-step reply waiting for its stamp: what its record needs, copied out of the
-    tracker (whose slot may be reused meanwhile)."""
-
-    __slots__ = ("due_ns", "fields", "flags", "seq")
-
-    def __init__(self, due_ns: int, seq: int, flags: int, fields: tuple[int, ...]) -> None:
-        self.due_ns = due_ns
-        self.seq = seq
-        self.flags = flags  # FLAG_REORDERED, and FLAG_DUP or FLAG_LATE once one comes
-        # slot, user_tx, kernel_tx, hw_tx, rx_user, rx_kernel, rx_hw, refl_rx, refl_tx
-        self.fields = fields
+LOST_STAMP = -1  # in that table: the reflector said it has no stamp for this reply
+# Batches of two-step rows at least this long take the vectorised path; below it numpy's
+# per-call overhead costs more than the rows one at a time.
+VECTOR_MIN_ROWS = 16
 
 
 # --- inputs -----------------------------------------------------------------------------
@@ -264,10 +254,18 @@ class ProbeRecorder:
         self.skipped = 0  # the scheduler's missed send slots, counted by the engine
         self.send_errors = 0  # sends the kernel refused, counted by the prober
         self.foreign = 0  # replies that are not ours (nor an echo), counted by the prober
-        # Two-step replies by seq, in arrival order (so due order), and stamps that came
-        # before their reply; the prober sets settle_ns from the wait it asked for.
+        # Two-step replies waiting for their stamp, by tracker slot (the tracker's send
+        # stamps stay there until the slot is reused, which settles them first): due time
+        # (0: none waiting), what the reply carried, flags gathered meanwhile. Stamps that
+        # came before their reply wait in a small table. The prober sets settle_ns from
+        # the wait it asked for.
         self.settle_ns = SETTLE_MARGIN_NS
-        self._pending: dict[int, _Pending] = {}
+        cap = self.tracker.capacity
+        self._aw_due = np.zeros(cap, np.int64)
+        self._aw = np.zeros((5, cap), np.int64)  # rx_user, rx_kernel, rx_hw, refl_rx, refl_tx
+        self._aw_flags = np.zeros(cap, np.uint8)
+        self._awaiting = 0
+        self._next_due = 0  # the earliest due time among the waiting (0: none)
         self._early: dict[int, int] = {}
         self._source = SOURCE_USER
         self._base = BaseRttTracker()
@@ -321,7 +319,7 @@ class ProbeRecorder:
     @property
     def awaiting_stamps(self) -> int:
         """Two-step replies waiting for their reflector TX stamp."""
-        return len(self._pending)
+        return self._awaiting
 
     # --- sending and losses -------------------------------------------------------------
     def on_sent(
@@ -338,6 +336,12 @@ class ProbeRecorder:
         are needed."""
         n = int(user_tx_ns.shape[0])
         self.sweep(now_ns, reserve=n)
+        if self._awaiting:
+            tr = self.tracker
+            reused = (tr.next_seq + np.arange(n, dtype=np.int64)) & (tr.capacity - 1)
+            waiting = reused[self._aw_due[reused] != 0]
+            if waiting.shape[0]:
+                self._write_awaited(now_ns, waiting, np.zeros(waiting.shape[0], np.int64))
         self.tracker.on_sent(
             first_seq=self.tracker.next_seq,
             user_tx_ns=user_tx_ns,
@@ -366,13 +370,14 @@ class ProbeRecorder:
         ``reserve`` new probes need their slots); two-step replies whose stamp is overdue
         are recorded one-step."""
         self._record_lost(now_ns, self.tracker.expire(now_ns, reserve=reserve))
-        pending = self._pending
-        while pending:
-            first = next(iter(pending.values()))
-            if first.due_ns > now_ns and len(pending) <= self.tracker.capacity:
-                break
-            del pending[first.seq]
-            self._write_pending(now_ns, first, 0)
+        if self._awaiting and now_ns >= self._next_due:
+            due = self._aw_due
+            slots = np.flatnonzero((due != 0) & (due <= now_ns))
+            # In arrival order (the order their records would have had).
+            slots = slots[np.lexsort((self.tracker.seq[slots], due[slots]))]
+            self._write_awaited(now_ns, slots, np.zeros(slots.shape[0], np.int64))
+            rest = due[due != 0]
+            self._next_due = int(rest.min()) if rest.shape[0] else 0
 
     def _record_lost(self, now_ns: int, expired: Expired) -> None:
         n = int(expired.seq.shape[0])
@@ -400,26 +405,143 @@ class ProbeRecorder:
     def record_native(
         self, replies: npt.NDArray[np.void], *, now_ns: int, offset_now_ns: int
     ) -> None:
-        """Record a native ``REPLY_DTYPE`` batch. One-step replies in bulk take the
-        vectorised path; one reply, and batches with two-step replies, follow-ups, echoes
-        or hardware stamps, take the scalar one, row by row."""
+        """Record a native ``REPLY_DTYPE`` batch. Batches of one-step replies, and long
+        ones of two-step replies and follow-ups, take vectorised paths; one reply, short
+        two-step batches and batches with echoes or hardware stamps take the scalar one,
+        row by row."""
         n = replies.shape[0]
-        if n != 1 and not any(replies[f].any() for f in NATIVE_TWO_STEP_FIELDS):
-            self.record_replies(
-                Replies.from_native(replies), now_ns=now_ns, offset_now_ns=offset_now_ns
-            )
-            return
+        if n != 1:
+            kind = replies["kind"]
+            if not kind.any() and not replies["followup_source"].any():
+                if not replies["hw_rx_ns"].any():
+                    self.record_replies(
+                        Replies.from_native(replies), now_ns=now_ns, offset_now_ns=offset_now_ns
+                    )
+                    return
+            elif (
+                n >= VECTOR_MIN_ROWS
+                and not self._early
+                and not (kind == KIND_ECHO).any()
+                and not replies["hw_rx_ns"].any()
+            ):
+                self._record_two_step(replies, now_ns=now_ns, offset_now_ns=offset_now_ns)
+                return
         if replies.dtype is not self._native_dtype:
             names = replies.dtype.names or ()
             fields = NATIVE_FIELDS + NATIVE_TWO_STEP_FIELDS
             self._native_pick = operator.itemgetter(*(names.index(f) for f in fields))
             self._native_dtype = replies.dtype
-        # One item() call gives every field as a Python int: ten field reads would cost
-        # twenty times as much, more than all the arithmetic.
-        pick, record = self._native_pick, self._record_one
-        for i in range(n):
-            seq, rx_user, rx_kernel, refl_rx, refl_tx, *rest = pick(replies.item(i))
-            record(now_ns, offset_now_ns, seq, rx_user, rx_kernel, refl_rx, refl_tx, None, *rest)
+        # One tolist() gives every field as a Python int: ten field reads per row would
+        # cost twenty times as much, more than all the arithmetic.
+        self.sweep(now_ns)  # once for the batch: the rows share the time
+        pick, take = self._native_pick, self._take_one
+        for row in replies.tolist():
+            seq, rx_user, rx_kernel, refl_rx, refl_tx, *rest = pick(row)
+            take(now_ns, offset_now_ns, seq, rx_user, rx_kernel, refl_rx, refl_tx, None, *rest)
+
+    def _record_two_step(self, r: npt.NDArray[np.void], *, now_ns: int, offset_now_ns: int) -> None:
+        """A batch of one- and two-step replies and follow-ups, vectorised: the replies
+        first (one-step ones recorded, two-step ones waiting), then every stamp the batch
+        carries. The records are those of the rows one at a time; within the batch their
+        order may differ (a stamp that follows its reply in the same batch)."""
+        self.sweep(now_ns)
+        tr = self.tracker
+        kind = r["kind"]
+        rows = r[kind != KIND_FOLLOWUP]
+        if rows.shape[0]:
+            batch = Replies.from_native(rows)
+            cls = tr.on_replies(batch.seq)
+            got = cls.received.copy()
+            slots = cls.slots[got]
+            step = np.abs(tr.offset_ns[slots] - offset_now_ns) > CLOCK_STEP_NS
+            if np.any(step):
+                tr.drop(slots[step])
+                got[got] = ~step
+                slots = slots[~step]
+            two = rows["kind"][got] == KIND_REPLY_2STEP
+            if not two.all():
+                one = got.copy()
+                one[got] = ~two
+                self._write(now_ns, slots[~two], batch.take(one), cls.reordered[one])
+            if two.any():
+                wait = got.copy()
+                wait[got] = two
+                self._await(now_ns, slots[two], batch.take(wait), cls.reordered[wait])
+            if np.any(cls.duplicate | cls.late):
+                self._flag_or_await(cls.slots[cls.duplicate], FLAG_DUP)
+                seq = batch.seq.astype(np.int64, copy=False)
+                known = cls.late & (tr.seq[cls.slots] == seq)
+                self._flag_or_await(cls.slots[known], FLAG_LATE)
+        src = r["followup_source"]
+        has = src != FOLLOWUP_NONE
+        if has.any():
+            fseq = r["followup_seq"][has].astype(np.int64)
+            stamp = np.where(src[has] == FOLLOWUP_KERNEL, r["refl_tx_kernel_ns"][has], 0)
+            slot = fseq & (tr.capacity - 1)
+            mine = (self._aw_due[slot] != 0) & (tr.seq[slot] == fseq)
+            if not mine.all():
+                for q, t in zip(fseq[~mine].tolist(), stamp[~mine].tolist(), strict=True):
+                    self._on_stamp(now_ns, q, t)  # overtaking or unknown: the scalar rule
+            if mine.any():
+                # A stamp reported twice (a retransmitted follow-up) counts once.
+                first = np.unique(slot[mine], return_index=True)[1]
+                take = np.sort(first)
+                self._write_awaited(now_ns, slot[mine][take], stamp[mine][take])
+
+    def _await(
+        self, now_ns: int, slots: I64, got: Replies, reordered: npt.NDArray[np.bool_]
+    ) -> None:
+        """Two-step replies (their slots) wait for their stamps."""
+        aw = self._aw
+        aw[0, slots] = got.rx_user_ns
+        aw[1, slots] = got.rx_kernel_ns
+        aw[2, slots] = 0
+        aw[3, slots] = got.refl_rx_ns
+        aw[4, slots] = got.refl_tx_ns
+        self._aw_flags[slots] = np.where(reordered, FLAG_REORDERED, 0)
+        due = now_ns + self.settle_ns
+        self._aw_due[slots] = due
+        if not self._awaiting:
+            self._next_due = due
+        self._awaiting += int(slots.shape[0])
+
+    def _flag_or_await(self, slots: I64, flag: int) -> None:
+        waiting = self._aw_due[slots] != 0
+        if waiting.any():
+            self._aw_flags[slots[waiting]] |= flag
+        self._flag(slots[~waiting], flag)
+
+    def _write_awaited(self, now_ns: int, slots: I64, stamps: I64) -> None:
+        """Record waiting two-step replies: with the reflector's kernel TX stamp, or
+        one-step where it is 0 (lost, or not in time)."""
+        n = int(slots.shape[0])
+        if n == 0:
+            return
+        tr, aw = self.tracker, self._aw
+        self._aw_due[slots] = 0
+        self._awaiting -= n
+        flags = self._aw_flags[slots]
+        if n == 1 or aw[2, slots].any():  # one (numpy costs more), or hardware stamps
+            for slot, stamp, extra in zip(
+                slots.tolist(), stamps.tolist(), flags.tolist(), strict=True
+            ):
+                rx_user, rx_kernel, rx_hw, refl_rx, refl_tx = aw[:, slot].tolist()
+                self._write_one(
+                    now_ns, int(tr.seq[slot]), slot, int(tr.user_tx_ns[slot]),
+                    int(tr.kernel_tx_ns[slot]), int(tr.hw_tx_ns[slot]), rx_user, rx_kernel,
+                    rx_hw, refl_rx, stamp or refl_tx, None, extra,
+                    SOURCE_KERNEL_2STEP if stamp else SOURCE_KERNEL,
+                )  # fmt: skip
+            return
+        got = Replies(
+            seq=tr.seq[slots],
+            rx_user_ns=aw[0, slots],
+            rx_kernel_ns=aw[1, slots],
+            refl_rx_ns=aw[3, slots],
+            refl_tx_ns=np.where(stamps != 0, stamps, aw[4, slots]),
+        )
+        kernel_source = np.where(stamps != 0, SOURCE_KERNEL_2STEP, SOURCE_KERNEL).astype(np.uint8)
+        self._write(now_ns, slots, got, None, extra_flags=flags, kernel_source=kernel_source)
 
     def record_replies(self, replies: Replies, *, now_ns: int, offset_now_ns: int) -> None:
         """Join a batch of replies (arrival order) to the probes in flight and record the
@@ -449,15 +571,28 @@ class ProbeRecorder:
             self._flag(cls.slots[known], FLAG_LATE)
 
     def _write(
-        self, now_ns: int, slots: I64, got: Replies, reordered: npt.NDArray[np.bool_]
+        self,
+        now_ns: int,
+        slots: I64,
+        got: Replies,
+        reordered: npt.NDArray[np.bool_] | None,
+        *,
+        extra_flags: U8 | None = None,
+        kernel_source: U8 | None = None,
     ) -> None:
         tr = self.tracker
         user_tx = tr.user_tx_ns[slots]
         d = delays(user_tx_ns=user_tx, kernel_tx_ns=tr.kernel_tx_ns[slots], replies=got)
+        source = d.source
+        if kernel_source is not None:  # which kernel source: one-step, two-step
+            source = np.where(source == SOURCE_KERNEL, kernel_source, source)
         # Table lookups and in-place ORs on uint8: np.where with scalars costs more here.
-        flags = _SOURCE_FLAGS.take(d.source)
+        flags = _SOURCE_FLAGS.take(source)
         flags |= FLAG_RECEIVED
-        flags[reordered] |= FLAG_REORDERED
+        if reordered is not None:
+            flags[reordered] |= FLAG_REORDERED
+        if extra_flags is not None:
+            flags |= extra_flags
         seqs = got.seq.astype(np.int64)
         pos = self.ring.append(
             t_ns=now_ns,
@@ -471,7 +606,7 @@ class ProbeRecorder:
         )
         tr.ring_pos[slots] = np.arange(pos, pos + slots.shape[0], dtype=np.int64)
         self.histogram.add(d.rtt_ns)
-        self._source = int(d.source[-1])
+        self._source = int(source[-1])
         with self._base_lock:
             self._base.update(now_ns, float(d.rtt_ns.min()))
         if self.on_sample is not None:
@@ -486,7 +621,7 @@ class ProbeRecorder:
                         _opt_int(d.fwd_ns[i]),
                         _opt_int(d.back_ns[i]),
                         False,
-                        SOURCE_NAMES[d.source[i]],
+                        SOURCE_NAMES[source[i]],
                     )
                 )
 
@@ -512,6 +647,28 @@ class ProbeRecorder:
         rx_hw: int = 0,
     ) -> None:
         self.sweep(now_ns)
+        self._take_one(
+            now_ns, offset_now_ns, seq, rx_user, rx_kernel, refl_rx, refl_tx, override, kind,
+            followup_source, followup_seq, refl_tx_kernel, rx_hw,
+        )  # fmt: skip
+
+    def _take_one(  # positional parameters on purpose: the per-reply hot path
+        self,
+        now_ns: int,
+        offset_now_ns: int,
+        seq: int,
+        rx_user: int,
+        rx_kernel: int,
+        refl_rx: int,
+        refl_tx: int,
+        override: int | None,
+        kind: int = KIND_REPLY,
+        followup_source: int = FOLLOWUP_NONE,
+        followup_seq: int = 0,
+        refl_tx_kernel: int = 0,
+        rx_hw: int = 0,
+    ) -> None:
+        """One reply, the overdue probes already swept."""
         if followup_source != FOLLOWUP_NONE:
             # The stamp of an earlier reply first: that reply's record comes before ours.
             stamp = refl_tx_kernel if followup_source == FOLLOWUP_KERNEL else 0
@@ -527,8 +684,8 @@ class ProbeRecorder:
                 pos = int(tr.ring_pos[slot])
                 if pos >= 0:
                     self.ring.set_flags(np.array([pos]), flag)
-                elif seq in self._pending:
-                    self._pending[seq].flags |= flag
+                elif self._aw_due[slot]:
+                    self._aw_flags[slot] |= flag
             return
         if abs(int(tr.offset_ns[slot]) - offset_now_ns) > CLOCK_STEP_NS:
             tr.drop(slot)
@@ -538,17 +695,24 @@ class ProbeRecorder:
         hw_tx = int(tr.hw_tx_ns[slot])
         flags = FLAG_REORDERED if outcome == REORDERED else 0
         if kind == KIND_REPLY_2STEP:
-            p = _Pending(
-                now_ns + self.settle_ns,
-                seq,
-                flags,
-                (slot, user_tx, kernel_tx, hw_tx, rx_user, rx_kernel, rx_hw, refl_rx, refl_tx),
-            )
             stamp = self._early.pop(seq, 0)
-            if stamp:
-                self._write_pending(now_ns, p, stamp)
-            else:
-                self._pending[seq] = p
+            if stamp:  # it came first: the stamp, or LOST_STAMP (record one-step now)
+                lost = stamp == LOST_STAMP
+                self._write_one(
+                    now_ns, seq, slot, user_tx, kernel_tx, hw_tx, rx_user, rx_kernel, rx_hw,
+                    refl_rx, refl_tx if lost else stamp, None, flags,
+                    SOURCE_KERNEL if lost else SOURCE_KERNEL_2STEP,
+                )  # fmt: skip
+                return
+            aw = self._aw
+            aw[0, slot], aw[1, slot], aw[2, slot] = rx_user, rx_kernel, rx_hw
+            aw[3, slot], aw[4, slot] = refl_rx, refl_tx
+            self._aw_flags[slot] = flags
+            due = now_ns + self.settle_ns
+            self._aw_due[slot] = due
+            if not self._awaiting:
+                self._next_due = due
+            self._awaiting += 1
             return
         self._write_one(
             now_ns, seq, slot, user_tx, kernel_tx, hw_tx, rx_user, rx_kernel, rx_hw,
@@ -558,26 +722,19 @@ class ProbeRecorder:
 
     def _on_stamp(self, now_ns: int, seq: int, stamp: int) -> None:
         """The reflector's kernel TX stamp of reply ``seq`` (0: it has none)."""
-        p = self._pending.pop(seq, None)
-        if p is not None:
-            self._write_pending(now_ns, p, stamp)
-        elif stamp and int(self.tracker.seq[seq & (self.tracker.capacity - 1)]) == seq:
+        tr = self.tracker
+        slot = seq & (tr.capacity - 1)
+        if int(tr.seq[slot]) != seq:
+            return
+        if self._aw_due[slot]:
+            self._write_awaited(now_ns, np.array([slot]), np.array([stamp], np.int64))
+        elif tr.ring_pos[slot] < 0:
             # Overtook its reply (reordering); a stamp for a reply that was lost stays here
             # until the table is full.
             early = self._early
-            early[seq] = stamp
+            early[seq] = stamp or LOST_STAMP
             if len(early) > MAX_EARLY_STAMPS:
                 del early[next(iter(early))]
-
-    def _write_pending(self, now_ns: int, p: _Pending, stamp: int) -> None:
-        """Record a two-step reply: with the reflector's kernel TX ``stamp``, or one-step
-        when it is 0 (lost, or not in time)."""
-        slot, user_tx, kernel_tx, hw_tx, rx_user, rx_kernel, rx_hw, refl_rx, refl_tx = p.fields
-        self._write_one(
-            now_ns, p.seq, slot, user_tx, kernel_tx, hw_tx, rx_user, rx_kernel, rx_hw,
-            refl_rx, stamp or refl_tx, None, p.flags,
-            SOURCE_KERNEL_2STEP if stamp else SOURCE_KERNEL,
-        )  # fmt: skip
 
     def _write_one(  # positional parameters on purpose: the per-reply hot path
         self,

@@ -32,7 +32,7 @@ class WindowStats:
 
     target: str
     protocol: str
-    timestamp_source: str  # "kernel" or "user": what the latest samples used
+    timestamp_source: str  # what the latest samples used (recorder.SOURCE_NAMES)
     sent: int  # probes whose reply was due inside the window
     received: int
     lost: int
@@ -202,7 +202,11 @@ def window_stats(
     seq = snap.seq[got]
     source = default_source
     if received:
-        source = "kernel" if flags[got][-1] & FLAG_KERNEL else "user"
+        # The flag says kernel or user; the recorder's name says which kernel source.
+        if not flags[got][-1] & FLAG_KERNEL:
+            source = "user"
+        elif default_source == "user":
+            source = "kernel"
     q: list[float | None] = [None] * 5
     jitter_iqr: float | None = None
     if received:
