@@ -67,13 +67,16 @@ def _child_engine(port: int, seconds: float, batch: int) -> None:
     print(json.dumps(result), flush=True)
 
 
-def engine_throughput(backend: str, *, seconds: float, batch: int) -> dict[str, Any]:
-    """Probes completed per CPU-second of an engine process on one core."""
+def engine_throughput(
+    backend: str, *, seconds: float, batch: int, one_step: bool = False
+) -> dict[str, Any]:
+    """Probes completed per CPU-second of an engine process on one core (against a
+    two-step reflector, or a ``one_step`` one)."""
     port = free_udp_port()
     env = {**os.environ, **BACKENDS[backend]}
     reflector = [
         "taskset", "-c", "1", *detnet_command(), "reflect", "--udp", f"127.0.0.1:{port}",
-        "--rate-limit", "0",
+        "--rate-limit", "0", *(["--one-step"] if one_step else []),
     ]  # fmt: skip
     if (os.cpu_count() or 1) < 2:
         reflector = reflector[3:]
@@ -116,18 +119,24 @@ def main(args: argparse.Namespace) -> dict[str, object]:
         eng = engine_throughput(backend, seconds=args.seconds, batch=args.batch)
         if eng["backend"] != backend:
             raise BenchError(f"asked for the {backend} backend, the engine ran {eng['backend']}")
+        one = engine_throughput(backend, seconds=args.seconds, batch=args.batch, one_step=True)
         refl = reflector_throughput(backend)
         backends[backend] = {
             "probes_per_s": eng["probes_per_s"],
+            "probes_per_s_one_step": one["probes_per_s"],
             "reflector_pps": refl,
             "engine_completed_share": eng["completed_share"],
         }
     rows = [
-        [name, b["probes_per_s"], b["reflector_pps"], f"{b['engine_completed_share']:.1%}"]
+        [
+            name, b["probes_per_s"], b["probes_per_s_one_step"], b["reflector_pps"],
+            f"{b['engine_completed_share']:.1%}",
+        ]
         for name, b in backends.items()
-    ]
+    ]  # fmt: skip
     print(f"throughput per CPU-second (one core each; batch {args.batch} per 1 ms deadline)")
-    print(table(["backend", "engine probes/s", "reflector pps", "replies joined"], rows))
+    cols = ["backend", "engine probes/s", "… one-step reflector", "reflector pps"]
+    print(table([*cols, "replies joined"], rows))
     cy, py = backends["cython"], backends["python"]
     print(
         f"cython/python: engine {cy['probes_per_s'] / max(py['probes_per_s'], 1):.1f}x, "
