@@ -206,3 +206,35 @@ def test_stdlib_echo_servers_are_really_not_ours(udp_echo) -> None:
         s.settimeout(2)
         s.sendto(b"hello", ("127.0.0.1", udp_echo))
         assert s.recv(100) == b"hello"
+
+
+async def test_a_reflector_that_restarts_mid_run_leaves_no_reply_unrecorded() -> None:
+    # The new reflector knows nothing of the stamps the old one owed: those replies are
+    # recorded one-step when their wait is over, the rest two-step again.
+    first = ReflectorServer(ReflectorConfig(udp=("127.0.0.1", 0)))
+    await first.start()
+    port = first.udp_address[1]
+    samples: list[Sample] = []
+    engine = ProbeEngine(
+        [parse_target(f"r=udp://127.0.0.1:{port}", interval_ns=5_000_000)],
+        window_ns=60 * 10**9,
+        on_sample=samples.append,
+    )
+    await engine.start()
+    second = None
+    try:
+        await asyncio.sleep(0.2)
+        await first.close()
+        second = ReflectorServer(ReflectorConfig(udp=("127.0.0.1", port)))
+        await second.start()
+        await asyncio.sleep(0.3)
+    finally:
+        await engine.aclose()
+        if second is not None:
+            await second.close()
+    t = engine.totals()["r"]
+    assert t.sent == len(samples)
+    assert engine.probers["r"].recorder.awaiting_stamps == 0
+    after = [s for s in samples if s.sent_ns > samples[0].sent_ns + 250_000_000]
+    assert after
+    assert {s.timestamp_source for s in after if not s.lost} == {"kernel-2step"}
