@@ -37,7 +37,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Literal, NamedTuple
 
 from detnet.controller.knee import (
     KneeMemory,
@@ -64,6 +64,8 @@ Action = Literal["decrease", "increase", "hold"]
 # A violation this many times over its threshold is not a cap a few percent past the
 # knee: it gets the full cut, not a step back under the knee.
 GENTLE_MAX_SEVERITY = 2.0
+# Climbing towards a group knee that is only an upper bound: this share of the load per step.
+UNCERTAIN_STEP_FRACTION = 0.05
 ScopeMode = Literal["cluster", "node"]
 
 
@@ -90,7 +92,7 @@ class PolicyParams:
     escalate_after: int = 3
     # A blind cut without effect is followed by a deeper one, up to this factor.
     max_blind_factor: float = 0.5
-    early_warning_fraction: float = 0.1
+    early_warning_fraction: float = 0.25
     knee_margin: float = 0.02
     knee_step_fraction: float = 0.01
     knee_memory_s: float = 120.0
@@ -197,6 +199,8 @@ class AsymmetricAimd:
         self._groups: dict[str, _Group] = {}
         self._usage: UsageMeter[Scope] = UsageMeter(_ns(params.usage_window_s))
         self._knees: KneeMemory[Scope] = KneeMemory(_ns(params.knee_memory_s))
+        # The knee of each group (the scopes that share a link): their summed rate.
+        self._group_knees: KneeMemory[str] = KneeMemory(_ns(params.knee_memory_s))
         self._watch = QueueWatch(WarningParams(fraction=params.early_warning_fraction))
         self._escalated_by: set[str] = set()  # violated nodes that widened the cut
         self._basis = {slo.app: _tightest_ms(slo) for slo in slos}
@@ -391,6 +395,7 @@ class AsymmetricAimd:
                     remembered * (1.0 - p.knee_margin)
                 )
                 self._knees.note(s, min(used, float(cap)), now_ns, uncertain=moved)
+        self._note_group_knee(name, now_ns, scopes, usage, previous, at_least=False)
         if all(new[s] == previous[s] for s in scopes):
             what = "every workload" if name == CLUSTER else "every best-effort pod"
             reasons.append(
@@ -467,7 +472,7 @@ class AsymmetricAimd:
         now_ns: int,
         scopes: list[Scope],
         usage: Mapping[Scope, float],
-        warnings: Mapping[str | None, str],
+        warnings: Mapping[str | None, _Warning],
         previous: Mapping[Scope, int],
         new: dict[Scope, int],
         reasons: list[str],
@@ -498,10 +503,22 @@ class AsymmetricAimd:
                 # the memory fades (knee_memory), since no warning refreshes it.
                 self._knees.move_up(s, float(previous[s]))
                 knees[s] = self._knees.get(s, now_ns)
-        below = all(
-            k is not None and previous[s] < math.floor(k * (1 - p.knee_margin))
-            for s, k in knees.items()
-        )
+        load = _committed(scopes, usage, previous)
+        group_knee = self._group_knees.get(name, now_ns)
+        if group_knee is not None and load >= group_knee * (1 + 2 * p.knee_margin):
+            self._group_knees.move_up(name, load)  # as for one scope's knee, above
+            group_knee = self._group_knees.get(name, now_ns)
+        ceiling = None if group_knee is None else group_knee * (1 - p.knee_margin)
+        if ceiling is not None:
+            # The group's knee is the link's: under it every workload may climb, however
+            # low its own knee (noted when the others took more of the link).
+            below = load < math.floor(ceiling)
+            knees = dict.fromkeys(knees)
+        else:
+            below = all(
+                k is not None and previous[s] < math.floor(k * (1 - p.knee_margin))
+                for s, k in knees.items()
+            )
         dwell = p.decrease_cooldown_s if below else p.increase_interval_s
         if dwelt < dwell:
             reasons.append(f"{where}all apps stable for {dwelt:.2f} s of {dwell:.2f} s dwell")
@@ -521,6 +538,16 @@ class AsymmetricAimd:
                 uncertain=self._knees.uncertain(s),
             )
             new[s] = max(cap, p.clamp(step))
+        if ceiling is not None and group_knee is not None:
+            # The link is shared: together the caps climb to the margin under the group's
+            # knee, then by one fine step of it, however many workloads share it.
+            fine = max(1.0, min(float(p.increase_step), p.knee_step_fraction * group_knee))
+            budget = ceiling - load if load < math.floor(ceiling) else fine
+            if self._group_knees.uncertain(name):
+                # Only an upper bound: steps of a twentieth of the load, so that the climb
+                # takes the same few steps on any link.
+                budget = min(budget, max(fine, UNCERTAIN_STEP_FRACTION * load))
+            _share_climb(new, previous, [s for s in scopes if str(s) not in idle], budget)
         if all(new[s] == previous[s] for s in scopes):
             why = "every workload at max_bandwidth"
             if idle:
@@ -536,12 +563,46 @@ class AsymmetricAimd:
         if idle:
             reasons.append(f"{where}not raising unused caps: {', '.join(idle)}")
 
-    def _warning_of(self, name: str, warnings: Mapping[str | None, str]) -> str | None:
-        """The first early warning that concerns group ``name``, if any."""
-        for node, why in warnings.items():
-            if node in (name, None) or name == CLUSTER:
-                return why
-        return None
+    def _note_group_knee(
+        self,
+        name: str,
+        now_ns: int,
+        scopes: list[Scope],
+        usage: Mapping[Scope, float],
+        previous: Mapping[Scope, int],
+        *,
+        at_least: bool,
+    ) -> None:
+        """Congestion appeared at the group's present load (when every scope's usage is
+        known); ``at_least`` (an early warning): never lower than the knee remembered."""
+        if not scopes or any(s not in usage for s in scopes):
+            return
+        load = _load(scopes, usage, previous)
+        remembered = self._group_knees.get(name, now_ns)
+        if at_least:
+            # A queue that stands at this load is a knee we saw: certain, and never lower
+            # than a certain one remembered (below it, a warning may be a burst).
+            if remembered is not None and not self._group_knees.uncertain(name):
+                load = max(load, remembered)
+            self._group_knees.note(name, load, now_ns)
+            return
+        # A violation with caps far above what was used (no cap had bitten yet) comes with
+        # the load of senders ramping into a full queue and its drops: more than the link
+        # carried. An upper bound only: the climb back goes in half steps.
+        unbounded = any(
+            usage[s] < USING_CAP_FRACTION * previous[s] for s in scopes if previous[s] > 0
+        )
+        # A violation under the knee remembered: the knee moved down (the link slowed),
+        # and this load is an upper bound on where it went.
+        moved = remembered is not None and load <= math.floor(
+            remembered * (1.0 - self.params.knee_margin)
+        )
+        self._group_knees.note(name, load, now_ns, uncertain=unbounded or moved)
+
+    def _warning_of(self, name: str, warnings: Mapping[str | None, _Warning]) -> _Warning | None:
+        """The early warning that concerns group ``name``, if any (a standing one first)."""
+        mine = [w for node, w in warnings.items() if node in (name, None) or name == CLUSTER]
+        return max(mine, key=lambda w: w.standing, default=None)
 
     def _trim(
         self,
@@ -553,14 +614,19 @@ class AsymmetricAimd:
         new: dict[Scope, int],
         reasons: list[str],
         cut: list[str],
-        why: str,
+        warning: _Warning,
     ) -> None:
         """An early warning: the caps in use step back under the knee (at most once per
-        cooldown), and the knee is remembered where the queue began to build now."""
+        cooldown) when the queue stands above the warning level, and the knee is
+        remembered where it began to build now; a queue that is only rising holds them."""
         p, g = self.params, self._groups[name]
         where = self._where(name)
-        last = max(g.last_cut_ns or 0, g.last_trim_ns or 0) or None
-        cooling = last is not None and now_ns - last < _ns(p.decrease_cooldown_s)
+        why = warning.reason
+        if not warning.standing:
+            reasons.append(f"{where}holding: {why}")
+            return
+        steps = [t for t in (g.last_cut_ns, g.last_trim_ns) if t is not None]
+        cooling = bool(steps) and now_ns - max(steps) < _ns(p.decrease_cooldown_s)
         trimmed = False
         for s in scopes:
             cap, used = previous[s], usage.get(s)
@@ -580,6 +646,8 @@ class AsymmetricAimd:
             to = math.ceil(trim_to(cap, used, knee, margin=p.knee_margin))
             new[s] = min(cap, p.clamp(min(cap - 1, to)))
             trimmed = trimmed or new[s] != cap
+        if not cooling:
+            self._note_group_knee(name, now_ns, scopes, usage, previous, at_least=True)
         if trimmed:
             g.last_trim_ns = now_ns
             cut.append(name)
@@ -587,8 +655,9 @@ class AsymmetricAimd:
         else:
             reasons.append(f"{where}holding: {why}")
 
-    def _warnings(self, now_ns: int, obs: Observation) -> dict[str | None, str]:
-        """Early warnings by node (None: a target without a node), first reason each."""
+    def _warnings(self, now_ns: int, obs: Observation) -> dict[str | None, _Warning]:
+        """Early warnings by node (None: a target without a node), first reason each
+        (a standing queue before one that is only rising)."""
         recent = obs.recent if obs.recent is not None else obs.stats
         delays: dict[str, float | None] = {}
         basis: dict[str, float] = {}
@@ -599,10 +668,12 @@ class AsymmetricAimd:
                 level = self._basis[app]
                 if level is not None:
                     basis[target] = level
-        out: dict[str | None, str] = {}
-        for target, why in sorted(self._watch.update(now_ns, delays, basis).items()):
+        out: dict[str | None, _Warning] = {}
+        warned = self._watch.update(now_ns, delays, basis)
+        standing = self._watch.standing
+        for target, why in sorted(warned.items(), key=lambda kv: (kv[0] not in standing, kv[0])):
             node = obs.endpoints.get(target, Endpoint(target)).node
-            out.setdefault(node, f"{target} {why}")
+            out.setdefault(node, _Warning(f"{target} {why}", target in standing))
         return out
 
     # --- helpers -------------------------------------------------------------------------
@@ -630,6 +701,59 @@ class AsymmetricAimd:
             for s in ev.signals
             if not s.stable and not s.violated and s.value is not None
         ]
+
+
+class _Warning(NamedTuple):
+    """An early warning that concerns a group: why, and whether its queue stands above
+    the warning level (else it is only rising)."""
+
+    reason: str
+    standing: bool
+
+
+def _load(
+    scopes: Iterable[Scope], usage: Mapping[Scope, float], caps: Mapping[Scope, int]
+) -> float:
+    """What a group puts on its link: each scope's usage, or its cap where the usage is
+    unknown or above it."""
+    total = 0.0
+    for s in scopes:
+        used = usage.get(s)
+        total += caps[s] if used is None else min(used, float(caps[s]))
+    return total
+
+
+def _committed(
+    scopes: Iterable[Scope], usage: Mapping[Scope, float], caps: Mapping[Scope, int]
+) -> float:
+    """What a group may put on its link at once: each scope's cap, for a scope that uses
+    less than half of it twice its usage. A bursty workload between bursts still counts
+    with its cap, so that the others do not climb into the room its next burst needs."""
+    total = 0.0
+    for s in scopes:
+        used = usage.get(s)
+        total += caps[s] if used is None else min(float(caps[s]), 2.0 * used)
+    return total
+
+
+def _share_climb(
+    new: dict[Scope, int], previous: Mapping[Scope, int], climbing: list[Scope], budget: float
+) -> None:
+    """Scale the climbs of ``climbing`` so that together they add at most ``budget``
+    Mbit/s (at least 1 when they climb at all), in proportion to their own."""
+    wanted = {s: new[s] - previous[s] for s in climbing if new[s] > previous[s]}
+    total = sum(wanted.values())
+    if total <= budget or not wanted:
+        return
+    allowed = max(1, math.floor(budget))
+    given = {s: math.floor(d * allowed / total) for s, d in wanted.items()}
+    # What rounding left goes to the largest climbs first.
+    for s in sorted(wanted, key=lambda s: (-wanted[s], str(s))):
+        if sum(given.values()) >= allowed:
+            break
+        given[s] += 1
+    for s, d in given.items():
+        new[s] = previous[s] + d
 
 
 def _over(state: SignalState) -> float:

@@ -7,7 +7,10 @@ queue-delay SLO, so the policy need not find the link's capacity by falling off 
   above a level just over its noise (a small fraction of the app's SLO, never below a few
   times the noise floor of its base RTT), or whose queueing delay is rising. While any
   target of a node warns, the policy does not climb there: the cap parks under the knee.
-- ``KneeMemory`` keeps, per scope, the rate at which congestion last appeared, fading
+  A queue that stands above the level steps the caps back; one that is only rising holds
+  them (a burst rises and falls by itself).
+- ``KneeMemory`` keeps, per scope (and per group of scopes sharing a link: the sum of
+  their rates), the rate at which congestion last appeared, fading
   after a while so that a knee that moved is found again. ``climb_to`` uses it to climb
   fast to a margin below the knee and slowly near and above it; ``cut_to`` to cut a cap
   that climbed past the knee back under it only, never by more than the configured
@@ -55,6 +58,9 @@ class QueueWatch:
     def __init__(self, params: WarningParams | None = None) -> None:
         self.params = params or WarningParams()
         self._tracks: dict[str, _Track] = {}
+        # Of the last update's warnings, the targets whose delay stood above the level
+        # (a queue that stands), not only rising towards it.
+        self.standing: set[str] = set()
 
     def noise_ms(self, target: str) -> float | None:
         """The target's noise floor: its lowest recent queueing delay of the last minute."""
@@ -75,6 +81,7 @@ class QueueWatch:
         """Take this step's recent queueing delay per target; return the targets that warn,
         with the reason (``"queue_delay 0.31 ms > 0.20 ms"`` or ``"queue_delay rising ..."``)."""
         warnings: dict[str, str] = {}
+        self.standing = set()
         for target in list(self._tracks):
             if target not in delays_ms:
                 del self._tracks[target]  # an endpoint that is gone leaves no state
@@ -98,6 +105,7 @@ class QueueWatch:
             level = self.level_ms(target, basis)
             if delay > level:
                 warnings[target] = f"queue_delay {fmt_ms(delay)} > early warning {fmt_ms(level)}"
+                self.standing.add(target)
                 continue
             then_ns, then = track.history[0]
             if now_ns - then_ns >= TREND_NS // 2 and delay - then > level / 2:

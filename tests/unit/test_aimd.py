@@ -584,10 +584,11 @@ def run_flat(p: AsymmetricAimd, queue_ms: float, limits: dict[str, int], until_n
 def test_never_an_increase_while_the_queue_is_rising(
     start: int, q0: float, rise: float, lead: int
 ) -> None:
-    # The queue rises by `rise` times the larger of a tenth of robot-control's tightest
-    # threshold (1 ms) and three times its noise floor (q0): a rise the issue calls real.
-    # It starts `lead` steps before an increase is due and stays up for a second.
-    delta = rise * max(0.1, 3 * q0)
+    # The queue rises by `rise` times the warning level: the larger of the early-warning
+    # fraction of robot-control's tightest threshold (1 ms) and three times its noise floor
+    # (q0): a rise the issue calls real. It starts `lead` steps before an increase is due
+    # and stays up for a second.
+    delta = rise * max(PARAMS.early_warning_fraction * 1.0, 3 * q0)
     runs = {}
     for name, step_ms in (("rising", delta), ("flat", 0.0)):
         p = policy(usage_window_s=0.0)
@@ -680,9 +681,10 @@ def test_a_warning_while_unstable_trims_before_the_violation() -> None:
 
 
 def test_a_knee_that_moved_down_is_approached_by_halves() -> None:
-    # Congestion at 100: the knee. Later a violation at caps of 90, under it: the link
-    # slowed. The full cut (to 72), and 90 is only an upper bound on the new knee: the
-    # climb goes halfway to 2 % under it (88.2), not all the way.
+    # Congestion at 100 each: the knee. Later a violation at caps of 90, under it: the
+    # link slowed. The full cut (to 72), and 90 + 90 is only an upper bound on the new
+    # knee of the two together: they climb by a twentieth of their load (7 Mbit/s of 144,
+    # together), not all the way to 2 % under it.
     p = policy(usage_window_s=0.0)
     bad = {**healthy(), "robot-control": window("robot-control", jitter_ms=5.0)}
     decide(p, now_ns=10 * S, stats=bad, limits={"telemetry": 100, "erp": 100},
@@ -695,7 +697,7 @@ def test_a_knee_that_moved_down_is_approached_by_halves() -> None:
     decide(p, now_ns=22 * S, stats=healthy(), limits=caps, usage=using)
     d = decide(p, now_ns=24 * S, stats=healthy(), limits=caps, usage=using)
     assert d.action == "increase"
-    assert named(d.limits) == {"telemetry": 80, "erp": 80}  # floor((72 + 88.2) / 2)
+    assert named(d.limits) == {"telemetry": 75, "erp": 76}  # the odd one to the first name
 
 
 def test_only_a_mild_first_overshoot_is_cut_gently() -> None:
