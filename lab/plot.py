@@ -38,6 +38,7 @@ def plot_timeline(runs: Mapping[str, RunData], timeline: Timeline, path: Path) -
     """Write a PNG of both runs on one time axis to ``path``."""
     plt = _pyplot()
     fig, axes = plt.subplots(3, 1, sharex=True, figsize=(10, 8))
+    top = 0.0  # the best-effort axis ends a third above the most goodput seen
     for name, run in runs.items():
         label = name.replace("_", " ")
         s = series(run, "robot-control")
@@ -46,6 +47,7 @@ def plot_timeline(runs: Mapping[str, RunData], timeline: Timeline, path: Path) -
         if run.goodput:
             t, mbps = zip(*run.goodput, strict=True)
             axes[2].plot(t, mbps, label=f"best-effort goodput, {label}")
+            top = max(top, *mbps)
         if run.limits:
             t, caps = zip(*run.limits, strict=True)
             axes[2].step(t, caps, where="post", linestyle="--", label=f"caps (sum), {label}")
@@ -57,7 +59,10 @@ def plot_timeline(runs: Mapping[str, RunData], timeline: Timeline, path: Path) -
         ax.legend(loc="upper right", fontsize="small")
     axes[0].set_title("robot-control RTT")
     axes[1].set_title("robot-control jitter")
-    axes[2].set_title("best-effort")
+    if top > 0:
+        # Uncapped limits (1000 Mbit/s each) would flatten the caps' saw-tooth to a line.
+        axes[2].set_ylim(0, top * 1.35)
+    axes[2].set_title("best-effort (caps above the top: uncapped)")
     axes[2].set_xlabel("seconds since the run started (shaded: congestion)")
     fig.tight_layout()
     _save(plt, fig, path)

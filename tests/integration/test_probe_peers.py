@@ -213,6 +213,7 @@ async def test_a_reflector_that_restarts_mid_run_leaves_no_reply_unrecorded() ->
     # recorded one-step when their wait is over, the rest two-step again.
     first = ReflectorServer(ReflectorConfig(udp=("127.0.0.1", 0)))
     await first.start()
+    assert first.udp_address is not None
     port = first.udp_address[1]
     samples: list[Sample] = []
     engine = ProbeEngine(
