@@ -261,6 +261,9 @@ class IcmpProber(_DatagramProber):
     """ICMP echo probes (ping socket, or raw socket with CAP_NET_RAW): the target's kernel
     answers, so kernel stamps make the RTT kernel-to-kernel without any reflector."""
 
+    def _expected_source(self, sock: native.ProbeSocket | native.IcmpProbeSocket) -> int:
+        return SOURCE_KERNEL_ECHO if sock.kernel_rx else SOURCE_USER
+
     def _socket(self) -> native.IcmpProbeSocket:
         # IcmpNotPermitted (an OSError) says in one line what to set: the engine reports
         # it as the target's error.

@@ -169,6 +169,12 @@ def _icmp_allowed() -> bool:
     not _icmp_allowed(), reason="needs root or net.ipv4.ping_group_range to include our group"
 )
 async def test_icmp_echo_is_probed_kernel_to_kernel() -> None:
+    fresh = ProbeEngine([parse_target("p=icmp://127.0.0.1")], window_ns=10**9)
+    await fresh.start()
+    try:  # before any reply can be read (nothing awaited): what the prober expects
+        assert fresh.timestamp_sources() == {"p": "kernel-echo"}
+    finally:
+        await fresh.aclose()
     engine, samples = await _run(["p=icmp://127.0.0.1"], 0.3)
     t = engine.totals()["p"]
     assert t.received == t.sent > 20
