@@ -457,9 +457,12 @@ _ENTITIES = {
     "all",
 }
 _RULE_KEYS = {
-    "ingress": {"fromEndpoints", "fromEntities", "fromCIDR", "fromCIDRSet", "toPorts"},
-    "egress": {"toEndpoints", "toEntities", "toCIDR", "toCIDRSet", "toFQDNs", "toPorts"},
+    "ingress": {"fromEndpoints", "fromEntities", "fromCIDR", "fromCIDRSet", "toPorts", "icmps"},
+    "egress": {"toEndpoints", "toEntities", "toCIDR", "toCIDRSet", "toFQDNs", "toPorts", "icmps"},
 }
+# The only ICMP the policies allow: echo requests (their replies are connection-tracked),
+# for icmp:// probe targets.
+ICMP_ECHO = [{"fields": [{"type": 8, "family": "IPv4"}, {"type": 128, "family": "IPv6"}]}]
 
 
 _NAMESPACE = "k8s:io.kubernetes.pod.namespace"
@@ -520,11 +523,16 @@ def test_cilium_policies_are_well_formed() -> None:
             for i, rule in enumerate(spec.get(direction, [])):
                 where = f"{name}.{direction}[{i}]"
                 assert set(rule) <= _RULE_KEYS[direction], f"{where}: {set(rule)}"
-                peers = set(rule) - {"toPorts"}
+                peers = set(rule) - {"toPorts", "icmps"}
                 assert len(peers) == 1, f"{where}: one kind of peer per rule"
-                # Nothing more than needed: no CIDRs, no FQDNs, no world, every rule port-bound.
+                # Nothing more than needed: no CIDRs, no FQDNs, no world, every rule bound
+                # to ports or to ICMP echo, never both in one rule.
                 assert peers <= {"fromEndpoints", "fromEntities", "toEndpoints", "toEntities"}
-                _check_ports(rule.get("toPorts"), where)
+                assert ("toPorts" in rule) != ("icmps" in rule), where
+                if "icmps" in rule:
+                    assert rule["icmps"] == ICMP_ECHO, where
+                else:
+                    _check_ports(rule.get("toPorts"), where)
                 for sel in rule.get("fromEndpoints", []) + rule.get("toEndpoints", []):
                     _check_selector(sel, where)
                 for ent in rule.get("fromEntities", []) + rule.get("toEntities", []):
@@ -577,7 +585,7 @@ def test_policy_selectors_and_ports_hit_real_pods() -> None:
             continue  # optional standalone probes: not deployed by these bases
         assert selected, f"{name}: selects no pod of deploy/"
         for rule in d["spec"].get("ingress", []):
-            for tp in rule["toPorts"]:
+            for tp in rule.get("toPorts", []):
                 for p in tp["ports"]:
                     assert _serves(selected, int(p["port"]), p["protocol"]), f"{name}: {p}"
             for sel in rule.get("fromEndpoints", []):
@@ -588,7 +596,7 @@ def test_policy_selectors_and_ports_hit_real_pods() -> None:
                     continue
                 peers = _pods_selected(docs, sel, ns)
                 assert peers, f"{name}: to {sel}"
-                for tp in rule["toPorts"]:
+                for tp in rule.get("toPorts", []):
                     for p in tp["ports"]:
                         assert _serves(peers, int(p["port"]), p["protocol"]), f"{name}: {p}"
 
@@ -609,7 +617,12 @@ def _probe_ports() -> set[tuple[str, str]]:
 
 
 def _allowed(rules: list[dict[str, Any]]) -> set[tuple[str, str]]:
-    return {(p["port"], p["protocol"]) for r in rules for tp in r["toPorts"] for p in tp["ports"]}
+    return {
+        (p["port"], p["protocol"])
+        for r in rules
+        for tp in r.get("toPorts", [])
+        for p in tp["ports"]
+    }
 
 
 @requires_kubectl
@@ -623,11 +636,11 @@ def test_probe_policy_admits_critical_apps_by_label() -> None:
     assert pol["spec"]["endpointSelector"] == {"matchLabels": CRITICAL}  # no names, no namespace
     assert pol["spec"]["enableDefaultDeny"] == {"ingress": False, "egress": False}
     assert "egress" not in pol["spec"]
-    (rule,) = pol["spec"]["ingress"]
-    assert rule["fromEndpoints"] == [
-        {"matchLabels": {_NAMESPACE: "detnet-system", "app.kubernetes.io/name": "detnet"}}
-    ]
+    rule, icmp = pol["spec"]["ingress"]
+    detnet = [{"matchLabels": {_NAMESPACE: "detnet-system", "app.kubernetes.io/name": "detnet"}}]
+    assert rule["fromEndpoints"] == icmp["fromEndpoints"] == detnet
     assert _allowed([rule]) == ports
+    assert icmp["icmps"] == ICMP_ECHO  # icmp:// targets: the pod's kernel answers
     # The probe ports the config names are these, too.
     from detnet.controller.config import parse_config
 
@@ -672,6 +685,7 @@ def test_a_new_critical_app_needs_only_the_label() -> None:
             if newcomer["spec"]["template"] in _pods_selected(docs, sel, "detnet-system")
         ]
         assert _allowed(to_new) == _probe_ports(), sender
+        assert [r["icmps"] for r in to_new if "icmps" in r] == [ICMP_ECHO], sender
 
 
 # --------------------------------------------------------------------------- agent
@@ -1052,3 +1066,16 @@ def test_migrating_shows_what_config_check_prints() -> None:
 def test_migrating_is_linked_from_the_readme_and_deploy_guide() -> None:
     for doc, link in (("README.md", "docs/migrating.md"), ("docs/deploy.md", "migrating.md")):
         assert f"]({link})" in (ROOT / doc).read_text(encoding="utf-8"), doc
+
+
+@requires_kubectl
+def test_the_controller_may_open_a_ping_socket_for_its_group_only() -> None:
+    # icmp:// targets without CAP_NET_RAW: ping_group_range is namespaced (the pod's own
+    # network namespace) and in Kubernetes' safe set, and it names exactly our group.
+    pod = named(render("base"), "Deployment", "detnet-controller")["spec"]["template"]["spec"]
+    group = pod["securityContext"]["runAsGroup"]
+    assert pod["securityContext"]["sysctls"] == [
+        {"name": "net.ipv4.ping_group_range", "value": f"{group} {group}"}
+    ]
+    for c in containers(pod):
+        assert c["securityContext"]["capabilities"] == {"drop": ["ALL"]}
