@@ -111,6 +111,7 @@ class _DatagramProber(Prober):
         self._replies = np.zeros(RECV_BATCH, native.REPLY_DTYPE)
         self._stamps = np.zeros(TX_STAMP_BATCH, native.SENT_DTYPE)
         self._reported_foreign = False
+        self._reported_hmac = False
         self.recv_errors = 0
 
     def _socket(self) -> native.ProbeSocket | native.IcmpProbeSocket:
@@ -184,6 +185,14 @@ class _DatagramProber(Prober):
                 self.recorder.record_native(buf[:n], now_ns=now, offset_now_ns=offset_now)
             if sock.foreign != self.recorder.foreign:
                 self._on_foreign(sock)
+            if not self._reported_hmac and isinstance(sock, native.ProbeSocket) and sock.bad_hmac:
+                self._reported_hmac = True
+                log.warning(
+                    "target %s (%s): replies fail the HMAC check (a different key on each "
+                    "side, or a key on one side only): they count as lost",
+                    self.target.name,
+                    self.target.url,
+                )
             if n < buf.shape[0]:
                 return
 
@@ -342,6 +351,7 @@ class TcpEchoProber(Prober):
         self._reconnect: asyncio.Task[None] | None = None
         self._closing = False
         self._said_echo = False
+        self._said_hmac = False
         self.reconnects = 0
 
     def _foreign(self, frame: bytes) -> None:
@@ -356,6 +366,16 @@ class TcpEchoProber(Prober):
                 self.target.url,
                 len(frame),
                 frame[:16].hex(),
+            )
+
+    def _bad_hmac(self) -> None:
+        if not self._said_hmac:
+            self._said_hmac = True
+            log.warning(
+                "target %s (%s): replies fail the HMAC check (a different key on each "
+                "side, or a key on one side only): they count as lost",
+                self.target.name,
+                self.target.url,
             )
 
     def _echoed(self) -> None:
@@ -414,6 +434,9 @@ class TcpEchoProber(Prober):
                 now = native.monotonic_ns()
                 try:
                     p = native.decode_probe(data, key=self.target.key)
+                except native.HmacError:
+                    self._bad_hmac()
+                    continue
                 except native.PacketError:
                     self._foreign(data)  # a frame that is not our reply: count, go on
                     continue

@@ -220,6 +220,27 @@ def summary(engine: ProbeEngine, stats: dict[str, WindowStats]) -> dict[str, Any
     }
 
 
+def silent_targets(engine: ProbeEngine) -> list[str]:
+    """One line per target that sent probes and got no reply at all, saying what was seen
+    (so that 100 % loss always comes with a reason)."""
+    out = []
+    for name, t in engine.totals().items():
+        if t.sent == 0 or t.received or t.late or t.duplicates:
+            continue
+        target = engine.targets.get(name)
+        url = target.url if target is not None else name
+        why = (
+            f"{t.foreign} replies that were neither ours nor an echo (see the warning above)"
+            if t.foreign
+            else "nothing came back: is a detnet reflector or an echo server listening, "
+            "and does the path let the probes through?"
+        )
+        if not t.foreign and target is not None and target.key is not None:
+            why += " (a reflector drops probes whose HMAC does not match its key)"
+        out.append(f"target {name} ({url}): no reply to {t.sent} probes; {why}")
+    return out
+
+
 def _us(v: float | None) -> str:
     return "-" if v is None else f"{v / 1000:9.1f}"
 
@@ -303,6 +324,8 @@ async def _probe(args: argparse.Namespace, out: PipeOutput) -> int:
             if server is not None:
                 server.stop()
     stats = engine.stats()
+    for line in silent_targets(engine):
+        print(f"detnet probe: {line}", file=sys.stderr)
     if args.json:
         out.write(json.dumps(summary(engine, stats)) + "\n")
     elif not args.stream or out.isatty():

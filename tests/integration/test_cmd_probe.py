@@ -235,3 +235,27 @@ def test_the_stream_buffer_default_is_the_streams():
     from detnet.engine.stream import DEFAULT_CAPACITY
 
     assert STREAM_BUFFER == DEFAULT_CAPACITY
+
+
+async def test_a_target_that_never_answers_gets_a_reason(reflector, tmp_path):
+    up = reflector.udp_address[1]
+    key = tmp_path / "key"
+    key.write_bytes(b"not the reflector's key\n")
+    rc, _, err = await _detnet(
+        "probe", "--target", f"robot=udp://127.0.0.1:{up}", "--target", "gone=udp://127.0.0.1:9",
+        "--interval", "20ms", "--timeout", "50ms", "--duration", "0.5s", "--json",
+    )  # fmt: skip
+    assert rc == 0, err
+    lines = err.strip().splitlines()
+    (gone,) = [line for line in lines if "target gone" in line]
+    assert gone.startswith("detnet probe: target gone (udp://127.0.0.1:9): no reply to ")
+    assert "nothing came back" in gone
+    assert not [line for line in lines if "target robot" in line]  # it answered
+    # With a key the reflector does not hold, every probe is dropped there: say so.
+    rc, _, err = await _detnet(
+        "probe", "--target", f"robot=udp://127.0.0.1:{up}", "--hmac-key-file", str(key),
+        "--interval", "20ms", "--timeout", "50ms", "--duration", "0.5s", "--json",
+    )  # fmt: skip
+    assert rc == 0, err
+    (line,) = [x for x in err.strip().splitlines() if "target robot" in x]
+    assert "does not match its key" in line
