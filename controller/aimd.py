@@ -379,8 +379,14 @@ class AsymmetricAimd:
         # (the link itself may have slowed): the full factor then.
         gentle_ok = severity < GENTLE_MAX_SEVERITY and not g.gentle and not g.deepen
         blind = gentle = False
+        quiet: list[str] = []
         for s in scopes:
             cap, used = previous[s], usage.get(s)
+            if _quiet(used, p):
+                # Sending no more than min_bandwidth: a cut to it would not slow its
+                # traffic now, only starve it later (a false alarm while it was idle).
+                quiet.append(str(s))
+                continue
             if used is None:
                 blind = True
             base = used if used is not None and 0 <= used < cap else float(cap)
@@ -398,9 +404,15 @@ class AsymmetricAimd:
         self._note_group_knee(name, now_ns, scopes, usage, previous, at_least=False)
         if all(new[s] == previous[s] for s in scopes):
             what = "every workload" if name == CLUSTER else "every best-effort pod"
-            reasons.append(
-                f"{where}{what} at min_bandwidth" if scopes else f"{where}no best-effort pods"
-            )
+            if not scopes:
+                reasons.append(f"{where}no best-effort pods")
+            elif quiet:
+                reasons.append(
+                    f"{where}nothing to cut: {', '.join(quiet)} send at most min_bandwidth"
+                    + ("" if len(quiet) == len(scopes) else ", the rest are at it")
+                )
+            else:
+                reasons.append(f"{where}{what} at min_bandwidth")
             return
         g.last_cut_ns, g.blind, g.cut_severity, g.gentle = now_ns, blind, severity, gentle
         cut.append(name)
@@ -426,7 +438,7 @@ class AsymmetricAimd:
         patience = p.escalate_after * _ns(p.decrease_cooldown_s)
         for name in violated - self._escalated_by:
             g, scopes = self._groups[name], members[name]
-            stuck = all(new[s] <= p.min_bandwidth for s in scopes)
+            stuck = all(new[s] <= p.min_bandwidth or _quiet(usage.get(s), p) for s in scopes)
             if (
                 stuck
                 and g.violated_since_ns is not None
@@ -709,6 +721,11 @@ class _Warning(NamedTuple):
 
     reason: str
     standing: bool
+
+
+def _quiet(used: float | None, params: PolicyParams) -> bool:
+    """A workload known to send no more than ``min_bandwidth``: no cut can slow it."""
+    return used is not None and used <= params.min_bandwidth
 
 
 def _load(

@@ -619,7 +619,9 @@ def test_never_an_increase_while_the_queue_is_rising(
     steps=st.lists(
         st.tuples(
             st.booleans(),  # violated
-            st.one_of(st.none(), st.floats(min_value=0.0, max_value=1500.0)),  # usage
+            # Usage unknown, or sending more than min_bandwidth (a workload sending less is
+            # not cut: test_a_quiet_workload_is_not_cut).
+            st.one_of(st.none(), st.floats(min_value=PARAMS.min_bandwidth + 1, max_value=1500.0)),
         ),
         min_size=2,
         max_size=60,
@@ -651,6 +653,21 @@ def test_a_violation_cuts_within_one_step_after_the_cooldown(
         else:
             overdue = 0
         limits = named(d.limits)
+
+
+def test_a_quiet_workload_is_not_cut() -> None:
+    # A violation while telemetry sends 4 Mbit/s (under min_bandwidth, 10): a cut to 10
+    # would not slow it, only starve it later; erp, which sends, is cut.
+    p = policy(usage_window_s=0.0)
+    bad = {**healthy(), "robot-control": window("robot-control", jitter_ms=5.0)}
+    limits = {"telemetry": 1000, "erp": 100}
+    d = decide(p, now_ns=10 * S, stats=bad, limits=limits, usage={"telemetry": 4.0, "erp": 90.0})
+    assert (d.action, named(d.limits)) == ("decrease", {"telemetry": 1000, "erp": 72})
+    # Both quiet: nothing to cut, and the policy says why.
+    p = policy(usage_window_s=0.0)
+    d = decide(p, now_ns=10 * S, stats=bad, limits=limits, usage={"telemetry": 4.0, "erp": 9.5})
+    assert (d.action, named(d.limits)) == ("hold", limits)
+    assert any("nothing to cut: telemetry, erp send at most min_bandwidth" in r for r in d.reasons)
 
 
 def test_a_warning_while_unstable_trims_before_the_violation() -> None:
