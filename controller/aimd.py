@@ -600,7 +600,7 @@ class AsymmetricAimd:
             return
         # A violation with caps far above what was used (no cap had bitten yet) comes with
         # the load of senders ramping into a full queue and its drops: more than the link
-        # carried. An upper bound only: the climb back goes in half steps.
+        # carried. An upper bound only: the climb back goes in UNCERTAIN_STEP_FRACTION steps.
         unbounded = any(
             usage[s] < USING_CAP_FRACTION * previous[s] for s in scopes if previous[s] > 0
         )

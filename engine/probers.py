@@ -84,7 +84,22 @@ class Prober:
             on_sample=on_sample,
         )
         self.session = random.getrandbits(32)
+        self._said: set[str] = set()
         self._setup()
+
+    def _say_once(self, what: str, message: str, *args: object) -> None:
+        """Log ``message`` about this target (after its name and URL) the first time
+        ``what`` happens: a peer that answers strangely is said once, not per packet."""
+        if what not in self._said:
+            self._said.add(what)
+            log.warning("target %s (%s)" + message, self.target.name, self.target.url, *args)
+
+    def _bad_hmac(self) -> None:
+        self._say_once(
+            "hmac",
+            ": replies fail the HMAC check (a different key on each side, or a key on one "
+            "side only): they count as lost",
+        )
 
     def _setup(self) -> None:
         """What a kind of prober adds to the common state (sockets, buffers)."""
@@ -110,8 +125,6 @@ class _DatagramProber(Prober):
         self._sent = np.zeros(max(self.target.batch, 1), native.SENT_DTYPE)
         self._replies = np.zeros(RECV_BATCH, native.REPLY_DTYPE)
         self._stamps = np.zeros(TX_STAMP_BATCH, native.SENT_DTYPE)
-        self._reported_foreign = False
-        self._reported_hmac = False
         self.recv_errors = 0
 
     def _socket(self) -> native.ProbeSocket | native.IcmpProbeSocket:
@@ -185,14 +198,8 @@ class _DatagramProber(Prober):
                 self.recorder.record_native(buf[:n], now_ns=now, offset_now_ns=offset_now)
             if sock.foreign != self.recorder.foreign:
                 self._on_foreign(sock)
-            if not self._reported_hmac and isinstance(sock, native.ProbeSocket) and sock.bad_hmac:
-                self._reported_hmac = True
-                log.warning(
-                    "target %s (%s): replies fail the HMAC check (a different key on each "
-                    "side, or a key on one side only): they count as lost",
-                    self.target.name,
-                    self.target.url,
-                )
+            if isinstance(sock, native.ProbeSocket) and sock.bad_hmac:
+                self._bad_hmac()
             if n < buf.shape[0]:
                 return
 
@@ -202,14 +209,12 @@ class _DatagramProber(Prober):
     def _on_foreign(self, sock: native.ProbeSocket | native.IcmpProbeSocket) -> None:
         self.recorder.foreign = sock.foreign
         first = sock.first_foreign
-        if first is not None and not self._reported_foreign:
-            self._reported_foreign = True
-            log.warning(
-                "target %s (%s): got a reply that is neither ours nor an echo of our probe: "
-                "%s (counted in detnet_probes_foreign_replies_total; is this the right "
-                "port, and a detnet reflector or an echo server?)",
-                self.target.name,
-                self.target.url,
+        if first is not None:
+            self._say_once(
+                "foreign",
+                ": got a reply that is neither ours nor an echo of our probe: %s (counted in "
+                "detnet_probes_foreign_replies_total; is this the right port, and a detnet "
+                "reflector or an echo server?)",
                 escape(first.describe()),
             )
 
@@ -257,12 +262,11 @@ class UdpProber(_DatagramProber):
             self.echo = True
             if self._sock is not None and self._sock.kernel_rx:
                 self.recorder.expect_source(SOURCE_KERNEL_ECHO)
-            log.warning(
-                "target %s (%s) echoes our probes verbatim: measuring it as an echo server "
+            self._say_once(
+                "echo",
+                " echoes our probes verbatim: measuring it as an echo server "
                 "(timestamp_source kernel-echo: the server's wake-up is part of the RTT); "
                 "add ?mode=echo (or mode: echo) to say so",
-                self.target.name,
-                self.target.url,
             )
 
 
@@ -350,43 +354,25 @@ class TcpEchoProber(Prober):
         self._reader_task: asyncio.Task[None] | None = None
         self._reconnect: asyncio.Task[None] | None = None
         self._closing = False
-        self._said_echo = False
-        self._said_hmac = False
         self.reconnects = 0
 
     def _foreign(self, frame: bytes) -> None:
-        rec = self.recorder
-        rec.foreign += 1
-        if rec.foreign == 1:
-            log.warning(
-                "target %s (%s): got a frame that is neither our reply nor an echo of our "
-                "probe: %d bytes starting %s (counted in "
-                "detnet_probes_foreign_replies_total; is this a detnet echo server?)",
-                self.target.name,
-                self.target.url,
-                len(frame),
-                frame[:16].hex(),
-            )
-
-    def _bad_hmac(self) -> None:
-        if not self._said_hmac:
-            self._said_hmac = True
-            log.warning(
-                "target %s (%s): replies fail the HMAC check (a different key on each "
-                "side, or a key on one side only): they count as lost",
-                self.target.name,
-                self.target.url,
-            )
+        self.recorder.foreign += 1
+        self._say_once(
+            "foreign",
+            ": got a frame that is neither our reply nor an echo of our probe: %d bytes "
+            "starting %s (counted in detnet_probes_foreign_replies_total; is this a detnet "
+            "echo server?)",
+            len(frame),
+            frame[:16].hex(),
+        )
 
     def _echoed(self) -> None:
-        if not self._said_echo:
-            self._said_echo = True
-            log.warning(
-                "target %s (%s) echoes our probes verbatim: measuring it as an echo "
-                "server (no reflector stamps, the server's wake-up is part of the RTT)",
-                self.target.name,
-                self.target.url,
-            )
+        self._say_once(
+            "echo",
+            " echoes our probes verbatim: measuring it as an echo server (no reflector "
+            "stamps, the server's wake-up is part of the RTT)",
+        )
 
     async def open(self) -> None:
         await self._connect()

@@ -628,29 +628,8 @@ class ProbeRecorder:
     def record_reply(self, reply: Reply, *, now_ns: int, offset_now_ns: int) -> None:
         """Scalar twin of ``record_replies`` for one reply: the same records, on Python ints.
         Also takes what the batch path does not: two-step replies, follow-ups, echoes."""
-        self._record_one(now_ns, offset_now_ns, *reply)
-
-    def _record_one(  # positional parameters on purpose: the per-reply hot path
-        self,
-        now_ns: int,
-        offset_now_ns: int,
-        seq: int,
-        rx_user: int,
-        rx_kernel: int,
-        refl_rx: int,
-        refl_tx: int,
-        override: int | None,
-        kind: int = KIND_REPLY,
-        followup_source: int = FOLLOWUP_NONE,
-        followup_seq: int = 0,
-        refl_tx_kernel: int = 0,
-        rx_hw: int = 0,
-    ) -> None:
         self.sweep(now_ns)
-        self._take_one(
-            now_ns, offset_now_ns, seq, rx_user, rx_kernel, refl_rx, refl_tx, override, kind,
-            followup_source, followup_seq, refl_tx_kernel, rx_hw,
-        )  # fmt: skip
+        self._take_one(now_ns, offset_now_ns, *reply)
 
     def _take_one(  # positional parameters on purpose: the per-reply hot path
         self,
@@ -668,7 +647,7 @@ class ProbeRecorder:
         refl_tx_kernel: int = 0,
         rx_hw: int = 0,
     ) -> None:
-        """One reply, the overdue probes already swept."""
+        """One reply (``Reply``'s fields in order), the overdue probes already swept."""
         if followup_source != FOLLOWUP_NONE:
             # The stamp of an earlier reply first: that reply's record comes before ours.
             stamp = refl_tx_kernel if followup_source == FOLLOWUP_KERNEL else 0
