@@ -80,6 +80,17 @@ def unprivileged_python() -> list[str]:
     securityContext), or skip when this machine cannot run it so."""
     if not SYSTEM_PYTHON.exists():
         pytest.skip(f"{SYSTEM_PYTHON} missing: this venv's own interpreter is under /root")
+    import detnet.controller
+
+    source = Path(detnet.controller.__file__).resolve().parent  # an editable install's tree
+    for path in (SITE_PACKAGES, source):
+        for d in (path, *path.parents):
+            if not d.stat().st_mode & 0o001:  # others may not enter it
+                pytest.skip(
+                    f"uid {AGENT_UID} cannot reach {path}: {d} is mode "
+                    f"{d.stat().st_mode & 0o777:o} (check out and install where others may "
+                    "read, e.g. chmod o+x on it)"
+                )
     bootstrap = (
         f"import site, sys; site.addsitedir({str(SITE_PACKAGES)!r}); "
         "from detnet.controller.cli import main; sys.exit(main())"
@@ -126,9 +137,11 @@ async def agent_url(cluster: ApiServerEmulator) -> AsyncIterator[str]:
         try:
             assert child.stderr is not None
             line = ""
+            said = []
             while "serving http://" not in line:
                 line = (await child.stderr.readline()).decode()
-                assert line, "the agent exited before serving"
+                said.append(line)
+                assert line, f"the agent exited before serving: {''.join(said)[-2000:]}"
             yield "http://" + line.split("serving http://", 1)[1].split("/", 1)[0]
         finally:
             if child.returncode is None:
