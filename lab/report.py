@@ -207,7 +207,7 @@ def summarise_run(
             break
     from_s = c_start + (ttp or 0.0)
     attainment = _attainment(run, slos, base, from_s, c_end)
-    spare = _mean_spare(
+    spare = mean_spare(
         from_s,
         c_end,
         before=bottleneck_mbps - critical_mbps,
@@ -251,7 +251,7 @@ def _attainment(
     return good / n if n > 0 else None
 
 
-def _mean_spare(
+def mean_spare(
     start: float, end: float, *, before: float, step_s: float | None, after: float | None
 ) -> float:
     """The mean spare capacity over [start, end), with an optional step to ``after``."""
@@ -389,21 +389,25 @@ def format_table(report: Mapping[str, Any]) -> str:
         )
         step = run.get("step")
         if step:
-            rec, att = step["recovery_s"], step["slo_attainment"]
-            how = (
-                "SLO held" if not step["broke"]
-                else "never recovered" if rec is None
-                else f"recovered in {rec:.1f} s"
-            )  # fmt: skip
-            lines.append(
-                f"{'':<19}{report['config']['lab'].get('step', 'a')} step at "
-                f"{step['at_s']:.1f} s: {how}, SLO attainment after it "
-                f"{_fmt(None if att is None else 100 * att, '.1f')}%, best effort "
-                f"{_fmt(step['best_effort_mbps_before'], '.1f')} -> "
-                f"{_fmt(step['best_effort_mbps_after'], '.1f')} Mbit/s"
-            )
+            lines.append(f"{'':<19}{step_line(report, step)}")
         lines.append("")
     return "\n".join(lines).rstrip() + "\n"
+
+
+def step_line(report: Mapping[str, Any], step: Mapping[str, Any]) -> str:
+    """One line on how a run weathered its step (``step_summary``)."""
+    rec, att = step["recovery_s"], step["slo_attainment"]
+    how = (
+        "SLO held" if not step["broke"]
+        else "never recovered" if rec is None
+        else f"recovered in {rec:.1f} s"
+    )  # fmt: skip
+    return (
+        f"{report['config']['lab'].get('step', 'a')} step at {step['at_s']:.1f} s: {how}, "
+        f"SLO attainment after it {_fmt(None if att is None else 100 * att, '.1f')}%, "
+        f"best effort {_fmt(step['best_effort_mbps_before'], '.1f')} -> "
+        f"{_fmt(step['best_effort_mbps_after'], '.1f')} Mbit/s"
+    )
 
 
 def decisions_total_limits(decisions: Iterable[Mapping[str, Any]]) -> list[tuple[float, float]]:

@@ -44,7 +44,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         choices=("none", "load", "knee"),
         default="none",
         help="halfway through the congestion: a second wave of bulk flows (load) or the "
-        "bottleneck drops to 60%% (knee); node topology (none)",
+        "bottleneck (the cluster: node-a's uplink) drops to 60%% (knee) (none)",
     )
     n = p.add_argument_group("network and traffic")
     n.add_argument("--rate", type=float, default=100.0, metavar="MBIT", help="uplinks (100)")
@@ -133,6 +133,7 @@ def _cluster_settings(args: argparse.Namespace) -> Any:
             recovery_s=args.recovery,
             uplink_mbps=args.rate,
             buffer_ms=args.buffer,
+            step=args.step,
         )
     except LabError as exc:
         raise CommandError(str(exc)) from exc
@@ -142,8 +143,6 @@ def run(args: argparse.Namespace) -> int:
     """Run the lab; print the report table; write --json/--plot."""
     if args.congestion is None:
         args.congestion = 30.0 if args.topology == "cluster" else 20.0
-    if args.topology == "cluster" and args.step != "none":
-        raise CommandError("--step is for --topology node (the cluster lab has no steps yet)")
     settings = _cluster_settings(args) if args.topology == "cluster" else _settings(args)
     if args.plot is not None:
         try:

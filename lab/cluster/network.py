@@ -315,12 +315,24 @@ class ClusterNetwork:
         run_cmd(["ip", "-n", ns, "addr", "add", f"{node.uplink_address}/{FABRIC_PREFIX}",
                  "dev", UPLINK_DEVICE])  # fmt: skip
         run_cmd(["ip", "-n", ns, "link", "set", UPLINK_DEVICE, "up"])
-        run_cmd(["tc", "-n", ns, "qdisc", "replace", "dev", UPLINK_DEVICE, "root", "handle", "1:",
-                 *tbf_args(rate_mbps=self.uplink_mbps, buffer_ms=self.buffer_ms)])  # fmt: skip
+        self._shape_uplink(node.name, "replace", self.uplink_mbps)
         for other in self.nodes:
             if other is not node:
                 run_cmd(["ip", "-n", ns, "route", "add", other.pod_cidr,
                          "via", other.uplink_address])  # fmt: skip
+
+    def set_uplink(self, node: str, rate_mbps: float) -> None:
+        """Change ``node``'s uplink rate in place (the knee step), same queue depth."""
+        if rate_mbps <= 0:
+            raise LabError("uplink rate must be positive")
+        if node not in {n.name for n in self.nodes}:
+            raise LabError(f"no node {node!r} in this cluster")
+        self._shape_uplink(node, "change", rate_mbps)
+
+    def _shape_uplink(self, node: str, verb: str, rate_mbps: float) -> None:
+        tbf = tbf_args(rate_mbps=rate_mbps, buffer_ms=self.buffer_ms)
+        run_cmd(["tc", "-n", self.node_ns(node), "qdisc", verb, "dev", UPLINK_DEVICE, "root",
+                 "handle", "1:", *tbf])  # fmt: skip
 
     def _build_pod(self, pod: PodPlan, *, index: int) -> None:
         node = next(n for n in self.nodes if n.name == pod.node)

@@ -34,7 +34,15 @@ import numpy as np
 
 from detnet.engine.slo import Slo
 from detnet.lab.cluster.quantity import egress_limit
-from detnet.lab.report import PHASES, RunData, Timeline, mean_goodput, summarise_run
+from detnet.lab.report import (
+    PHASES,
+    RunData,
+    Timeline,
+    mean_goodput,
+    mean_spare,
+    step_line,
+    summarise_run,
+)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -75,6 +83,10 @@ class ClusterSetup:
     congested: Sequence[str]
     uplink_mbps: float
     critical_mbps: Mapping[str, float]  # critical load leaving each node
+    # A step during congestion (``--step``): when, and for a knee step the congested
+    # nodes' uplink rate after it.
+    step_at_s: float | None = None
+    stepped_uplink_mbps: float | None = None
 
 
 def split_key(key: str) -> tuple[str, str]:
@@ -239,12 +251,20 @@ def summarise_cluster_run(
         goodput=_sum_goodput(data, setup.congested),
         decisions=data.decisions,
     )
+    knee = setup.stepped_uplink_mbps is not None
     core = summarise_run(
         congested,
         slos=endpoint_slos(setup, probed),
         timeline=timeline,
         bottleneck_mbps=setup.uplink_mbps * len(setup.congested),
         critical_mbps=sum(setup.critical_mbps.get(n, 0.0) for n in setup.congested),
+        bottleneck_from_s=setup.step_at_s if knee else None,
+        bottleneck_after_mbps=(
+            setup.stepped_uplink_mbps * len(setup.congested)
+            if setup.stepped_uplink_mbps is not None
+            else None
+        ),
+        step_at_s=setup.step_at_s,
     )
     phases: dict[str, Any] = {}
     for phase in PHASES:
@@ -262,9 +282,18 @@ def summarise_cluster_run(
     limits = _final_limits(data.bandwidth, setup.pods)
     patched_by_node = _patched_by_node(data.patches, setup.pods)
     nodes = {}
+    c_start, c_end = timeline.bounds("congestion")
     for n in setup.nodes:
         mbps = phases["congestion"]["best_effort_mbps"][n]
-        spare = setup.uplink_mbps - setup.critical_mbps.get(n, 0.0)
+        critical = setup.critical_mbps.get(n, 0.0)
+        stepped = setup.stepped_uplink_mbps if n in setup.congested else None
+        spare = mean_spare(
+            c_start,
+            c_end,
+            before=setup.uplink_mbps - critical,
+            step_s=setup.step_at_s if stepped is not None else None,
+            after=None if stepped is None else stepped - critical,
+        )
         node_patches = patched_by_node.get(n, {})
         lowest = [v for limits in node_patches.values() for v in limits]
         nodes[n] = {
@@ -279,6 +308,7 @@ def summarise_cluster_run(
         "time_to_protect_s": core["time_to_protect_s"],
         "slo_attainment": core["slo_attainment"],
         "best_effort_utilisation": core["best_effort_utilisation"],
+        **{k: core[k] for k in ("increases", "violations_after_increase", "step") if k in core},
         "enforcer": enforcer,
         "usage_source": usage_source,
         "patches": len(data.patches),
@@ -386,6 +416,16 @@ def format_cluster_table(report: Mapping[str, Any]) -> str:
         "best-effort utilisation (congested)",
         run_values(lambda r: pct(r["best_effort_utilisation"])),
     )
+    row(
+        "violations after increases",
+        run_values(
+            lambda r: f"{r.get('violations_after_increase', '-')}/{r.get('increases', '-')}"
+        ),
+    )
+    for n in names:
+        step = runs[n].get("step")
+        if step:
+            lines.append(f"{n.replace('_', ' ')}: {step_line(report, step)}")
     row("pod patches (pods)", run_values(lambda r: f"{r['patches']} ({r['patched_pods']})"))
     row(
         "decision to wire p50/p99, ms",

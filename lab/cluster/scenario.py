@@ -22,7 +22,9 @@ mounted where the Deployment mounts it (a private mount namespace, as the kubele
 volume); ``without_controller`` runs the same with ``--dry-run``, which measures and
 decides but enforces nothing. Once every probed endpoint answers: quiet, then the
 senders (telemetry-upload on node-a: bursts beyond the uplink; on node-b telemetry-upload
-and erp-dashboard: paced flows well below it), then recovery.
+and erp-dashboard: paced flows well below it), then recovery. With a step, halfway
+through the congestion a second wave of node-a's uploads joins (``load``) or node-a's
+uplink drops to ``knee_step_fraction`` of its rate (``knee``).
 """
 
 from __future__ import annotations
@@ -69,6 +71,7 @@ from detnet.lab.cluster.report import (
 from detnet.lab.errors import LabError
 from detnet.lab.kubeapi import RecordedRequest
 from detnet.lab.report import Timeline
+from detnet.lab.scenario import STEPS
 
 RUNS = ("without_controller", "cluster_scope", "node_scope")
 SCOPES = {"without_controller": "cluster", "cluster_scope": "cluster", "node_scope": "node"}
@@ -102,6 +105,11 @@ class ClusterSettings:
     steady_mbps: float = 30.0  # each best-effort pod off the congested node, paced
     steady_flows: int = 2
     runs: tuple[str, ...] = RUNS
+    # The one-node lab's harder timelines, on the congested node: halfway through the
+    # congestion a second wave of telemetry uploads joins ("load"), or node-a's uplink
+    # drops to knee_step_fraction of its rate ("knee").
+    step: str = "none"
+    knee_step_fraction: float = 0.6
 
     def __post_init__(self) -> None:
         for name in ("quiet_s", "congestion_s", "recovery_s", "uplink_mbps", "buffer_ms"):
@@ -116,6 +124,24 @@ class ClusterSettings:
         unknown = [r for r in self.runs if r not in RUNS]
         if unknown or not self.runs:
             raise LabError(f"runs must be among {', '.join(RUNS)}")
+        if self.step not in STEPS:
+            raise LabError(f"step must be one of {', '.join(STEPS)}, got {self.step!r}")
+        if not 0 < self.knee_step_fraction < 1:
+            raise LabError("the knee step's fraction of the uplink must be in (0, 1)")
+        if self.step == "knee" and not self.steady_mbps < self.stepped_mbps:
+            raise LabError("the steady senders must send below the uplink rate after the knee step")
+
+    @property
+    def step_at_s(self) -> float | None:
+        """When the step happens (run time), or None without one."""
+        if self.step == "none":
+            return None
+        return self.timeline.bounds("congestion")[0] + self.congestion_s / 2
+
+    @property
+    def stepped_mbps(self) -> float:
+        """The congested node's uplink rate after a knee step."""
+        return self.uplink_mbps * self.knee_step_fraction
 
     @property
     def timeline(self) -> Timeline:
@@ -361,7 +387,7 @@ class ClusterLab:
 
     def setup_for_report(self) -> ClusterSetup:
         """The report's view of the cluster."""
-        endpoints = self.expected_endpoints()
+        endpoints, knee = self.expected_endpoints(), self.settings.step == "knee"
         per_probe = (DEFAULT_SIZE + _HEADERS) * 8 / 0.01 / 1e6  # replies at the default 10 ms
         return ClusterSetup(
             slos=app_slos(),
@@ -377,6 +403,8 @@ class ClusterLab:
                 for p in self.pods.values())],
             congested=[P.CONGESTED_NODE],
             uplink_mbps=self.settings.uplink_mbps,
+            step_at_s=self.settings.step_at_s,
+            stepped_uplink_mbps=self.settings.stepped_mbps if knee else None,
             critical_mbps={
                 n.name: per_probe * sum(1 for e in endpoints if e.endswith(f"@{n.name}"))
                 for n in self.nodes
@@ -401,11 +429,15 @@ class ClusterLab:
         return ["unshare", "--mount", "--propagation", "private",
                 "sh", "-c", _MOUNT_TOKEN, str(token_dir), *argv]  # fmt: skip
 
-    def _senders(self, at: float) -> list[subprocess.Popen[bytes]]:
+    def _senders(self, at: float, *, congested_only: bool = False) -> list[subprocess.Popen[bytes]]:
+        """The best-effort senders, launched ahead and told to start at unix time ``at``;
+        ``congested_only``: only those on the congested node (a load step's second wave)."""
         s, procs = self.settings, []
         sink = f"{P.SINK_ADDRESS}:{P.SINK_PORT}"
         for key, pod in self.pods.items():
             if pod.plan.workload.role != "best-effort":
+                continue
+            if congested_only and pod.plan.node != P.CONGESTED_NODE:
                 continue
             if pod.plan.node == P.CONGESTED_NODE:
                 mode = [
@@ -491,11 +523,22 @@ class ClusterLab:
             tl = self.settings.timeline
             c_start, c_end = tl.bounds("congestion")
             launched = stopped = False
+            step_at = self.settings.step_at_s
+            stepped = step_at is None
+            # senders launch ahead and are told the start time; a rate changes on the spot
+            step_due = (step_at or 0.0) - (1.5 if self.settings.step == "load" else 0.0)
             self.forward.rec = rec
             while (now := time.time() - rec.t0) < tl.total_s:
                 if not launched and now >= c_start - 1.5:
                     senders = self._senders(rec.t0 + c_start)
                     launched = True
+                if not stepped and now >= step_due:
+                    if self.settings.step == "load":
+                        at = rec.t0 + (step_at or 0.0)
+                        senders += self._senders(at, congested_only=True)
+                    else:
+                        self.net.set_uplink(P.CONGESTED_NODE, self.settings.stepped_mbps)
+                    stepped = True
                 if launched and not stopped and now >= c_end:
                     for s in senders:
                         self.net.stop(s, timeout_s=2.0)
@@ -519,6 +562,8 @@ class ClusterLab:
             for s in senders:
                 self.net.stop(s, timeout_s=2.0)
             self.net.stop(proc, timeout_s=20.0)
+            if self.settings.step == "knee":  # the next run starts at full rate
+                self.net.set_uplink(P.CONGESTED_NODE, self.settings.uplink_mbps)
         rec.read_stream()
         self._take_bandwidth(rec)
         data = rec.run_data(self._patches(ctl.name, rec.t0))

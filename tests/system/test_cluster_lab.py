@@ -1,7 +1,9 @@
 """A shortened cluster lab (``detnet lab --topology cluster``) as root: the report's
 shape and the issue's claims, loosely (a behaviour test: "protected at all", "node-b not
 cut under node scope"), and that nothing is left behind: on exit, on Ctrl-C, and after
-a SIGKILL once the next run has cleaned up."""
+a SIGKILL once the next run has cleaned up. The shortened lab has a knee step (node-a's
+uplink drops to 60 % halfway through the congestion), so it also drives the in-place
+rate change and its report."""
 
 from __future__ import annotations
 
@@ -28,7 +30,7 @@ pytestmark = [
 ]
 
 LAB = [sys.executable, "-m", "detnet.controller", "lab", "--topology", "cluster"]
-SHORT = ["--quiet", "2", "--congestion", "8", "--recovery", "2"]
+SHORT = ["--quiet", "2", "--congestion", "8", "--recovery", "2", "--step", "knee"]
 RUNS = ("without_controller", "cluster_scope", "node_scope")
 RUN_KEYS = {
     "time_to_protect_s", "slo_attainment", "best_effort_utilisation", "enforcer",
@@ -120,6 +122,17 @@ def test_congestion_breaks_the_slo_without_the_controller(report: dict[str, Any]
     # node-a's bursts exceed its uplink; node-b's paced senders run below theirs
     assert run["nodes"]["node-a"]["best_effort_mbps"] > 50
     assert run["nodes"]["node-b"]["best_effort_mbps"] > 40
+
+
+def test_the_knee_step_lowers_node_as_uplink(report: dict[str, Any]) -> None:
+    assert report["config"]["lab"]["step"] == "knee"
+    stepped = report["config"]["lab"]["uplink_mbps"] * report["config"]["lab"]["knee_step_fraction"]
+    for name, run in live_runs(report).items():
+        assert run["step"]["at_s"] == pytest.approx(6.0), name  # 2 s quiet + half of 8 s
+    step = report["runs"]["without_controller"]["step"]
+    # Uncontrolled, node-a sends all its uplink passes: after the step that is 60 %.
+    assert step["best_effort_mbps_after"] <= 1.02 * stepped
+    assert step["best_effort_mbps_before"] > step["best_effort_mbps_after"]
 
 
 def test_protected_through_the_annotation_path(report: dict[str, Any]) -> None:

@@ -3,6 +3,7 @@ figures, the per-node goodput and limits, the decision-to-wire join, the table."
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import math
 from pathlib import Path
@@ -236,3 +237,37 @@ def test_live_view_line(tmp_path: Path) -> None:
     assert "a: 71.0 b: 58.0" in line
     assert "tel@node-a=80" in line
     assert rec.run_data([]).decisions[0]["t_s"] == 4.0
+
+
+def test_a_knee_step_on_the_congested_node() -> None:
+    # The step at 4 s: node-a's uplink 100 -> 50 Mbit/s; node-b keeps its 100.
+    setup = dataclasses.replace(SETUP, step_at_s=4.0, stepped_uplink_mbps=50.0)
+    run = summarise_cluster_run(
+        synthetic_run(), setup=setup, timeline=TIMELINE, enforcer="kubernetes", usage_source="agent"
+    )
+    # From the protection (4 s) on, node-a's spare capacity is 50: 60 Mbit/s of it is 1.2.
+    assert run["best_effort_utilisation"] == pytest.approx(1.2)
+    # Over the congestion (2..8 s): 2 s at 100 and 4 s at 50, a mean of 200/3.
+    assert run["nodes"]["node-a"]["utilisation"] == pytest.approx(70.0 / (200.0 / 3))
+    assert run["nodes"]["node-b"]["utilisation"] == pytest.approx(0.58)
+    step = run["step"]
+    assert (step["at_s"], step["broke"], step["recovery_s"]) == (4.0, False, 0.0)
+    assert step["best_effort_mbps_before"] == pytest.approx(90.0)  # the reports of 3..4 s
+    assert step["best_effort_mbps_after"] == pytest.approx(60.0)
+    text = format_cluster_table(build_cluster_report({"lab": {"step": "knee"}}, {"cs": run}))
+    assert "cs: knee step at 4.0 s: SLO held" in text
+
+
+def test_a_load_step_leaves_the_capacity_alone() -> None:
+    setup = dataclasses.replace(SETUP, step_at_s=3.0)
+    run = summarise_cluster_run(
+        synthetic_run(), setup=setup, timeline=TIMELINE, enforcer="kubernetes", usage_source="agent"
+    )
+    assert run["best_effort_utilisation"] == pytest.approx(0.6)
+    assert run["nodes"]["node-a"]["utilisation"] == pytest.approx(0.7)
+    step = run["step"]
+    # robot-control@node-a queues until 4 s: the windows from 3 s break, from 4 s hold.
+    assert (step["broke"], step["recovery_s"]) == (True, pytest.approx(1.0))
+    assert "step" not in summarise_cluster_run(
+        synthetic_run(), setup=SETUP, timeline=TIMELINE, enforcer="kubernetes", usage_source="agent"
+    )
