@@ -9,14 +9,9 @@ STAMP  := $(VENV)/.installed
 LAB_STAMP := $(VENV)/.installed-lab
 PKGS   := native engine controller lab bench
 
-# The shared suite of the Cython core and its pure-Python fallback: everything that runs
-# the measurement core (native, engine, the probe and reflect commands, the controller
-# process end to end). `make test` runs it a second time with DETNET_NO_EXTENSIONS=1.
-CORE_TESTS := $(wildcard tests/unit/test_native_*.py tests/integration/test_native_*.py) \
-	$(addprefix tests/unit/test_,$(addsuffix .py,core recorder recorder_two_step ring stats sequence scheduler \
-	  parse connections targets tbf slo collector)) \
-	$(addprefix tests/integration/test_,$(addsuffix .py,probe_engine probe_engine_dynamic \
-	  reflector probe_peers cmd_probe cmd_reflect cmd_control daemon))
+# The shared suite of the Cython core and its pure-Python fallback runs in the one pytest
+# run: every test that reaches the native layer takes the `native_backend` fixture
+# (tests/conftest.py) and runs once per backend, its id saying which ([cython], [python]).
 
 # Debian packages the tests, the lab and the benchmarks use (installed when root).
 APT_TEST  := iproute2 prometheus kubectl
@@ -70,7 +65,6 @@ typecheck: lint
 
 test: $(STAMP) apt-test lint
 	$(PY) -m pytest -q
-	DETNET_NO_EXTENSIONS=1 $(PY) -m pytest -q -m "not slow" $(CORE_TESTS)
 
 lab: $(LAB_STAMP)
 	@if [ "$$(id -u)" = 0 ]; then $(VENV)/bin/detnet lab; \

@@ -16,6 +16,8 @@ import pytest
 
 from detnet.engine.reflector import ReflectorConfig, ReflectorServer
 
+pytestmark = pytest.mark.usefixtures("native_backend")  # both backends, one run
+
 FIXTURES = Path(__file__).resolve().parent.parent / "fixtures"
 DETNET = [sys.executable, "-m", "detnet.controller"]
 

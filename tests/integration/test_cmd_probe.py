@@ -12,6 +12,8 @@ import pytest
 
 from detnet.engine.reflector import ReflectorConfig, ReflectorServer
 
+pytestmark = pytest.mark.usefixtures("native_backend")  # both backends, one run
+
 DETNET = [sys.executable, "-m", "detnet.controller"]
 
 

@@ -14,6 +14,8 @@ import pytest
 
 from detnet import native
 
+pytestmark = pytest.mark.usefixtures("native_backend")  # both backends, one run
+
 DETNET = [sys.executable, "-m", "detnet.controller"]
 
 

@@ -21,7 +21,7 @@ from detnet.controller.errors import CommandError, ConfigError
 from detnet.engine.reflector import ReflectorConfig, ReflectorServer
 from detnet.engine.stream import SampleStream
 
-pytestmark = pytest.mark.usefixtures("no_leftover_tasks")
+pytestmark = pytest.mark.usefixtures("no_leftover_tasks", "native_backend")
 
 
 @pytest.fixture

@@ -17,9 +17,8 @@ import numpy as np
 import pytest
 
 from detnet import native
-from tests.unit.test_native_timestamping import kernel_rx_stamps  # noqa: F401 - a fixture
 
-pytestmark = pytest.mark.usefixtures("kernel_rx_stamps")
+pytestmark = pytest.mark.usefixtures("kernel_rx_stamps", "native_backend")
 
 KEY = b"echo key"
 

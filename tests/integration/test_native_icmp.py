@@ -16,10 +16,9 @@ import numpy as np
 import pytest
 
 from detnet import native
-from tests.unit.test_native_timestamping import kernel_rx_stamps  # noqa: F401 - a fixture
 
 pytestmark = [
-    pytest.mark.usefixtures("kernel_rx_stamps"),
+    pytest.mark.usefixtures("kernel_rx_stamps", "native_backend"),
     pytest.mark.skipif(
         os.geteuid() != 0, reason="raw ICMP sockets and network namespaces need root; CI is root"
     ),

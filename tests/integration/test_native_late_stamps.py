@@ -18,10 +18,9 @@ from typing import Any
 import pytest
 
 from detnet import native
-from tests.unit.test_native_timestamping import kernel_rx_stamps  # noqa: F401 - a fixture
 
 pytestmark = [
-    pytest.mark.usefixtures("kernel_rx_stamps"),
+    pytest.mark.usefixtures("kernel_rx_stamps", "native_backend"),
     pytest.mark.skipif(
         os.geteuid() != 0 or shutil.which("unshare") is None or shutil.which("tc") is None,
         reason="needs root, unshare and tc (iproute2) for a shaped loopback in a namespace",

@@ -13,6 +13,8 @@ from detnet.engine.recorder import Sample
 from detnet.engine.reflector import ReflectorConfig, ReflectorServer
 from detnet.engine.targets import parse_target
 
+pytestmark = pytest.mark.usefixtures("native_backend")  # both backends, one run
+
 
 @pytest.fixture
 async def reflector():

@@ -25,7 +25,7 @@ from detnet.engine.targets import Endpoint, Target
 MS = 1_000_000
 LIMIT_S = 15.0
 
-pytestmark = pytest.mark.usefixtures("no_leftover_tasks")
+pytestmark = pytest.mark.usefixtures("no_leftover_tasks", "native_backend")
 
 
 @pytest.fixture

@@ -25,6 +25,8 @@ from detnet.engine.reflector import (
     ReflectorServer,
 )
 
+pytestmark = pytest.mark.usefixtures("native_backend")  # both backends, one run
+
 KEY = b"reflector test key"
 LOOPBACK = ("127.0.0.1", 0)
 

@@ -23,6 +23,8 @@ from detnet.engine.stats import window_stats
 from detnet.engine.targets import Endpoint, Target, parse_target
 from tests.conftest import requires_tool
 
+pytestmark = pytest.mark.usefixtures("native_backend")  # both backends, one run
+
 # Series of one fully measured target, as docs/metrics.md counts them: the RTT histogram
 # (24 buckets, +Inf, _count, _sum), the window summary (5 quantiles, _count, _sum),
 # jitter (2 methods), IPDV (2 directions x 2 quantiles, _count, _sum), queue delay, base

@@ -8,6 +8,8 @@ from detnet.engine.core import DEFAULT_CAPACITY, MIN_CAPACITY, ProbeEngine, ring
 from detnet.engine.errors import EngineError, TargetError
 from detnet.engine.targets import Target
 
+pytestmark = pytest.mark.usefixtures("native_backend")  # both backends, one run
+
 MS = 1_000_000
 
 

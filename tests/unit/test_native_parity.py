@@ -20,7 +20,6 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from detnet.native import _fallback
-from tests.unit.test_native_timestamping import kernel_rx_stamps  # noqa: F401 - a fixture
 
 pytestmark = pytest.mark.usefixtures("kernel_rx_stamps")
 

@@ -1,14 +1,10 @@
 """Which kernel timestamps a probe socket asks for: the pure plan, the device look-ups,
-and the per-packet fallback to software stamps on a device without hardware stamping.
-
-Also home of ``kernel_rx_stamps``, the fixture the native socket tests share.
-"""
+and the per-packet fallback to software stamps on a device without hardware stamping."""
 
 from __future__ import annotations
 
 import select
 import socket
-from collections.abc import Iterator
 
 import numpy as np
 import pytest
@@ -16,34 +12,7 @@ import pytest
 from detnet import native
 from detnet.native import _common as ts
 
-
-@pytest.fixture(scope="session")
-def kernel_rx_stamps() -> Iterator[None]:
-    """Kernel RX timestamping switched on, and kept on, for the whole session.
-
-    The kernel turns RX stamping on machine-wide through deferred work when the first
-    socket asks for it, and off again when the last one closes: tests that open and
-    close sockets would see a first packet now and then without a kernel stamp (worse on
-    a busy machine). One socket asking for the whole session keeps it on.
-    """
-    keeper = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    try:
-        keeper.bind(("127.0.0.1", 0))
-        keeper.setsockopt(socket.SOL_SOCKET, 35, 1)  # SO_TIMESTAMPNS
-        for _ in range(500):
-            keeper.sendto(b"warm-up", keeper.getsockname())
-            assert select.select([keeper], [], [], 2.0)[0]
-            if keeper.recvmsg(16, 64)[1]:  # a control message: the stamp is there
-                break
-            select.select([], [], [], 0.01)
-        else:
-            pytest.fail("the kernel gave no RX timestamp in 500 tries")
-        yield
-    finally:
-        keeper.close()
-
-
-pytestmark = pytest.mark.usefixtures("kernel_rx_stamps")
+pytestmark = pytest.mark.usefixtures("kernel_rx_stamps", "native_backend")
 
 SOFTWARE = ts.SOF_RX_SOFTWARE | ts.SOF_SOFTWARE
 SOFTWARE_TX = SOFTWARE | ts.SOF_TX_SOFTWARE | ts.SOF_OPT_ID | ts.SOF_OPT_TSONLY
