@@ -56,7 +56,7 @@ from detnet.controller.signals import (
     signal_value,
     targets_of,
 )
-from detnet.controller.usagewindow import USING_CAP_FRACTION, UsageMeter
+from detnet.controller.usagewindow import USING_CAP_FRACTION, PeakMeter, UsageMeter
 from detnet.controller.workloads import CLUSTER, Scope
 from detnet.engine.stats import WindowStats
 
@@ -66,6 +66,9 @@ Action = Literal["decrease", "increase", "hold"]
 GENTLE_MAX_SEVERITY = 2.0
 # Climbing towards a group knee that is only an upper bound: this share of the load per step.
 UNCERTAIN_STEP_FRACTION = 0.05
+# How long a workload's peak rate keeps its room on a shared link (``_committed``):
+# uploads and report bursts come every few seconds; one idle for longer leaves its room.
+BURST_MEMORY_S = 10.0
 ScopeMode = Literal["cluster", "node"]
 
 
@@ -198,6 +201,8 @@ class AsymmetricAimd:
         self.workloads = dict(workloads)
         self._groups: dict[str, _Group] = {}
         self._usage: UsageMeter[Scope] = UsageMeter(_ns(params.usage_window_s))
+        self._peaks: PeakMeter[Scope] = PeakMeter(_ns(BURST_MEMORY_S))
+        self._burst_peaks: dict[Scope, float] = {}
         self._knees: KneeMemory[Scope] = KneeMemory(_ns(params.knee_memory_s))
         # The knee of each group (the scopes that share a link): their summed rate.
         self._group_knees: KneeMemory[str] = KneeMemory(_ns(params.knee_memory_s))
@@ -272,6 +277,7 @@ class AsymmetricAimd:
             self.slos, obs.stats, endpoints=obs.endpoints, stable_fraction=p.stable_fraction
         )
         usage, ramping = self._usage.update(now_ns, obs.usage, previous)
+        self._burst_peaks = self._peaks.update(now_ns, usage)
         warnings = self._warnings(now_ns, obs)
         self._knees.forget(set(scopes))
 
@@ -515,10 +521,12 @@ class AsymmetricAimd:
                 # the memory fades (knee_memory), since no warning refreshes it.
                 self._knees.move_up(s, float(previous[s]))
                 knees[s] = self._knees.get(s, now_ns)
-        load = _committed(scopes, usage, previous)
+        load = _committed(scopes, usage, previous, self._burst_peaks)
         group_knee = self._group_knees.get(name, now_ns)
-        if group_knee is not None and load >= group_knee * (1 + 2 * p.knee_margin):
-            self._group_knees.move_up(name, load)  # as for one scope's knee, above
+        carried = _load(scopes, usage, previous)
+        if group_knee is not None and carried >= group_knee * (1 + 2 * p.knee_margin):
+            # As for one scope's knee, above: the link carried this much without a warning.
+            self._group_knees.move_up(name, carried)
             group_knee = self._group_knees.get(name, now_ns)
         ceiling = None if group_knee is None else group_knee * (1 - p.knee_margin)
         if ceiling is not None:
@@ -741,15 +749,22 @@ def _load(
 
 
 def _committed(
-    scopes: Iterable[Scope], usage: Mapping[Scope, float], caps: Mapping[Scope, int]
+    scopes: Iterable[Scope],
+    usage: Mapping[Scope, float],
+    caps: Mapping[Scope, int],
+    peaks: Mapping[Scope, float],
 ) -> float:
     """What a group may put on its link at once: each scope's cap, for a scope that uses
-    less than half of it twice its usage. A bursty workload between bursts still counts
-    with its cap, so that the others do not climb into the room its next burst needs."""
+    less than half of it twice its usage or its peak over BURST_MEMORY_S if higher. A
+    bursty workload between bursts still counts with the rate of its last burst, so that
+    the others do not climb into the room its next burst needs."""
     total = 0.0
     for s in scopes:
         used = usage.get(s)
-        total += caps[s] if used is None else min(float(caps[s]), 2.0 * used)
+        if used is None:
+            total += caps[s]
+        else:
+            total += min(float(caps[s]), max(2.0 * used, peaks.get(s, used)))
     return total
 
 

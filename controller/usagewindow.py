@@ -69,3 +69,28 @@ class UsageMeter(Generic[K]):
             del self._seen[key]  # a scope that is gone (pod deleted) leaves no state
             self._ramp_ns.pop(key, None)
         return means, ramping
+
+
+class PeakMeter(Generic[K]):
+    """The highest usage mean per key over a horizon: what a bursty workload sends when
+    it sends. Between two uploads its mean drops to nothing, but the room its next burst
+    needs is what it took in the last one."""
+
+    def __init__(self, window_ns: int) -> None:
+        self.window_ns = window_ns
+        self._seen: dict[K, deque[tuple[int, float]]] = {}  # decreasing values, oldest first
+
+    def update(self, now_ns: int, means: Mapping[K, float]) -> dict[K, float]:
+        """Remember this step's means; return each key's peak over the horizon."""
+        for key, value in means.items():
+            seen = self._seen.setdefault(key, deque())
+            while seen and seen[-1][1] <= value:
+                seen.pop()  # a later, higher mean outlives it: it can never be the peak
+            seen.append((now_ns, value))
+        for key in list(self._seen):
+            seen = self._seen[key]
+            while seen and now_ns - seen[0][0] > self.window_ns:
+                seen.popleft()
+            if not seen:
+                del self._seen[key]
+        return {key: seen[0][1] for key, seen in self._seen.items()}

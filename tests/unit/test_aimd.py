@@ -740,3 +740,28 @@ def test_only_a_mild_first_overshoot_is_cut_gently() -> None:
     p = knee_at_100()
     d = decide(p, now_ns=20 * S, stats=bad(5.0), limits=caps, usage=using)
     assert named(d.limits) == {"telemetry": 80, "erp": 80}
+
+
+def test_a_bursty_workload_between_bursts_keeps_its_room() -> None:
+    # The link's knee is at 100 Mbit/s of the two workloads' summed rate. telemetry
+    # uploads at its cap (40), then falls silent between uploads; erp runs at its cap (58).
+    # Counting telemetry with what it sends now would let erp climb into the room its
+    # next upload needs (the lab's "+10 Mbit/s, then a violation"): its last peak counts.
+    p = policy(usage_window_s=0.0)
+    bad = {**healthy(), "robot-control": window("robot-control", jitter_ms=5.0)}
+    limits = {"telemetry": 40, "erp": 60}
+    d = decide(p, now_ns=10 * S, stats=bad, limits=limits, usage={"telemetry": 40.0, "erp": 60.0})
+    assert d.action == "decrease"
+    limits = {"telemetry": 40, "erp": 58}  # back under the knee: 98
+    t = 12 * S
+    decide(p, now_ns=t, stats=healthy(), limits=limits, usage={"telemetry": 40.0, "erp": 58.0})
+    silent = {"telemetry": 0.5, "erp": 58.0}
+    for k in range(1, 7):  # 6 s: past the dwell, within the burst memory
+        d = decide(p, now_ns=t + k * S, stats=healthy(), limits=limits, usage=silent)
+        limits = named(d.limits)
+    assert limits["telemetry"] + limits["erp"] <= 99  # a fine step at most, never +10
+    # Silent for longer than the memory: the room is the others' again.
+    for k in range(7, 30):
+        d = decide(p, now_ns=t + k * S, stats=healthy(), limits=limits, usage=silent)
+        limits = named(d.limits)
+    assert limits["erp"] >= 68
