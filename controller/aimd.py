@@ -28,7 +28,9 @@ the workloads' pods on that node; under cluster scope every workload. Rules (DES
   for ``increase_interval`` (restarted after each increase), never while a target warns
   of a building queue, never for a cap its workload is not using (usage below 90 % of
   it; unknown usage counts as using), by ``increase_step``, or, with a remembered knee,
-  straight to a margin below it and then by small steps (after a cooldown's dwell only).
+  straight to a margin below it (after a cooldown's dwell only) and then by small steps
+  (after ``increase_interval``; a cooldown's while the knee is only an upper bound). On a
+  shared link a bursty workload keeps the room of its last burst (``_committed``).
 - Limits are whole Mbit/s, clamped to [min_bandwidth, max_bandwidth].
 """
 
@@ -523,10 +525,8 @@ class AsymmetricAimd:
                 knees[s] = self._knees.get(s, now_ns)
         load = _committed(scopes, usage, previous, self._burst_peaks)
         group_knee = self._group_knees.get(name, now_ns)
-        carried = _load(scopes, usage, previous)
-        if group_knee is not None and carried >= group_knee * (1 + 2 * p.knee_margin):
-            # As for one scope's knee, above: the link carried this much without a warning.
-            self._group_knees.move_up(name, carried)
+        if group_knee is not None and load >= group_knee * (1 + 2 * p.knee_margin):
+            self._group_knees.move_up(name, load)  # as for one scope's knee, above
             group_knee = self._group_knees.get(name, now_ns)
         ceiling = None if group_knee is None else group_knee * (1 - p.knee_margin)
         if ceiling is not None:
@@ -539,7 +539,15 @@ class AsymmetricAimd:
                 k is not None and previous[s] < math.floor(k * (1 - p.knee_margin))
                 for s, k in knees.items()
             )
-        dwell = p.decrease_cooldown_s if below else p.increase_interval_s
+        # Under the knee, or near one that is only an upper bound (seen while the senders
+        # ramped into a full queue: the link's real knee is often above it), a cooldown's
+        # dwell; at a knee a warning marked, each fine step waits increase_interval, since
+        # each one that passes it costs a standing queue.
+        if group_knee is not None:
+            bound = self._group_knees.uncertain(name)
+        else:
+            bound = any(k is not None and self._knees.uncertain(s) for s, k in knees.items())
+        dwell = p.decrease_cooldown_s if below or bound else p.increase_interval_s
         if dwelt < dwell:
             reasons.append(f"{where}all apps stable for {dwelt:.2f} s of {dwell:.2f} s dwell")
             return
