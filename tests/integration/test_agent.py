@@ -15,7 +15,7 @@ import os
 import signal
 import subprocess
 import sys
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping
+from collections.abc import AsyncIterator, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +25,7 @@ import pytest
 from detnet.controller.agent.service import Agent, AgentConfig
 from detnet.controller.kube.api import new_api_client
 from detnet.lab.kubeapi import ApiServerEmulator
+from tests.helpers import ready_line, until
 from tests.unit.test_agent_procfs import FakeProc, cgroup
 
 NODE = "node-a"
@@ -39,16 +40,6 @@ TOKENS = {
     "api-only": (CONTROLLER, ["https://kubernetes.default.svc.cluster.local"]),
 }
 MS = 1_000_000
-
-
-async def until(cond: Callable[[], Awaitable[bool]], *, within: float = 10.0) -> None:
-    """Poll ``cond`` until it holds (a bound on the wait, not a timed assertion)."""
-    loop = asyncio.get_running_loop()
-    end = loop.time() + within
-    while not await cond():
-        if loop.time() > end:
-            pytest.fail("condition not reached")
-        await asyncio.sleep(0.05)
 
 
 @pytest.fixture
@@ -132,7 +123,7 @@ async def ready(http: aiohttp.ClientSession, agent: Agent) -> None:
         web1 = [p for p in doc["pods"] if p["name"] == "web-1"]
         return bool(web1) and web1[0]["egress_bps"] is not None
 
-    await until(measured)
+    await until(measured, interval_s=0.05)
 
 
 @pytest.fixture(autouse=True)
@@ -189,7 +180,7 @@ async def test_the_document_for_every_kind_of_pod(agent: Agent, http) -> None:
         _, doc, _ = await get(http, agent)
         return any(p["name"] == "db-0" and p["egress_bps"] is not None for p in doc["pods"])
 
-    await until(db_measured)
+    await until(db_measured, interval_s=0.05)
     _, doc, _ = await get(http, agent)
     assert doc["node"] == NODE
     assert doc["interval_s"] == 0.05
@@ -251,7 +242,7 @@ async def test_a_deleted_pod_leaves_the_document(
         _, doc, _ = await get(http, agent)
         return all(p["name"] != "web-1" for p in doc["pods"])
 
-    await until(gone)
+    await until(gone, interval_s=0.05)
     assert agent.resolver.pid_of(UID_WEB1) is None  # its descriptors are closed
 
 
@@ -267,7 +258,7 @@ async def test_a_new_pod_is_found_and_measured(
         _, doc, _ = await get(http, agent)
         return any(p["name"] == "web-3" and p["egress_bps"] is not None for p in doc["pods"])
 
-    await until(measured)
+    await until(measured, interval_s=0.05)
 
 
 async def test_api_errors_are_survived_and_counted(
@@ -290,7 +281,7 @@ async def test_api_errors_are_survived_and_counted(
                 _, doc, _ = await get(http, agent)
                 return any(p["name"] == "late" for p in doc["pods"])
 
-            await until(listed, within=20)
+            await until(listed, timeout_s=20, interval_s=0.05)
             status, text, _ = await get(http, agent, "/metrics", token=None)
     finally:
         await client.close()
@@ -381,11 +372,7 @@ async def test_a_real_agent_process_serves_usage_and_stops_on_sigterm(
         stderr=asyncio.subprocess.PIPE,
     )  # fmt: skip
     try:
-        assert child.stderr is not None
-        line = ""
-        while "serving http://" not in line:
-            line = (await child.stderr.readline()).decode()
-            assert line, "the agent exited before serving"
+        line = await ready_line(child.stderr, "serving http://")
         address = line.split("serving http://", 1)[1].split("/", 1)[0]
 
         async def measured() -> bool:
@@ -397,7 +384,7 @@ async def test_a_real_agent_process_serves_usage_and_stops_on_sigterm(
                 doc = await resp.json()
             return any(p["uid"] == UID_WEB1 and p["egress_bps"] is not None for p in doc["pods"])
 
-        await until(measured, within=20)
+        await until(measured, timeout_s=20, interval_s=0.05)
         child.send_signal(signal.SIGTERM)
         async with asyncio.timeout(20):
             assert await child.wait() == 0

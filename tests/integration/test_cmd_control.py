@@ -7,7 +7,6 @@ import asyncio
 import itertools
 import json
 import signal
-import sys
 import textwrap
 import urllib.request
 from pathlib import Path
@@ -15,9 +14,9 @@ from pathlib import Path
 import pytest
 
 from detnet.engine.reflector import ReflectorConfig, ReflectorServer
+from tests.helpers import DETNET, free_port
 
 FIXTURES = Path(__file__).resolve().parent.parent / "fixtures"
-DETNET = [sys.executable, "-m", "detnet.controller"]
 
 
 def config_text(udp_port: int, tcp_port: int, *, max_jitter_ms: float) -> str:
@@ -133,12 +132,7 @@ async def test_sigterm_exits_zero_and_serves_health(reflector, tmp_path: Path) -
     cfg.write_text(
         config_text(reflector.udp_address[1], reflector.tcp_address[1], max_jitter_ms=50)
     )
-    # Port 0 would hide the address from us: find a free loopback port first.
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()  # port 0 would hide the address from us
     proc = await asyncio.create_subprocess_exec(
         *DETNET,
         "control",

@@ -4,15 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import json
-import sys
 import urllib.request
 
 import numpy as np
 import pytest
 
 from detnet.engine.reflector import ReflectorConfig, ReflectorServer
-
-DETNET = [sys.executable, "-m", "detnet.controller"]
+from tests.helpers import DETNET
 
 
 @pytest.fixture

@@ -8,13 +8,11 @@ closed which connection (no timing is asserted; EOFs are awaited).
 from __future__ import annotations
 
 import asyncio
-import sys
 
 import pytest
 
 from detnet import native
-
-DETNET = [sys.executable, "-m", "detnet.controller"]
+from tests.helpers import DETNET
 
 
 class Reflect:

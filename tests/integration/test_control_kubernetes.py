@@ -14,8 +14,6 @@ import asyncio
 import json
 import os
 import signal
-import socket
-import sys
 import textwrap
 import time
 import urllib.error
@@ -29,8 +27,8 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from detnet.engine.reflector import ReflectorConfig, ReflectorServer
 from detnet.lab.kubeapi import DROP, ApiServerEmulator, RecordedRequest
+from tests.helpers import DETNET, free_port, until
 
-DETNET = [sys.executable, "-m", "detnet.controller"]
 NS = "best-effort"
 LEASE_NS = "detnet-system"
 WORKLOADS = ("telemetry-upload", "erp-dashboard")
@@ -116,13 +114,6 @@ def config_text(
 def udp_port(reflector: ReflectorServer) -> int:
     assert reflector.udp_address is not None
     return reflector.udp_address[1]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
 
 
 def child_env(kubeconfig: Path, identity: str) -> dict[str, str]:
@@ -237,15 +228,6 @@ async def controllers() -> AsyncIterator[list[Controller]]:
         await c.aclose()
 
 
-async def until(predicate: Callable[[], bool], within: float, what: str) -> None:
-    """Poll ``predicate`` (bounded; not a duration assertion)."""
-    deadline = time.monotonic() + within
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {within} s waiting for {what}")
-        await asyncio.sleep(0.02)
-
-
 # --- helpers over the emulator ---------------------------------------------------------
 
 
@@ -314,7 +296,7 @@ async def test_cuts_patch_every_pod_in_place_within_a_second(
     def at_min() -> bool:
         return any(set(d["limits"].values()) == {10} for d in c.cuts())
 
-    await until(at_min, 30, f"cuts down to min_bandwidth; stderr: {c.log()}")
+    await until(at_min, timeout_s=30, what=f"cuts down to min_bandwidth; stderr: {c.log()}")
     # No fault here: the error counters an alert reads are there, at zero, not absent.
     for name, labels in (
         ("detnet_api_errors_total", {"code": "500"}),
@@ -355,8 +337,7 @@ async def test_cuts_patch_every_pod_in_place_within_a_second(
     api.set_pod_phase(NS, "telemetry-upload-new", "Running")
     await until(
         lambda: pod_value(api.pod(NS, "telemetry-upload-new")) == "10M",
-        10,
-        f"the new pod to get 10M; stderr: {c.log()}",
+        what=f"the new pod to get 10M; stderr: {c.log()}",
     )
     first = min(r.at for r in pod_patches(api, "telemetry-upload-new"))
     assert first - running_at <= BOUND_S
@@ -387,7 +368,7 @@ async def test_survives_api_faults(
     api.fail(f"patch {pods}", DROP)
     c = await Controller.start(cfg, kubeconfig, identity="detnet-a")
     controllers.append(c)
-    await until(lambda: bool(c.cuts()), 30, f"a first cut; stderr: {c.log()}")
+    await until(lambda: bool(c.cuts()), timeout_s=30, what=f"a first cut; stderr: {c.log()}")
     # And while it runs: the next cuts meet the same kinds of faults.
     api.fail(f"patch {deployments}", 500)
     api.fail(f"patch {pods}", 429, retry_after=0.2)
@@ -397,8 +378,8 @@ async def test_survives_api_faults(
 
     await until(
         lambda: any(set(d["limits"].values()) == {10} for d in c.cuts()) and all_carry(api, "10M"),
-        40,
-        f"every pod and record at min_bandwidth; stderr: {c.log()}",
+        timeout_s=40,
+        what=f"every pod and record at min_bandwidth; stderr: {c.log()}",
     )
     assert c.proc.returncode is None, "the controller must keep running"
     for code in ("500", "429", "410", "connection"):
@@ -473,7 +454,7 @@ async def test_only_the_leader_patches_and_the_standby_takes_over(
         lease = api.lease(LEASE_NS, "detnet-controller")
         return None if lease is None else lease["spec"].get("holderIdentity")
 
-    await until(lambda: holder() == "detnet-a", 30, f"A to lead; stderr: {a.log()}")
+    await until(lambda: holder() == "detnet-a", timeout_s=30, what=f"A to lead; stderr: {a.log()}")
     b = await Controller.start(cfg, kubeconfig, identity="detnet-b")
     controllers.append(b)
 
@@ -489,11 +470,8 @@ async def test_only_the_leader_patches_and_the_standby_takes_over(
     async def serving(c: Controller) -> bool:
         return await c.metric("detnet_leader") is not None
 
-    await until(lambda: len(a.cuts()) >= 2, 30, f"A to cut twice; stderr: {a.log()}")
-    deadline = time.monotonic() + 30
-    while not await serving(b):
-        assert time.monotonic() < deadline, f"B never served /metrics: {b.log()}"
-        await asyncio.sleep(0.1)
+    await until(lambda: len(a.cuts()) >= 2, timeout_s=30, what=f"A to cut twice; stderr: {a.log()}")
+    await until(lambda: serving(b), timeout_s=30, what="B to serve /metrics", interval_s=0.1)
     assert await a.metric("detnet_leader") == 1.0
     assert await b.metric("detnet_leader") == 0.0
     assert pod_patches_by("detnet-a")
@@ -515,9 +493,17 @@ async def test_only_the_leader_patches_and_the_standby_takes_over(
     assert not [r for r in pod_patches_by("detnet-b") if r.at < stopped_at]
 
     # B takes over (at its next retry period, 2 s by default) and cuts from A's record.
-    await until(lambda: holder() == "detnet-b", 15, f"B to take the lease; stderr: {b.log()}")
-    await until(lambda: bool(pod_patches_by("detnet-b")), 15, f"B to patch; stderr: {b.log()}")
-    await until(lambda: bool(b.cuts()), 15, f"B's first cut logged; stderr: {b.log()}")
+    await until(
+        lambda: holder() == "detnet-b", timeout_s=15, what=f"B to take the lease; stderr: {b.log()}"
+    )
+    await until(
+        lambda: bool(pod_patches_by("detnet-b")),
+        timeout_s=15,
+        what=f"B to patch; stderr: {b.log()}",
+    )
+    await until(
+        lambda: bool(b.cuts()), timeout_s=15, what=f"B's first cut logged; stderr: {b.log()}"
+    )
     assert not [r for r in pod_patches_by("detnet-a") if r.at > releases[-1].at]
     assert await b.metric("detnet_leader") == 1.0
     last_a = a.cuts()[-1]["limits"]["telemetry-upload"]

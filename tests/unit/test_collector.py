@@ -22,6 +22,7 @@ from detnet.engine.ring import LATENESS_EDGES_S, CumulativeHistogram
 from detnet.engine.stats import window_stats
 from detnet.engine.targets import Endpoint, Target, parse_target
 from tests.conftest import requires_tool
+from tests.helpers import until
 
 # Series of one fully measured target, as docs/metrics.md counts them: the RTT histogram
 # (24 buckets, +Inf, _count, _sum), the window summary (5 quantiles, _count, _sum),
@@ -234,14 +235,6 @@ async def engine():
         await refl.close()
 
 
-async def _until(pred, limit_s=5.0):
-    loop = asyncio.get_running_loop()
-    end = loop.time() + limit_s
-    while not pred():
-        assert loop.time() < end, "condition not reached"
-        await asyncio.sleep(0.02)
-
-
 async def test_collector_exports_the_documented_metrics(engine):
     registry = CollectorRegistry()
     registry.register(engine.collector())
@@ -254,10 +247,11 @@ async def test_collector_exports_the_documented_metrics(engine):
 
     # A two-step reply is received before it is recorded (its stamp follows it), so wait
     # on the histogram itself, not on the received count.
-    await _until(
-        lambda: (registry.get_sample_value("detnet_probe_rtt_seconds_count", lv) or 0) >= 20
+    await until(
+        lambda: (registry.get_sample_value("detnet_probe_rtt_seconds_count", lv) or 0) >= 20,
+        timeout_s=5.0,
     )
-    await _until(lambda: engine.totals()["gone"].lost >= 3)
+    await until(lambda: engine.totals()["gone"].lost >= 3, timeout_s=5.0)
 
     assert got("detnet_probes_sent_total", lv) >= 20
     assert got("detnet_probe_rtt_seconds_count", lv) >= 20
@@ -303,7 +297,7 @@ async def test_http_server_serves_metrics_and_checks(engine):
     )
     host, port = await asyncio.to_thread(server.start)
     try:
-        await _until(lambda: engine.totals()["robot"].received >= 5)
+        await until(lambda: engine.totals()["robot"].received >= 5, timeout_s=5.0)
 
         def get(path: str) -> tuple[int, str]:
             try:
@@ -331,7 +325,7 @@ async def test_promtool_accepts_the_exposition(engine):
 
     registry = CollectorRegistry()
     registry.register(engine.collector())
-    await _until(lambda: engine.totals()["robot"].received >= 5)
+    await until(lambda: engine.totals()["robot"].received >= 5, timeout_s=5.0)
     text = generate_latest(registry)
     proc = await asyncio.to_thread(
         subprocess.run, ["promtool", "check", "metrics"], input=text, capture_output=True

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import socket
 import subprocess
 import sys
 import time
@@ -11,6 +10,7 @@ import time
 import pytest
 
 from detnet.lab.traffic import Endpoint, parse_endpoint
+from tests.helpers import free_port
 
 
 def test_parse_endpoint() -> None:
@@ -22,15 +22,9 @@ def test_parse_endpoint() -> None:
             parse_endpoint(bad)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 @pytest.mark.parametrize("mode", ["steady", "bursty"])
 def test_sink_counts_what_a_sender_sends(mode: str) -> None:
-    port = _free_port()
+    port = free_port()
     cmd = [sys.executable, "-m", "detnet.lab.traffic"]
     sink = subprocess.Popen(
         [*cmd, "sink", "--listen", f"127.0.0.1:{port}", "--interval", "0.2"],
