@@ -4,6 +4,7 @@ tasks or network namespaces behind."""
 from __future__ import annotations
 
 import asyncio
+import inspect
 import os
 import shutil
 import subprocess
@@ -41,10 +42,39 @@ def _no_leftover_netns() -> object:
     assert not left, f"test left network namespaces behind: {sorted(left)}"
 
 
+# How long a task already cancelling at a test's end may take to finish (not a timing
+# assertion: a leaked task never finishes, a cancelled one takes a few loop rounds).
+LEAK_GRACE_S = 1.0
+
+
 @pytest.fixture
 async def no_leftover_tasks() -> AsyncIterator[None]:
-    """Fail an async test that leaves asyncio tasks running (opt in with usefixtures)."""
+    """Fail an async test that leaves asyncio tasks running (every coroutine test has it:
+    see ``_task_leak_guard``).
+
+    Its teardown runs after every other fixture of the test is torn down (it is set up
+    first), on the test's loop while it still runs. A task already cancelling gets a
+    moment to finish; one still pending then is a leak: it is cancelled and reported."""
     yield
     me = asyncio.current_task()
-    left = [t for t in asyncio.all_tasks() if t is not me and not t.done()]
-    assert not left, f"tasks left behind: {left}"
+
+    def pending() -> list[asyncio.Task[object]]:
+        return [t for t in asyncio.all_tasks() if t is not me and not t.done()]
+
+    await asyncio.sleep(0)  # one round: callbacks that finish a task already scheduled
+    cancelling = [t for t in pending() if t.cancelling()]
+    if cancelling:
+        await asyncio.wait(cancelling, timeout=LEAK_GRACE_S)
+    left = pending()
+    for task in left:
+        task.cancel()
+    assert not left, f"test left asyncio tasks running: {left}"
+
+
+@pytest.fixture(autouse=True)
+def _task_leak_guard(request: pytest.FixtureRequest) -> None:
+    """Give every coroutine test the ``no_leftover_tasks`` guard. Autouse fixtures are set
+    up before the test's own, so the guard is torn down after them (an engine fixture
+    closing its tasks has run by then)."""
+    if inspect.iscoroutinefunction(request.function):
+        request.getfixturevalue("no_leftover_tasks")

@@ -126,11 +126,6 @@ async def ready(http: aiohttp.ClientSession, agent: Agent) -> None:
     await until(measured, interval_s=0.05)
 
 
-@pytest.fixture(autouse=True)
-def _guard(no_leftover_tasks: None) -> None:
-    """No test here leaves an asyncio task behind."""
-
-
 async def test_health_needs_no_token_and_says_when_ready(agent: Agent, http) -> None:
     await ready(http, agent)
     for path in ("/healthz", "/readyz", "/metrics"):

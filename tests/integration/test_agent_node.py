@@ -51,11 +51,6 @@ SITE_PACKAGES = (
 SYSTEM_PYTHON = Path(f"/usr/bin/python{sys.version_info[0]}.{sys.version_info[1]}")
 
 
-@pytest.fixture(autouse=True)
-def _guard(no_leftover_tasks: None) -> None:
-    """No test here leaves an asyncio task behind."""
-
-
 @pytest.fixture
 def node() -> Iterator[KubePods]:
     with KubePods(tag="agent-it") as pods:

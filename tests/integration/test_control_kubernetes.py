@@ -43,11 +43,6 @@ POD_ROUTE = f"/api/v1/namespaces/{NS}/pods/"
 # --- fixtures ---------------------------------------------------------------------
 
 
-@pytest.fixture(autouse=True)
-def _guard(no_leftover_tasks: None) -> None:
-    """Every test here must leave no asyncio task behind."""
-
-
 @pytest.fixture
 async def reflector() -> AsyncIterator[ReflectorServer]:
     server = ReflectorServer(ReflectorConfig(udp=("127.0.0.1", 0)))

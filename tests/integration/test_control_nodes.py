@@ -29,11 +29,6 @@ EGRESS = "kubernetes.io/egress-bandwidth"
 LOSSY_RATE_PPS = 10.0  # the node-b replica answers 10 of the 100 probes a second
 
 
-@pytest.fixture(autouse=True)
-def _guard(no_leftover_tasks: None) -> None:
-    """Every test here must leave no asyncio task behind."""
-
-
 def _free_udp_port(*hosts: str) -> int:
     """A UDP port free on every one of ``hosts`` (the replicas share the Service port)."""
     for _ in range(50):

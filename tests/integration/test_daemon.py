@@ -21,8 +21,6 @@ from detnet.controller.errors import CommandError, ConfigError
 from detnet.engine.reflector import ReflectorConfig, ReflectorServer
 from detnet.engine.stream import SampleStream
 
-pytestmark = pytest.mark.usefixtures("no_leftover_tasks")
-
 
 @pytest.fixture
 async def reflector():

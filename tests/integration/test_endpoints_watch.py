@@ -28,11 +28,6 @@ SLICES = "/apis/discovery.k8s.io/v1/namespaces/critical/endpointslices"
 LONG = 60_000_000_000  # a removal grace no test waits for: removals seen are at once
 
 
-@pytest.fixture(autouse=True)
-def _guard(no_leftover_tasks: None) -> None:
-    """Every test here must leave no asyncio task behind."""
-
-
 class Harness:
     def __init__(self, api: ApiServerEmulator, kube: KubeClient) -> None:
         self.api, self.kube = api, kube

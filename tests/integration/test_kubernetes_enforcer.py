@@ -36,11 +36,6 @@ async def api() -> AsyncIterator[ApiServerEmulator]:
         yield server
 
 
-@pytest.fixture(autouse=True)
-def _guard(no_leftover_tasks: None) -> None:
-    """Every test here must leave no asyncio task behind."""
-
-
 def refs() -> list[BestEffortTarget]:
     return [
         BestEffortTarget(name="telemetry-upload", namespace=NS),

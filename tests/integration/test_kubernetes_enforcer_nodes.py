@@ -28,11 +28,6 @@ WL = "telemetry-upload"
 A, B = Scope(WL, "node-a"), Scope(WL, "node-b")
 
 
-@pytest.fixture(autouse=True)
-def _guard(no_leftover_tasks: None) -> None:
-    """Every test here must leave no asyncio task behind."""
-
-
 @pytest.fixture
 async def api() -> AsyncIterator[ApiServerEmulator]:
     async with ApiServerEmulator(bookmark_interval_s=0.2) as server:

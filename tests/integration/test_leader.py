@@ -26,11 +26,6 @@ async def api() -> AsyncIterator[ApiServerEmulator]:
         yield server
 
 
-@pytest.fixture(autouse=True)
-def _guard(no_leftover_tasks: None) -> None:
-    """Every test here must leave no asyncio task behind."""
-
-
 class Worker:
     """The work a leader runs: counts how often it ran and records overlap."""
 

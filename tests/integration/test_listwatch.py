@@ -22,11 +22,6 @@ NS = "best-effort"
 SELECTOR = "app=web"
 
 
-@pytest.fixture(autouse=True)
-def _guard(no_leftover_tasks: None) -> None:
-    """Every test here must leave no asyncio task behind."""
-
-
 class Sink:
     """Records what the ListWatch feeds; ``on_list_hook`` runs inside on_list."""
 

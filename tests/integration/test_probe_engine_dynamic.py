@@ -26,8 +26,6 @@ from tests.helpers import until
 MS = 1_000_000
 LIMIT_S = 15.0
 
-pytestmark = pytest.mark.usefixtures("no_leftover_tasks")
-
 
 @pytest.fixture
 async def reflectors():

@@ -43,11 +43,6 @@ UID_B = "fd698699-eabf-4c23-92ef-cf0bbdb78261"
 AGENT_LABELS = {"app.kubernetes.io/name": "detnet-agent"}
 
 
-@pytest.fixture(autouse=True)
-def _guard(no_leftover_tasks: None) -> None:
-    """No test here leaves an asyncio task behind."""
-
-
 @pytest.fixture
 def proc(tmp_path: Path) -> Iterator[FakeProc]:
     fake = FakeProc(tmp_path / "proc")
