@@ -16,7 +16,7 @@ CORE_TESTS := $(wildcard tests/unit/test_native_*.py tests/integration/test_nati
 	$(addprefix tests/unit/test_,$(addsuffix .py,core recorder recorder_two_step ring stats sequence scheduler \
 	  parse connections targets tbf slo collector)) \
 	$(addprefix tests/integration/test_,$(addsuffix .py,probe_engine probe_engine_dynamic \
-	  reflector probe_peers cmd_probe cmd_reflect cmd_control daemon))
+	  reflector probe_peers cmd_probe cmd_reflect cmd_control daemon collector_live))
 
 # Debian packages the tests, the lab and the benchmarks use (installed when root).
 APT_TEST  := iproute2 prometheus kubectl

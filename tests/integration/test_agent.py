@@ -4,7 +4,7 @@ the document for unresolved and hostNetwork pods, and bad input of every kind (A
 errors, malformed requests, huge headers) logged and counted, never fatal.
 
 The agent runs in this process over a /proc-shaped tree whose PIDs are real child
-processes (tests/unit/test_agent_procfs.py's), so no root is needed; the real /proc,
+processes (tests/integration/test_agent_procfs.py's), so no root is needed; the real /proc,
 cgroups and traffic are test_agent_node.py's. A real ``detnet agent`` process: the last
 tests."""
 
@@ -26,7 +26,7 @@ from detnet.controller.agent.service import Agent, AgentConfig
 from detnet.controller.kube.api import new_api_client
 from detnet.lab.kubeapi import ApiServerEmulator
 from tests.helpers import ready_line, until
-from tests.unit.test_agent_procfs import FakeProc, cgroup
+from tests.integration.test_agent_procfs import FakeProc, cgroup
 
 NODE = "node-a"
 UID_WEB1 = "88f6f4e3-59c0-4ce8-9ecf-391c8b5a60ad"

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 from detnet import native
-from tests.unit.test_native_timestamping import kernel_rx_stamps  # noqa: F401 - a fixture
+from tests.integration.test_native_timestamping import kernel_rx_stamps  # noqa: F401 - a fixture
 
 pytestmark = [
     pytest.mark.usefixtures("kernel_rx_stamps"),

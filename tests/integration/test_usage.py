@@ -34,7 +34,7 @@ from detnet.controller.usage import (
 from detnet.lab.kubeapi import ApiServerEmulator
 from tests.helpers import free_port, until
 from tests.integration.test_agent import MS
-from tests.unit.test_agent_procfs import FakeProc, cgroup
+from tests.integration.test_agent_procfs import FakeProc, cgroup
 from tests.unit.test_usage_client import _kubelet_projected
 
 CONTROLLER = "system:serviceaccount:detnet-system:detnet-controller"
