@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from detnet.engine.reflector import ReflectorConfig, ReflectorServer
-from tests.helpers import DETNET, free_port
+from tests.helpers import DETNET, free_port, until
 
 FIXTURES = Path(__file__).resolve().parent.parent / "fixtures"
 
@@ -155,13 +155,10 @@ async def test_sigterm_exits_zero_and_serves_health(reflector, tmp_path: Path) -
             except OSError:
                 return 0, ""
 
-        ready = 0
-        for _ in range(100):  # poll until ready; bounded, not a duration assertion
-            ready, _body = await asyncio.to_thread(get, "/readyz")
-            if ready == 200:
-                break
-            await asyncio.sleep(0.1)
-        assert ready == 200
+        async def ready() -> bool:
+            return (await asyncio.to_thread(get, "/readyz"))[0] == 200
+
+        await until(ready, what="/readyz to answer 200", interval_s=0.1)
         status, _ = await asyncio.to_thread(get, "/healthz")
         assert status == 200
         status, metrics = await asyncio.to_thread(get, "/metrics")
