@@ -31,11 +31,12 @@ async def until(
     pred: Callable[[], bool | Awaitable[bool]],
     *,
     timeout_s: float = 10.0,
-    what: str | None = None,
+    what: str | Callable[[], str] | None = None,
     interval_s: float = 0.01,
 ) -> None:
     """Poll ``pred`` (plain or async) every ``interval_s`` until it is true; raise
-    AssertionError naming ``what`` (or the predicate) when ``timeout_s`` passes first."""
+    AssertionError naming ``what`` (or the predicate) when ``timeout_s`` passes first.
+    A callable ``what`` is called then, so it can show a child's output at that time."""
     loop = asyncio.get_running_loop()
     end = loop.time() + timeout_s
     while True:
@@ -45,7 +46,8 @@ async def until(
         if ok:
             return
         if loop.time() > end:
-            raise AssertionError(f"not reached within {timeout_s} s: {what or _describe(pred)}")
+            said = what() if callable(what) else what
+            raise AssertionError(f"not reached within {timeout_s} s: {said or _describe(pred)}")
         await asyncio.sleep(interval_s)
 
 

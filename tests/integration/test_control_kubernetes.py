@@ -290,7 +290,7 @@ async def test_cuts_patch_every_pod_in_place(
     def at_min() -> bool:
         return any(set(d["limits"].values()) == {10} for d in c.cuts())
 
-    await until(at_min, timeout_s=30, what=f"cuts down to min_bandwidth; stderr: {c.log()}")
+    await until(at_min, timeout_s=30, what=lambda: f"cuts down to min_bandwidth; stderr: {c.log()}")
     # No fault here: the error counters an alert reads are there, at zero, not absent.
     for name, labels in (
         ("detnet_api_errors_total", {"code": "500"}),
@@ -332,7 +332,7 @@ async def test_cuts_patch_every_pod_in_place(
     api.set_pod_phase(NS, "telemetry-upload-new", "Running")
     await until(
         lambda: pod_value(api.pod(NS, "telemetry-upload-new")) == "10M",
-        what=f"the new pod to get 10M; stderr: {c.log()}",
+        what=lambda: f"the new pod to get 10M; stderr: {c.log()}",
     )
     first = min(r.at for r in pod_patches(api, "telemetry-upload-new"))
     assert first >= running_at - SLACK_S, "patched before it was Running"
@@ -363,7 +363,9 @@ async def test_survives_api_faults(
     api.fail(f"patch {pods}", DROP)
     c = await Controller.start(cfg, kubeconfig, identity="detnet-a")
     controllers.append(c)
-    await until(lambda: bool(c.cuts()), timeout_s=30, what=f"a first cut; stderr: {c.log()}")
+    await until(
+        lambda: bool(c.cuts()), timeout_s=30, what=lambda: f"a first cut; stderr: {c.log()}"
+    )
     # And while it runs: the next cuts meet the same kinds of faults.
     api.fail(f"patch {deployments}", 500)
     api.fail(f"patch {pods}", 429, retry_after=0.2)
@@ -374,7 +376,7 @@ async def test_survives_api_faults(
     await until(
         lambda: any(set(d["limits"].values()) == {10} for d in c.cuts()) and all_carry(api, "10M"),
         timeout_s=40,
-        what=f"every pod and record at min_bandwidth; stderr: {c.log()}",
+        what=lambda: f"every pod and record at min_bandwidth; stderr: {c.log()}",
     )
     assert c.proc.returncode is None, "the controller must keep running"
     for code in ("500", "429", "410", "connection"):
@@ -449,7 +451,9 @@ async def test_only_the_leader_patches_and_the_standby_takes_over(
         lease = api.lease(LEASE_NS, "detnet-controller")
         return None if lease is None else lease["spec"].get("holderIdentity")
 
-    await until(lambda: holder() == "detnet-a", timeout_s=30, what=f"A to lead; stderr: {a.log()}")
+    await until(
+        lambda: holder() == "detnet-a", timeout_s=30, what=lambda: f"A to lead; stderr: {a.log()}"
+    )
     b = await Controller.start(cfg, kubeconfig, identity="detnet-b")
     controllers.append(b)
 
@@ -465,7 +469,9 @@ async def test_only_the_leader_patches_and_the_standby_takes_over(
     async def serving(c: Controller) -> bool:
         return await c.metric("detnet_leader") is not None
 
-    await until(lambda: len(a.cuts()) >= 2, timeout_s=30, what=f"A to cut twice; stderr: {a.log()}")
+    await until(
+        lambda: len(a.cuts()) >= 2, timeout_s=30, what=lambda: f"A to cut twice; stderr: {a.log()}"
+    )
     await until(lambda: serving(b), timeout_s=30, what="B to serve /metrics", interval_s=0.1)
     assert await a.metric("detnet_leader") == 1.0
     assert await b.metric("detnet_leader") == 0.0
@@ -489,15 +495,19 @@ async def test_only_the_leader_patches_and_the_standby_takes_over(
 
     # B takes over (at its next retry period, 2 s by default) and cuts from A's record.
     await until(
-        lambda: holder() == "detnet-b", timeout_s=15, what=f"B to take the lease; stderr: {b.log()}"
+        lambda: holder() == "detnet-b",
+        timeout_s=15,
+        what=lambda: f"B to take the lease; stderr: {b.log()}",
     )
     await until(
         lambda: bool(pod_patches_by("detnet-b")),
         timeout_s=15,
-        what=f"B to patch; stderr: {b.log()}",
+        what=lambda: f"B to patch; stderr: {b.log()}",
     )
     await until(
-        lambda: bool(b.cuts()), timeout_s=15, what=f"B's first cut logged; stderr: {b.log()}"
+        lambda: bool(b.cuts()),
+        timeout_s=15,
+        what=lambda: f"B's first cut logged; stderr: {b.log()}",
     )
     assert not [r for r in pod_patches_by("detnet-a") if r.at > releases[-1].at]
     assert await b.metric("detnet_leader") == 1.0
