@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import asyncio
 import importlib
+import inspect
 import os
-import re
 import select
 import shutil
 import socket
@@ -75,18 +75,29 @@ def native_backend(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPat
     return str(request.param)
 
 
-_BACKEND_ID = re.compile(r"[\[-](cython|python)[\]-]")
+_BACKEND_OF: dict[str, str] = {}  # test id -> the native backend it ran on
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Note which tests run on a given native backend: through ``native_backend``, or
+    handed a backend module as a parameter (the parity tests)."""
+    names = {id(_fallback): "python", **({id(_core): "cython"} if _core else {})}
+    for item in items:
+        params = getattr(getattr(item, "callspec", None), "params", {})
+        for key, value in params.items():
+            backend = value if key == "native_backend" else names.get(id(value))
+            if backend:
+                _BACKEND_OF[item.nodeid] = str(backend)
 
 
 def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
-    """Say how many tests ran on each native backend (their ids name it), and how."""
+    """Say how many tests ran on each native backend, and how they ended."""
     counts: dict[str, dict[str, int]] = {}
     for outcome in ("passed", "failed", "error", "skipped"):
         for report in terminalreporter.stats.get(outcome, []):
-            _, bracket, params = getattr(report, "nodeid", "").rpartition("[")
-            found = _BACKEND_ID.search(bracket + params)
-            if found and (report.when == "call" or outcome in ("error", "skipped")):
-                per = counts.setdefault(found.group(1), {})
+            backend = _BACKEND_OF.get(getattr(report, "nodeid", ""))
+            if backend and (report.when == "call" or outcome in ("error", "skipped")):
+                per = counts.setdefault(backend, {})
                 per[outcome] = per.get(outcome, 0) + 1
     if counts:
         line = "; ".join(
@@ -137,10 +148,39 @@ def _no_leftover_netns() -> object:
     assert not left, f"test left network namespaces behind: {sorted(left)}"
 
 
+# How long a task already cancelling at a test's end may take to finish (not a timing
+# assertion: a leaked task never finishes, a cancelled one takes a few loop rounds).
+LEAK_GRACE_S = 1.0
+
+
 @pytest.fixture
 async def no_leftover_tasks() -> AsyncIterator[None]:
-    """Fail an async test that leaves asyncio tasks running (opt in with usefixtures)."""
+    """Fail an async test that leaves asyncio tasks running (every coroutine test has it:
+    see ``_task_leak_guard``).
+
+    Its teardown runs after every other fixture of the test is torn down (it is set up
+    first), on the test's loop while it still runs. A task already cancelling gets a
+    moment to finish; one still pending then is a leak: it is cancelled and reported."""
     yield
     me = asyncio.current_task()
-    left = [t for t in asyncio.all_tasks() if t is not me and not t.done()]
-    assert not left, f"tasks left behind: {left}"
+
+    def pending() -> list[asyncio.Task[object]]:
+        return [t for t in asyncio.all_tasks() if t is not me and not t.done()]
+
+    await asyncio.sleep(0)  # one round: callbacks that finish a task already scheduled
+    cancelling = [t for t in pending() if t.cancelling()]
+    if cancelling:
+        await asyncio.wait(cancelling, timeout=LEAK_GRACE_S)
+    left = pending()
+    for task in left:
+        task.cancel()
+    assert not left, f"test left asyncio tasks running: {left}"
+
+
+@pytest.fixture(autouse=True)
+def _task_leak_guard(request: pytest.FixtureRequest) -> None:
+    """Give every coroutine test the ``no_leftover_tasks`` guard. Autouse fixtures are set
+    up before the test's own, so the guard is torn down after them (an engine fixture
+    closing its tasks has run by then)."""
+    if inspect.iscoroutinefunction(request.function):
+        request.getfixturevalue("no_leftover_tasks")

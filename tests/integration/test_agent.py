@@ -4,7 +4,7 @@ the document for unresolved and hostNetwork pods, and bad input of every kind (A
 errors, malformed requests, huge headers) logged and counted, never fatal.
 
 The agent runs in this process over a /proc-shaped tree whose PIDs are real child
-processes (tests/unit/test_agent_procfs.py's), so no root is needed; the real /proc,
+processes (tests/integration/test_agent_procfs.py's), so no root is needed; the real /proc,
 cgroups and traffic are test_agent_node.py's. A real ``detnet agent`` process: the last
 tests."""
 
@@ -15,7 +15,7 @@ import os
 import signal
 import subprocess
 import sys
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping
+from collections.abc import AsyncIterator, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +25,8 @@ import pytest
 from detnet.controller.agent.service import Agent, AgentConfig
 from detnet.controller.kube.api import new_api_client
 from detnet.lab.kubeapi import ApiServerEmulator
-from tests.unit.test_agent_procfs import FakeProc, cgroup
+from tests.helpers import ready_line, until
+from tests.integration.test_agent_procfs import FakeProc, cgroup
 
 NODE = "node-a"
 UID_WEB1 = "88f6f4e3-59c0-4ce8-9ecf-391c8b5a60ad"
@@ -39,16 +40,6 @@ TOKENS = {
     "api-only": (CONTROLLER, ["https://kubernetes.default.svc.cluster.local"]),
 }
 MS = 1_000_000
-
-
-async def until(cond: Callable[[], Awaitable[bool]], *, within: float = 10.0) -> None:
-    """Poll ``cond`` until it holds (a bound on the wait, not a timed assertion)."""
-    loop = asyncio.get_running_loop()
-    end = loop.time() + within
-    while not await cond():
-        if loop.time() > end:
-            pytest.fail("condition not reached")
-        await asyncio.sleep(0.05)
 
 
 @pytest.fixture
@@ -132,12 +123,7 @@ async def ready(http: aiohttp.ClientSession, agent: Agent) -> None:
         web1 = [p for p in doc["pods"] if p["name"] == "web-1"]
         return bool(web1) and web1[0]["egress_bps"] is not None
 
-    await until(measured)
-
-
-@pytest.fixture(autouse=True)
-def _guard(no_leftover_tasks: None) -> None:
-    """No test here leaves an asyncio task behind."""
+    await until(measured, interval_s=0.05)
 
 
 async def test_health_needs_no_token_and_says_when_ready(agent: Agent, http) -> None:
@@ -189,7 +175,7 @@ async def test_the_document_for_every_kind_of_pod(agent: Agent, http) -> None:
         _, doc, _ = await get(http, agent)
         return any(p["name"] == "db-0" and p["egress_bps"] is not None for p in doc["pods"])
 
-    await until(db_measured)
+    await until(db_measured, interval_s=0.05)
     _, doc, _ = await get(http, agent)
     assert doc["node"] == NODE
     assert doc["interval_s"] == 0.05
@@ -251,7 +237,7 @@ async def test_a_deleted_pod_leaves_the_document(
         _, doc, _ = await get(http, agent)
         return all(p["name"] != "web-1" for p in doc["pods"])
 
-    await until(gone)
+    await until(gone, interval_s=0.05)
     assert agent.resolver.pid_of(UID_WEB1) is None  # its descriptors are closed
 
 
@@ -267,7 +253,7 @@ async def test_a_new_pod_is_found_and_measured(
         _, doc, _ = await get(http, agent)
         return any(p["name"] == "web-3" and p["egress_bps"] is not None for p in doc["pods"])
 
-    await until(measured)
+    await until(measured, interval_s=0.05)
 
 
 async def test_api_errors_are_survived_and_counted(
@@ -290,7 +276,7 @@ async def test_api_errors_are_survived_and_counted(
                 _, doc, _ = await get(http, agent)
                 return any(p["name"] == "late" for p in doc["pods"])
 
-            await until(listed, within=20)
+            await until(listed, timeout_s=20, interval_s=0.05)
             status, text, _ = await get(http, agent, "/metrics", token=None)
     finally:
         await client.close()
@@ -381,11 +367,7 @@ async def test_a_real_agent_process_serves_usage_and_stops_on_sigterm(
         stderr=asyncio.subprocess.PIPE,
     )  # fmt: skip
     try:
-        assert child.stderr is not None
-        line = ""
-        while "serving http://" not in line:
-            line = (await child.stderr.readline()).decode()
-            assert line, "the agent exited before serving"
+        line = await ready_line(child.stderr, "serving http://")
         address = line.split("serving http://", 1)[1].split("/", 1)[0]
 
         async def measured() -> bool:
@@ -397,7 +379,7 @@ async def test_a_real_agent_process_serves_usage_and_stops_on_sigterm(
                 doc = await resp.json()
             return any(p["uid"] == UID_WEB1 and p["egress_bps"] is not None for p in doc["pods"])
 
-        await until(measured, within=20)
+        await until(measured, timeout_s=20, interval_s=0.05)
         child.send_signal(signal.SIGTERM)
         async with asyncio.timeout(20):
             assert await child.wait() == 0

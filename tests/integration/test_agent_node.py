@@ -26,7 +26,7 @@ import pytest
 from detnet.lab.kubeapi import ApiServerEmulator
 from detnet.lab.kubepods import KubePods
 from tests.conftest import IS_ROOT, requires_tool
-from tests.integration.test_agent import until
+from tests.helpers import ready_line, until
 
 pytestmark = [
     pytest.mark.root,
@@ -49,11 +49,6 @@ SITE_PACKAGES = (
     / "site-packages"
 )
 SYSTEM_PYTHON = Path(f"/usr/bin/python{sys.version_info[0]}.{sys.version_info[1]}")
-
-
-@pytest.fixture(autouse=True)
-def _guard(no_leftover_tasks: None) -> None:
-    """No test here leaves an asyncio task behind."""
 
 
 @pytest.fixture
@@ -135,13 +130,7 @@ async def agent_url(cluster: ApiServerEmulator) -> AsyncIterator[str]:
             stderr=asyncio.subprocess.PIPE, cwd=str(home),
         )  # fmt: skip
         try:
-            assert child.stderr is not None
-            line = ""
-            said = []
-            while "serving http://" not in line:
-                line = (await child.stderr.readline()).decode()
-                said.append(line)
-                assert line, f"the agent exited before serving: {''.join(said)[-2000:]}"
+            line = await ready_line(child.stderr, "serving http://")
             yield "http://" + line.split("serving http://", 1)[1].split("/", 1)[0]
         finally:
             if child.returncode is None:
@@ -172,7 +161,7 @@ async def steady(
         pods = await usage(http, url)
         return all(pods.get(n, {}).get("egress_bps_1s") is not None for n in names)
 
-    await until(known, within=30)
+    await until(known, timeout_s=30, interval_s=0.05)
     samples: dict[str, list[float]] = {n: [] for n in names}
     for _ in range(int(seconds / 0.25)):
         pods = await usage(http, url)
@@ -231,7 +220,7 @@ async def test_the_agent_needs_no_capability_to_read_other_users_pods(
             names = ("upload-20m", "upload-50m")
             return all(pods.get(n, {}).get("egress_bps") is not None for n in names)
 
-        await until(both, within=30)
+        await until(both, timeout_s=30, interval_s=0.05)
         async with http.get(f"{agent_url}/metrics") as resp:
             text = await resp.text()
     assert 'detnet_agent_pods{node="node-agent-it",state="measured"} 2.0' in text

@@ -19,7 +19,7 @@ import pytest
 
 from detnet.lab.kubeapi import ApiServerEmulator
 from tests.conftest import IS_ROOT, requires_tool
-from tests.integration.test_agent import until
+from tests.helpers import until
 
 pytestmark = [
     pytest.mark.root,
@@ -149,7 +149,7 @@ async def test_live_change_unparsable_value_and_other_nodes(
     async def shaped(rate: str) -> bool:
         return f"rate {rate}" in qdisc(pods.mine)
 
-    await until(lambda: shaped("20Mbit"), within=20)
+    await until(lambda: shaped("20Mbit"), timeout_s=20, interval_s=0.05)
     assert any(r.get("event") == "ready" for r in records(stand_in))
     sender_pid = pods.sender.pid
     await asyncio.sleep(0.5)  # TCP settles at the new rate
@@ -157,7 +157,7 @@ async def test_live_change_unparsable_value_and_other_nodes(
 
     # A live change: the same process, a new rate, no restart.
     api.patch("Pod", "upload", {"metadata": {"annotations": {ANNOTATION: "50M"}}}, namespace="be")
-    await until(lambda: shaped("50Mbit"), within=10)
+    await until(lambda: shaped("50Mbit"), interval_s=0.05)
     await asyncio.sleep(0.5)
     assert 43 < await egress_mbps(pods.mine) < 57
     assert pods.sender.poll() is None
@@ -170,7 +170,7 @@ async def test_live_change_unparsable_value_and_other_nodes(
     async def unshaped() -> bool:
         return "tbf" not in qdisc(pods.mine)
 
-    await until(unshaped, within=10)
+    await until(unshaped, interval_s=0.05)
     assert await egress_mbps(pods.mine) > 100
     assert pods.sender.poll() is None
 
@@ -208,7 +208,7 @@ async def test_relists_after_410(
     async def relisted() -> bool:
         return any(r.get("event") == "relist" for r in records(stand_in))
 
-    await until(relisted, within=20)
+    await until(relisted, timeout_s=20, interval_s=0.05)
     lists = [r for r in api.requests if r.verb == "list" and r.path == "/api/v1/pods"]
     assert len(lists) >= 2
     # After the re-list it watches again, and a change still applies live.
@@ -217,5 +217,5 @@ async def test_relists_after_410(
     async def shaped() -> bool:
         return "rate 30Mbit" in qdisc(pods.mine)
 
-    await until(shaped, within=15)
+    await until(shaped, timeout_s=15, interval_s=0.05)
     assert pods.sender.poll() is None

@@ -4,14 +4,12 @@ from __future__ import annotations
 
 import os
 import subprocess
-import sys
 from importlib.metadata import version
 
 import pytest
 
 from detnet.controller import cli
-
-DETNET = [sys.executable, "-m", "detnet.controller"]
+from tests.helpers import DETNET
 
 
 def detnet(*argv: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:

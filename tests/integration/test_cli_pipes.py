@@ -10,15 +10,14 @@ import asyncio
 import os
 import re
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 from detnet.engine.reflector import ReflectorConfig, ReflectorServer
+from tests.helpers import DETNET
 
 FIXTURES = Path(__file__).resolve().parent.parent / "fixtures"
-DETNET = [sys.executable, "-m", "detnet.controller"]
 
 
 @pytest.fixture

@@ -18,9 +18,9 @@ from pathlib import Path
 import pytest
 
 from detnet.engine.reflector import ReflectorConfig, ReflectorServer
+from tests.helpers import DETNET
 
 FIXTURES = Path(__file__).resolve().parent.parent / "fixtures"
-DETNET = [sys.executable, "-m", "detnet.controller"]
 # SIGINT to ourselves as MODULE starts importing, then detnet with the remaining argv.
 INTERRUPT_AT = """
 import os, signal, sys

@@ -7,7 +7,6 @@ import asyncio
 import itertools
 import json
 import signal
-import sys
 import textwrap
 import urllib.request
 from pathlib import Path
@@ -15,11 +14,11 @@ from pathlib import Path
 import pytest
 
 from detnet.engine.reflector import ReflectorConfig, ReflectorServer
+from tests.helpers import DETNET, free_port, until
 
 pytestmark = pytest.mark.usefixtures("native_backend")  # both backends, one run
 
 FIXTURES = Path(__file__).resolve().parent.parent / "fixtures"
-DETNET = [sys.executable, "-m", "detnet.controller"]
 
 
 def config_text(udp_port: int, tcp_port: int, *, max_jitter_ms: float) -> str:
@@ -135,12 +134,7 @@ async def test_sigterm_exits_zero_and_serves_health(reflector, tmp_path: Path) -
     cfg.write_text(
         config_text(reflector.udp_address[1], reflector.tcp_address[1], max_jitter_ms=50)
     )
-    # Port 0 would hide the address from us: find a free loopback port first.
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()  # port 0 would hide the address from us
     proc = await asyncio.create_subprocess_exec(
         *DETNET,
         "control",
@@ -163,13 +157,10 @@ async def test_sigterm_exits_zero_and_serves_health(reflector, tmp_path: Path) -
             except OSError:
                 return 0, ""
 
-        ready = 0
-        for _ in range(100):  # poll until ready; bounded, not a duration assertion
-            ready, _body = await asyncio.to_thread(get, "/readyz")
-            if ready == 200:
-                break
-            await asyncio.sleep(0.1)
-        assert ready == 200
+        async def ready() -> bool:
+            return (await asyncio.to_thread(get, "/readyz"))[0] == 200
+
+        await until(ready, what="/readyz to answer 200", interval_s=0.1)
         status, _ = await asyncio.to_thread(get, "/healthz")
         assert status == 200
         status, metrics = await asyncio.to_thread(get, "/metrics")

@@ -4,17 +4,16 @@ from __future__ import annotations
 
 import asyncio
 import json
-import sys
+import re
 import urllib.request
 
 import numpy as np
 import pytest
 
 from detnet.engine.reflector import ReflectorConfig, ReflectorServer
+from tests.helpers import DETNET, until
 
 pytestmark = pytest.mark.usefixtures("native_backend")  # both backends, one run
-
-DETNET = [sys.executable, "-m", "detnet.controller"]
 
 
 @pytest.fixture
@@ -86,9 +85,18 @@ async def test_metrics_endpoint_while_probing(reflector):
         assert proc.stderr is not None
         line = (await asyncio.wait_for(proc.stderr.readline(), 20)).decode()
         url = line.split("metrics on ", 1)[1].strip()
-        await asyncio.sleep(0.3)
-        body = await asyncio.to_thread(lambda: urllib.request.urlopen(url, timeout=5).read())
-        text = body.decode()
+
+        async def scrape() -> str:
+            body = await asyncio.to_thread(lambda: urllib.request.urlopen(url, timeout=5).read())
+            return str(body.decode())
+
+        async def probed() -> bool:  # the first probes were sent
+            pattern = r'^detnet_probes_sent_total\{protocol="udp",target="robot"\} (\S+)$'
+            sent = re.search(pattern, await scrape(), re.M)
+            return sent is not None and float(sent[1]) > 0
+
+        await until(probed, what="probes sent, on /metrics", interval_s=0.05)
+        text = await scrape()
         assert 'detnet_probes_sent_total{protocol="udp",target="robot"}' in text
         assert "detnet_probe_rtt_seconds_bucket" in text
         await asyncio.wait_for(proc.communicate(), 20)

@@ -8,15 +8,13 @@ closed which connection (no timing is asserted; EOFs are awaited).
 from __future__ import annotations
 
 import asyncio
-import sys
 
 import pytest
 
 from detnet import native
+from tests.helpers import DETNET
 
 pytestmark = pytest.mark.usefixtures("native_backend")  # both backends, one run
-
-DETNET = [sys.executable, "-m", "detnet.controller"]
 
 
 class Reflect:

@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import socket
 import textwrap
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
@@ -22,15 +22,11 @@ from detnet.controller.config import load_config
 from detnet.controller.daemon import Daemon, make_plan
 from detnet.engine.reflector import ReflectorConfig, ReflectorServer
 from detnet.lab.kubeapi import ApiServerEmulator
+from tests.helpers import until
 
 APPS_NS, BE_NS = "critical-apps", "best-effort"
 EGRESS = "kubernetes.io/egress-bandwidth"
 LOSSY_RATE_PPS = 10.0  # the node-b replica answers 10 of the 100 probes a second
-
-
-@pytest.fixture(autouse=True)
-def _guard(no_leftover_tasks: None) -> None:
-    """Every test here must leave no asyncio task behind."""
 
 
 def _free_udp_port(*hosts: str) -> int:
@@ -124,16 +120,6 @@ def config(tmp_path: Path, replicas: dict[str, ReflectorServer]) -> Path:
     return path
 
 
-async def _eventually(check: Callable[[], bool], *, timeout_s: float = 15.0) -> None:
-    """Wait for ``check()`` (the controller works on its own cadence)."""
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout_s
-    while not check():
-        if loop.time() > deadline:
-            raise AssertionError("condition not reached")
-        await asyncio.sleep(0.05)
-
-
 def _annotations_by_node(api: ApiServerEmulator) -> dict[str, set[str | None]]:
     out: dict[str, set[str | None]] = {}
     for pod in api.pods(BE_NS):
@@ -173,15 +159,19 @@ async def daemon(
 
 
 async def test_only_the_violated_node_is_cut(api: ApiServerEmulator, daemon: Daemon) -> None:
-    await _eventually(
-        lambda: set(daemon.engine.stats()) == {"robot-control/rc-a", "robot-control/rc-b"}
+    await until(
+        lambda: set(daemon.engine.stats()) == {"robot-control/rc-a", "robot-control/rc-b"},
+        timeout_s=15.0,
+        interval_s=0.05,
     )
     # node-b's replica loses probes: its pods are cut below the maximum, node-a's keep it.
-    await _eventually(
+    await until(
         lambda: all(
             v is not None and _mbit(v) < 1000
             for v in _annotations_by_node(api).get("node-b", {None})
-        )
+        ),
+        timeout_s=15.0,
+        interval_s=0.05,
     )
     by_node = _annotations_by_node(api)
     assert by_node["node-a"] == {"1000M"}, by_node
@@ -197,18 +187,24 @@ async def test_only_the_violated_node_is_cut(api: ApiServerEmulator, daemon: Dae
 
 
 async def test_endpoints_come_and_go(api: ApiServerEmulator, daemon: Daemon) -> None:
-    await _eventually(lambda: "robot-control/rc-a" in daemon.engine.stats())
+    await until(
+        lambda: "robot-control/rc-a" in daemon.engine.stats(), timeout_s=15.0, interval_s=0.05
+    )
     api.add_pod(
         APPS_NS, "rc-c", labels={"app": "robot-control"}, node_name="node-a", pod_ip="127.0.0.12"
     )
-    await _eventually(
-        lambda: (daemon.engine.stats().get("robot-control/rc-c") or _NONE).received > 0
+    await until(
+        lambda: (daemon.engine.stats().get("robot-control/rc-c") or _NONE).received > 0,
+        timeout_s=15.0,
+        interval_s=0.05,
     )
     probes = daemon.probes
     assert probes is not None
     assert probes.endpoints()["robot-control/rc-c"].node == "node-a"
     api.delete_pod(APPS_NS, "rc-c")
-    await _eventually(lambda: "robot-control/rc-c" not in daemon.engine.stats())
+    await until(
+        lambda: "robot-control/rc-c" not in daemon.engine.stats(), timeout_s=15.0, interval_s=0.05
+    )
     assert "robot-control/rc-c" not in probes.endpoints()
     assert "robot-control/rc-a" in daemon.engine.stats()
 

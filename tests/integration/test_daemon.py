@@ -21,7 +21,7 @@ from detnet.controller.errors import CommandError, ConfigError
 from detnet.engine.reflector import ReflectorConfig, ReflectorServer
 from detnet.engine.stream import SampleStream
 
-pytestmark = pytest.mark.usefixtures("no_leftover_tasks", "native_backend")
+pytestmark = pytest.mark.usefixtures("native_backend")  # both backends, one run
 
 
 @pytest.fixture

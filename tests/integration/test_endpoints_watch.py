@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
@@ -20,16 +20,12 @@ from detnet.controller.kube.api import KubeClient
 from detnet.controller.retry import RetryPolicy
 from detnet.lab.kubeapi import ApiServerEmulator
 from detnet.lab.kubeapi.builders import endpoint
+from tests.helpers import until
 
 NS = "critical"
 APP = "robot-control"
 SLICES = "/apis/discovery.k8s.io/v1/namespaces/critical/endpointslices"
 LONG = 60_000_000_000  # a removal grace no test waits for: removals seen are at once
-
-
-@pytest.fixture(autouse=True)
-def _guard(no_leftover_tasks: None) -> None:
-    """Every test here must leave no asyncio task behind."""
 
 
 class Harness:
@@ -52,9 +48,9 @@ class Harness:
     async def run(self, watch: EndpointWatch) -> EndpointWatch:
         watches = len(self.requests("watch"))
         self._tasks.append(asyncio.create_task(watch.run()))
-        assert await wait_for(lambda: bool(self.diffs))
+        await until(lambda: bool(self.diffs), timeout_s=3.0)
         # Watching: past start()'s list and the watch loop's own.
-        assert await wait_for(lambda: len(self.requests("watch")) > watches)
+        await until(lambda: len(self.requests("watch")) > watches, timeout_s=3.0)
         return watch
 
     async def stop(self) -> None:
@@ -91,16 +87,6 @@ async def h() -> AsyncIterator[Harness]:
                 await harness.stop()
 
 
-async def wait_for(predicate: Callable[[], bool], within: float = 3.0) -> bool:
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + within
-    while loop.time() < deadline:
-        if predicate():
-            return True
-        await asyncio.sleep(0.01)
-    return predicate()
-
-
 def ep(pod: str | None, address: str, node: str | None, port: int = 7000) -> ProbeEndpoint:
     return ProbeEndpoint(
         app=APP, name=f"{APP}/{pod or address}", address=address, port=port, pod=pod, node=node
@@ -128,7 +114,7 @@ async def test_initial_set_is_every_ready_pod_with_its_node(h: Harness) -> None:
 async def test_an_endpoint_added_to_the_slice_is_reported(h: Harness) -> None:
     w = await h.run(h.watch())
     h.api.add_pod(NS, "robot-2", labels={"app": "robot"}, node_name="node-b", pod_ip="198.18.1.12")
-    assert await wait_for(lambda: len(h.diffs) == 2)
+    await until(lambda: len(h.diffs) == 2, timeout_s=3.0)
     assert (h.diffs[1].added, h.diffs[1].removed, h.diffs[1].changed) == ((R2,), (), ())
     assert h.names(w) == [R0.name, R1.name, R2.name]
 
@@ -136,10 +122,10 @@ async def test_an_endpoint_added_to_the_slice_is_reported(h: Harness) -> None:
 async def test_a_pod_going_unready_is_withdrawn_at_once(h: Harness) -> None:
     w = await h.run(h.watch())
     h.api.set_pod_ready(NS, "robot-1", False)
-    assert await wait_for(lambda: len(h.diffs) == 2)  # despite a 60 s removal grace
+    await until(lambda: len(h.diffs) == 2, timeout_s=3.0)  # despite a 60 s removal grace
     assert (h.diffs[1].added, h.diffs[1].removed) == ((), (R1,))
     h.api.set_pod_ready(NS, "robot-1", True)
-    assert await wait_for(lambda: len(h.diffs) == 3)
+    await until(lambda: len(h.diffs) == 3, timeout_s=3.0)
     assert h.diffs[2].added == (R1,)
     assert h.names(w) == [R0.name, R1.name]
 
@@ -149,14 +135,14 @@ async def test_a_terminating_pod_is_withdrawn_at_once(h: Harness) -> None:
     h.api.patch(
         "Pod", "robot-0", {"metadata": {"deletionTimestamp": "2026-01-01T00:00:00Z"}}, namespace=NS
     )
-    assert await wait_for(lambda: len(h.diffs) == 2)
+    await until(lambda: len(h.diffs) == 2, timeout_s=3.0)
     assert h.diffs[1].removed == (R0,)
 
 
 async def test_an_endpoint_removed_from_the_slice_is_withdrawn_after_the_grace(h: Harness) -> None:
     w = await h.run(h.watch(removal_grace_ns=50_000_000))
     h.api.delete_pod(NS, "robot-1")  # gone from the slice at once, as with --grace-period=0
-    assert await wait_for(lambda: len(h.diffs) == 2)
+    await until(lambda: len(h.diffs) == 2, timeout_s=3.0)
     assert (h.diffs[1].added, h.diffs[1].removed) == ((), (R1,))
     assert h.names(w) == [R0.name]
 
@@ -199,17 +185,17 @@ async def test_start_delivers_the_initial_set_before_it_returns(h: Harness) -> N
 
 async def test_a_410_mid_watch_relists_without_a_spurious_change(h: Harness) -> None:
     w = await h.run(h.watch(watch_timeout_s=1))
-    assert await wait_for(lambda: len(h.requests("watch")) == 1)
+    await until(lambda: len(h.requests("watch")) == 1, timeout_s=3.0)
     # The next watch request gets an ERROR 410 event, as the server sends it for a
     # compacted resourceVersion; the loop re-lists and watches from the new list.
     h.api.fail(f"watch {SLICES}", 410)
-    assert await wait_for(lambda: len(h.requests("list")) == 3, within=5.0)
-    assert await wait_for(lambda: len(h.requests("watch")) >= 3, within=5.0)
+    await until(lambda: len(h.requests("list")) == 3, timeout_s=5.0)
+    await until(lambda: len(h.requests("watch")) >= 3, timeout_s=5.0)
     assert len(h.diffs) == 1  # the re-list found what we had: nothing to say
     assert h.names(w) == [R0.name, R1.name]
     # The resumed watch carries on: one change, reported once.
     h.api.add_pod(NS, "robot-2", labels={"app": "robot"}, node_name="node-b", pod_ip="198.18.1.12")
-    assert await wait_for(lambda: len(h.diffs) == 2)
+    await until(lambda: len(h.diffs) == 2, timeout_s=3.0)
     assert (h.diffs[1].added, h.diffs[1].removed, h.diffs[1].changed) == ((R2,), (), ())
     await asyncio.sleep(0.3)
     assert len(h.diffs) == 2
@@ -223,17 +209,17 @@ async def test_a_change_missed_while_the_watch_was_gone_arrives_with_the_relist(
     # lands between the refused watch and the re-list.
     h.kube = KubeClient(h.kube.api_client, retry=RetryPolicy(attempts=1, base_s=0.4, cap_s=0.4))
     w = await h.run(h.watch(watch_timeout_s=1))
-    assert await wait_for(lambda: len(h.requests("watch")) == 1)
+    await until(lambda: len(h.requests("watch")) == 1, timeout_s=3.0)
     h.api.fail(f"watch {SLICES}", 410)
     h.api.fail(f"list {SLICES}", 500)
-    assert await wait_for(lambda: len(h.requests("list")) == 3, within=5.0)  # the failed one
+    await until(lambda: len(h.requests("list")) == 3, timeout_s=5.0)  # the failed one
     changed_at = time.time()
     h.api.set_pod_ready(NS, "robot-0", False)
-    assert await wait_for(lambda: len(h.diffs) == 2, within=5.0)
+    await until(lambda: len(h.diffs) == 2, timeout_s=5.0)
     assert (h.diffs[1].added, h.diffs[1].removed, h.diffs[1].changed) == ((), (R0,), ())
     assert h.names(w) == [R1.name]
     # It came with the re-list: no watch was open between the refused one and the list.
-    assert await wait_for(lambda: len(h.requests("watch")) == 3)
+    await until(lambda: len(h.requests("watch")) == 3, timeout_s=3.0)
     lists = [r.at for r in h.api.requests if r.verb == "list" and r.path == SLICES]
     watches = [r.at for r in h.api.requests if r.verb == "watch" and r.path == SLICES]
     assert len(lists) == 4
@@ -313,8 +299,9 @@ async def test_an_address_moving_between_slices_never_leaves(
         set_endpoints(h, "manual-b", moving)
     # Both writes are seen (the watch is past them), and nothing was ever said.
     rv = h.api.get("EndpointSlice", "manual-b" if not add_first else "manual-a", namespace=NS)
-    assert await wait_for(
-        lambda: int(w.resource_version or 0) >= int(rv["metadata"]["resourceVersion"])
+    await until(
+        lambda: int(w.resource_version or 0) >= int(rv["metadata"]["resourceVersion"]),
+        timeout_s=3.0,
     )
     await asyncio.sleep(0.5)  # past the grace: a held removal would be out
     assert len(h.diffs) == 1
@@ -327,6 +314,6 @@ async def test_a_deleted_slice_withdraws_its_endpoints_after_the_grace(manual: H
     manual_slice(h, "manual-b", endpoint("198.18.1.31"))
     w = await h.run(h.watch("manual", removal_grace_ns=50_000_000))
     h.api.delete("EndpointSlice", "manual-b", namespace=NS)
-    assert await wait_for(lambda: len(h.diffs) == 2)
+    await until(lambda: len(h.diffs) == 2, timeout_s=3.0)
     assert h.diffs[1].removed == (ep(None, "198.18.1.31", None),)
     assert h.names(w) == [f"{APP}/198.18.1.30"]

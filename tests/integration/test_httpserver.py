@@ -25,6 +25,7 @@ from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.parser import text_string_to_metric_families
 
 from detnet.engine.httpserver import HttpLimits, HttpServerError, MetricsServer
+from tests.helpers import until
 
 Response = tuple[int, dict[str, str], bytes]
 
@@ -112,15 +113,6 @@ async def _get(
         writer.close()
         with contextlib.suppress(OSError):
             await writer.wait_closed()
-
-
-async def _until(pred: Callable[[], bool], limit_s: float = 30.0) -> None:
-    """Wait for ``pred`` (the limit only stops a broken test from hanging)."""
-    loop = asyncio.get_running_loop()
-    end = loop.time() + limit_s
-    while not pred():
-        assert loop.time() < end, "condition not reached"
-        await asyncio.sleep(0.01)
 
 
 async def _closed_by_server(reader: asyncio.StreamReader) -> bool:
@@ -230,13 +222,13 @@ async def test_slowloris_heads_are_closed_and_do_not_block_a_scrape(serve):
     server = serve(limits=HttpLimits(header_timeout=0.5))
     readers = [await _slowloris(server, trickle=i % 2 == 0) for i in range(100)]
     try:
-        await _until(lambda: server.stats()["open"] == 100)
+        await until(lambda: server.stats()["open"] == 100, timeout_s=30.0)
         status, _, _ = await _get(server)  # answered while the 100 are still held
         assert status == 200
         async with asyncio.timeout(30):
             closed = await asyncio.gather(*(_closed_by_server(r) for r in readers))
         assert all(closed)
-        await _until(lambda: server.stats()["header_timeouts"] == 100)
+        await until(lambda: server.stats()["header_timeouts"] == 100, timeout_s=30.0)
         assert server.stats()["open"] == 0
     finally:
         for r in readers:
@@ -276,7 +268,9 @@ async def test_clients_that_go_away_leave_no_trace(serve, caplog, capfd, reset):
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\1\0\0\0\0\0\0\0")
         sock.sendall(_head("/metrics"))
         sock.close()
-    await _until(lambda: server.stats()["accepted"] == 50 and server.stats()["open"] == 0)
+    await until(
+        lambda: server.stats()["accepted"] == 50 and server.stats()["open"] == 0, timeout_s=30.0
+    )
     assert (await _get(server, "/healthz"))[0] == 200
     loud = [r for r in caplog.records if r.levelno >= logging.WARNING or r.exc_info]
     assert loud == []
@@ -316,8 +310,8 @@ async def test_a_reader_that_stops_reading_is_cut_off(serve):
     sock.connect(server.address)
     try:
         sock.sendall(_head("/big"))  # and never read
-        await _until(lambda: server.stats()["write_timeouts"] == 1)
-        await _until(lambda: server.stats()["open"] == 0)
+        await until(lambda: server.stats()["write_timeouts"] == 1, timeout_s=30.0)
+        await until(lambda: server.stats()["open"] == 0, timeout_s=30.0)
         assert (await _get(server, "/healthz"))[0] == 200
     finally:
         sock.close()
@@ -348,7 +342,7 @@ async def test_full_table_evicts_the_oldest_idle_connection(serve):
     server = serve(limits=HttpLimits(max_connections=3))
     conns = [await asyncio.open_connection(*server.address) for _ in range(3)]
     try:
-        await _until(lambda: server.stats()["open"] == 3)
+        await until(lambda: server.stats()["open"] == 3, timeout_s=30.0)
         assert (await _get(server, "/healthz"))[0] == 200
         assert server.stats()["evicted"] == 1
         async with asyncio.timeout(30):
@@ -375,7 +369,7 @@ async def test_when_every_connection_is_busy_a_newcomer_gets_503(serve):
     )
     held = [asyncio.create_task(_get(server, "/hold")) for _ in range(4)]
     try:
-        await _until(lambda: len(entered) == 4)
+        await until(lambda: len(entered) == 4, timeout_s=30.0)
         # Refused before anything is read: a client that already sent its request may see
         # the close as a reset, so this one reads first.
         reader, writer = await asyncio.open_connection(*server.address)

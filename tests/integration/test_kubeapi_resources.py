@@ -22,11 +22,6 @@ NS = "apps"
 AUD = "detnet-agent"
 
 
-@pytest.fixture(autouse=True)
-def _guard(no_leftover_tasks: None) -> None:
-    """Every test here must leave no asyncio task behind."""
-
-
 @pytest.fixture
 async def api() -> AsyncIterator[ApiServerEmulator]:
     async with ApiServerEmulator(bookmark_interval_s=0.1) as server:

@@ -4,7 +4,6 @@ ignored, and placements and pods follow the watch."""
 
 from __future__ import annotations
 
-import asyncio
 import json
 from collections.abc import AsyncIterator, Callable
 from typing import Any
@@ -22,15 +21,11 @@ from detnet.controller.errors import EnforcementError
 from detnet.controller.retry import RetryPolicy
 from detnet.controller.workloads import BestEffortTarget, PodRef, Scope
 from detnet.lab.kubeapi import ApiServerEmulator
+from tests.helpers import until
 
 NS = "best-effort"
 WL = "telemetry-upload"
 A, B = Scope(WL, "node-a"), Scope(WL, "node-b")
-
-
-@pytest.fixture(autouse=True)
-def _guard(no_leftover_tasks: None) -> None:
-    """Every test here must leave no asyncio task behind."""
 
 
 @pytest.fixture
@@ -64,16 +59,6 @@ def by_node(api: ApiServerEmulator) -> dict[str, set[str | None]]:
     return out
 
 
-async def eventually(check: Callable[[], bool], within: float = 5.0) -> bool:
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + within
-    while loop.time() < deadline:
-        if check():
-            return True
-        await asyncio.sleep(0.02)
-    return check()
-
-
 async def test_each_pod_carries_its_nodes_limit(api: ApiServerEmulator, make) -> None:
     enforcer = make()
     await enforcer.start()
@@ -90,7 +75,7 @@ async def test_each_pod_carries_its_nodes_limit(api: ApiServerEmulator, make) ->
             values = by_node(api)
             return values.get("node-a") == {"40M"} and values.get("node-c") == {"40M"}
 
-        assert await eventually(carried)
+        await until(carried, timeout_s=5.0)
         assert enforcer.limits == {A: 40, B: 100}
         workload = api.workload("Deployment", NS, WL)
         annotations = workload["metadata"]["annotations"]
@@ -184,7 +169,7 @@ async def test_placements_and_pods_follow_the_watch(api: ApiServerEmulator, make
     enforcer = make()
     await enforcer.start()
     try:
-        assert await eventually(lambda: enforcer.placements() == {WL: {"node-a", "node-b"}})
+        await until(lambda: enforcer.placements() == {WL: {"node-a", "node-b"}}, timeout_s=5.0)
         names = sorted(p["metadata"]["name"] for p in api.pods(NS))
         pods = enforcer.pods()[WL]
         assert [p.name for p in pods] == names
@@ -193,7 +178,7 @@ async def test_placements_and_pods_follow_the_watch(api: ApiServerEmulator, make
         api.add_pod(NS, "unscheduled", labels={"app": WL}, phase="Pending")
         for pod in [p for p in api.pods(NS) if p["spec"].get("nodeName") == "node-b"]:
             api.delete_pod(NS, pod["metadata"]["name"])
-        assert await eventually(lambda: enforcer.placements() == {WL: {"node-a"}})
+        await until(lambda: enforcer.placements() == {WL: {"node-a"}}, timeout_s=5.0)
         assert "unscheduled" not in {p.name for p in enforcer.pods()[WL]}
     finally:
         await enforcer.close()

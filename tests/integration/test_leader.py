@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
@@ -13,6 +13,7 @@ from kubernetes_asyncio import client
 from detnet.controller.kube.api import KubeClient
 from detnet.controller.leader import LeaseElector
 from detnet.lab.kubeapi import ApiServerEmulator
+from tests.helpers import until
 
 NS = "detnet-system"
 # Short periods keep the test quick; the ratios are the defaults' (15/10/2).
@@ -23,21 +24,6 @@ TIMING: Any = {"lease_duration_s": 1.5, "renew_deadline_s": 1.0, "retry_period_s
 async def api() -> AsyncIterator[ApiServerEmulator]:
     async with ApiServerEmulator() as server:
         yield server
-
-
-@pytest.fixture(autouse=True)
-def _guard(no_leftover_tasks: None) -> None:
-    """Every test here must leave no asyncio task behind."""
-
-
-async def wait_for(predicate: Callable[[], bool], within: float) -> bool:
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + within
-    while loop.time() < deadline:
-        if predicate():
-            return True
-        await asyncio.sleep(0.02)
-    return predicate()
 
 
 class Worker:
@@ -80,7 +66,7 @@ async def test_only_the_leader_works_and_the_other_takes_over_on_release(api) ->
         workers = {name: Worker(name, running, overlaps) for name in electors}
         tasks = {n: asyncio.create_task(e.run(workers[n])) for n, e in electors.items()}
         try:
-            assert await wait_for(lambda: len(running) == 1, 2.0)
+            await until(lambda: len(running) == 1, timeout_s=2.0)
             await asyncio.sleep(0.5)  # several renew periods: still exactly one leader
             assert len(running) == 1
             first = next(iter(running))
@@ -95,7 +81,7 @@ async def test_only_the_leader_works_and_the_other_takes_over_on_release(api) ->
             await tasks[first]
             assert workers[first].cancelled == 1
             # Released, not expired: the standby takes over well before a lease duration.
-            assert await wait_for(lambda: running == {second}, 0.8)
+            await until(lambda: running == {second}, timeout_s=0.8)
             assert electors[second].is_leader
             assert not electors[first].is_leader
             lease = api.lease(NS, "detnet")
@@ -119,11 +105,11 @@ async def test_standby_takes_over_when_the_leader_stops_renewing(api) -> None:
     async with client.ApiClient(api.client_configuration()) as ac:
         a = LeaseElector(api_client=ac, namespace=NS, name="detnet", identity="a", **TIMING)
         task_a = asyncio.create_task(a.run(Worker("a", running, overlaps)))
-        assert await wait_for(lambda: a.is_leader, 2.0)
+        await until(lambda: a.is_leader, timeout_s=2.0)
         b = LeaseElector(api_client=ac, namespace=NS, name="detnet", identity="b", **TIMING)
         task_b = asyncio.create_task(b.run(Worker("b", running, overlaps)))
         try:
-            assert await wait_for(lambda: len(running) == 1 and not b.is_leader, 1.0)
+            await until(lambda: len(running) == 1 and not b.is_leader, timeout_s=1.0)
             # a crashes while the API refuses writes: its lease is not released, so b
             # must wait for it to expire (observed locally), then take over.
             api.fail("update /apis/coordination.k8s.io/v1/*/leases/detnet", 500, times=1000)
@@ -133,7 +119,7 @@ async def test_standby_takes_over_when_the_leader_stops_renewing(api) -> None:
             assert running == set()
             assert api.lease(NS, "detnet")["spec"]["holderIdentity"] == "a"
             api.clear_faults()
-            assert await wait_for(lambda: b.is_leader, 3.0)
+            await until(lambda: b.is_leader, timeout_s=3.0)
             assert running == {"b"}
         finally:
             await b.release()
@@ -188,10 +174,10 @@ async def test_lease_calls_share_the_limiter_but_never_queue_behind_it(api) -> N
         el = LeaseElector(kube=kube, namespace=NS, name="shared", identity="x", **TIMING)
         task = asyncio.create_task(el.run(Worker("x", set(), [])))
         try:
-            assert await wait_for(lambda: el.is_leader, 2.0)
+            await until(lambda: el.is_leader, timeout_s=2.0)
             renewed = api.lease(NS, "shared")["spec"]["renewTime"]
-            assert await wait_for(
-                lambda: api.lease(NS, "shared")["spec"]["renewTime"] != renewed, 2.0
+            await until(
+                lambda: api.lease(NS, "shared")["spec"]["renewTime"] != renewed, timeout_s=2.0
             )
             assert not queued.done()  # the lease did not jump by refilling the bucket
         finally:

@@ -31,6 +31,7 @@ import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.conftest import requires_tool
+from tests.helpers import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
 MONITORING = ROOT / "deploy" / "monitoring"
@@ -431,12 +432,6 @@ def _detnet() -> str:
     return str(exe) if exe.exists() else "detnet"
 
 
-def _free_port(kind: socket.SocketKind) -> int:
-    with socket.socket(socket.AF_INET, kind) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def _get(url: str, timeout: float = 5.0) -> str:
     with urllib.request.urlopen(url, timeout=timeout) as resp:
         return str(resp.read().decode("utf-8"))
@@ -551,10 +546,10 @@ def live(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Live]:
     if shutil.which("prometheus") is None:
         pytest.skip("prometheus not installed (Debian package prometheus; `make test` installs it)")
     tmp = tmp_path_factory.mktemp("monitoring-live")
-    udp_port = _free_port(socket.SOCK_DGRAM)
-    tcp_port = _free_port(socket.SOCK_STREAM)
-    metrics_port = _free_port(socket.SOCK_STREAM)
-    prom_port = _free_port(socket.SOCK_STREAM)
+    udp_port = free_port(socket.SOCK_DGRAM)
+    tcp_port = free_port(socket.SOCK_STREAM)
+    metrics_port = free_port(socket.SOCK_STREAM)
+    prom_port = free_port(socket.SOCK_STREAM)
     config = tmp / "detnet.yaml"
     config.write_text(yaml.safe_dump(_control_config(udp_port, tcp_port)), encoding="utf-8")
     prom_config = tmp / "prometheus.yml"

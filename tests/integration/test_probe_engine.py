@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import os
 
 import numpy as np
 import pytest
@@ -115,10 +117,23 @@ async def test_unresolvable_target_is_a_target_error_and_nothing_stays_open(refl
             parse_target("bad=udp://no-such-host.invalid:1"),
         ]
     )
+    before = _open_sockets()
     with pytest.raises(TargetError, match="cannot resolve"):
-        await engine.start()
+        await engine.start()  # "ok" is opened first, then "bad" fails
+    assert _open_sockets() == before, "a socket of the failed start stayed open"
+    assert engine.probers == {}
     await engine.aclose()
-    assert engine.totals() == {} or all(t.sent == 0 for t in engine.totals().values())
+
+
+def _open_sockets() -> set[str]:
+    """This process's open sockets, as /proc/self/fd names them ("socket:[inode]")."""
+    out = set()
+    for fd in os.listdir("/proc/self/fd"):
+        with contextlib.suppress(OSError):  # the listing's own descriptor is gone
+            link = os.readlink(f"/proc/self/fd/{fd}")
+            if link.startswith("socket:"):
+                out.add(link)
+    return out
 
 
 async def test_tcp_echo_reconnects_after_the_server_goes_away():

@@ -21,11 +21,12 @@ from detnet.engine.reflector import ReflectorConfig, ReflectorServer
 from detnet.engine.ring import FLAG_LOST, FLAG_RECEIVED
 from detnet.engine.scheduler import STRETCH_STEP, phase_offset
 from detnet.engine.targets import Endpoint, Target
+from tests.helpers import until
 
 MS = 1_000_000
 LIMIT_S = 15.0
 
-pytestmark = pytest.mark.usefixtures("no_leftover_tasks", "native_backend")
+pytestmark = pytest.mark.usefixtures("native_backend")  # both backends, one run
 
 
 @pytest.fixture
@@ -48,14 +49,6 @@ def _udp(name: str, refl: ReflectorServer, **kw: object) -> Target:
     return Target(name=name, protocol="udp", host=host, port=port, **kw)  # type: ignore[arg-type]
 
 
-async def _until(pred, limit_s: float = LIMIT_S) -> None:
-    loop = asyncio.get_running_loop()
-    end = loop.time() + limit_s
-    while not pred():
-        assert loop.time() < end, "condition not reached"
-        await asyncio.sleep(0.01)
-
-
 def _received(engine: ProbeEngine, name: str) -> int:
     t = engine.totals().get(name)
     return 0 if t is None else t.received
@@ -69,7 +62,7 @@ async def test_others_are_undisturbed_by_a_target_added_and_removed(reflectors):
         tt = engine.timetable
         assert tt is not None
         sched = tt.schedule("a")
-        await _until(lambda: _received(engine, "a") >= 10)
+        await until(lambda: _received(engine, "a") >= 10, timeout_s=LIMIT_S)
         ring = engine.probers["a"].recorder.ring
         before = ring.snapshot()
 
@@ -80,14 +73,14 @@ async def test_others_are_undisturbed_by_a_target_added_and_removed(reflectors):
             endpoint=Endpoint("robot", node="n2", pod="robot-b"),
         )
         await engine.add_target(b)
-        await _until(lambda: _received(engine, "b") >= 10)
+        await until(lambda: _received(engine, "b") >= 10, timeout_s=LIMIT_S)
         assert set(engine.stats()) == {"a", "b"}
         b_prober = engine.probers["b"]
         await engine.remove_target("b")
         assert set(engine.stats()) == set(engine.totals()) == {"a"}
         b_sent = b_prober.recorder.totals().sent
         mark = _received(engine, "a")
-        await _until(lambda: _received(engine, "a") >= mark + 20)
+        await until(lambda: _received(engine, "a") >= mark + 20, timeout_s=LIMIT_S)
         assert b_prober.recorder.totals().sent == b_sent  # its schedule stopped
 
         after = ring.snapshot()
@@ -121,7 +114,7 @@ async def test_a_removed_target_leaves_metrics_and_closes(reflectors):
         assert engine.stats() == {}
         ep = Endpoint("robot", node="node-1", pod="robot-0")
         await engine.add_target(_udp("robot-0", reflectors[0], interval_ns=5 * MS, endpoint=ep))
-        await _until(lambda: _received(engine, "robot-0") >= 5)
+        await until(lambda: _received(engine, "robot-0") >= 5, timeout_s=LIMIT_S)
         labels = {
             "target": "robot-0",
             "protocol": "udp",
@@ -183,7 +176,7 @@ async def test_replace_targets_applies_the_set_difference(reflectors):
     )
     await engine.start()
     try:
-        await _until(lambda: _received(engine, "move") >= 5)
+        await until(lambda: _received(engine, "move") >= 5, timeout_s=LIMIT_S)
         keep = engine.probers["keep"]
         changes = await engine.replace_targets(
             [
@@ -200,7 +193,10 @@ async def test_replace_targets_applies_the_set_difference(reflectors):
         assert "cannot resolve" in changes.failed["bad"]
         assert engine.probers["keep"] is keep  # unchanged: not touched
         assert engine.probers["move"].address == "127.0.0.11"
-        await _until(lambda: _received(engine, "new") >= 5 and _received(engine, "move") >= 5)
+        await until(
+            lambda: _received(engine, "new") >= 5 and _received(engine, "move") >= 5,
+            timeout_s=LIMIT_S,
+        )
         changes = await engine.replace_targets([_udp("keep", r0, interval_ns=5 * MS)])
         assert changes.removed == ("move", "new")
         assert set(engine.targets) == {"keep"}
@@ -217,7 +213,7 @@ async def test_windows_since_and_over_a_recent_span(reflectors):
     )
     await engine.start()
     try:
-        await _until(lambda: min(_received(engine, n) for n in "ab") >= 60)
+        await until(lambda: min(_received(engine, n) for n in "ab") >= 60, timeout_s=LIMIT_S)
     finally:
         await engine.aclose()
     full = engine.windows()
@@ -262,7 +258,9 @@ async def test_the_rate_cap_stretches_every_target_and_gives_back(reflectors):
             await engine.remove_target(f"ep{i}")
         assert engine.rate().stretch == 1.0  # 400 pps: under the cap with a step to spare
         assert set(engine.intervals().values()) == {10 * MS}
-        await _until(lambda: all(_received(engine, f"ep{i}") >= 5 for i in range(5, 9)))
+        await until(
+            lambda: all(_received(engine, f"ep{i}") >= 5 for i in range(5, 9)), timeout_s=LIMIT_S
+        )
     finally:
         await engine.aclose()
     assert STRETCH_STEP > 1
@@ -297,7 +295,7 @@ async def test_scrapes_racing_additions_and_removals_see_whole_targets(reflector
             await asyncio.sleep(0.005)
             for name in names:
                 await engine.remove_target(name)
-        await _until(lambda: len(scrapes) >= 20)
+        await until(lambda: len(scrapes) >= 20, timeout_s=LIMIT_S)
     finally:
         stop.set()
         await asyncio.to_thread(thread.join)

@@ -24,6 +24,7 @@ from detnet.engine.reflector import (
     ReflectorError,
     ReflectorServer,
 )
+from tests.helpers import until
 
 pytestmark = pytest.mark.usefixtures("native_backend")  # both backends, one run
 
@@ -343,15 +344,6 @@ async def _hung_up(reader: asyncio.StreamReader) -> bool:
     return True
 
 
-async def _until(pred, limit_s: float = 30.0) -> None:
-    """Wait for ``pred`` (the limit only stops a broken test from hanging)."""
-    loop = asyncio.get_running_loop()
-    end = loop.time() + limit_s
-    while not pred():
-        assert loop.time() < end, "condition not reached"
-        await asyncio.sleep(0.01)
-
-
 async def _raw_connect(address: tuple[str, int]) -> socket.socket:
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.setblocking(False)
@@ -383,7 +375,7 @@ async def test_idle_flood_stays_under_the_cap_and_probes_are_still_answered() ->
             flood.append(await _raw_connect(server.tcp_address))
             if i % 100 == 99:  # a probe every so often, as the engine's echo prober does
                 await _echo_once(legit_r, legit_w, i)
-        await _until(lambda: server.stats()["tcp_connections"] == 3001)
+        await until(lambda: server.stats()["tcp_connections"] == 3001, timeout_s=30.0)
         stats = server.stats()
         assert stats["tcp_open"] == cap
         assert stats["tcp_evicted"] == 3001 - cap
@@ -406,7 +398,7 @@ async def test_full_table_closes_the_connection_idle_longest() -> None:
     assert server.tcp_address is not None
     conns = [await asyncio.open_connection(*server.tcp_address) for _ in range(3)]
     try:
-        await _until(lambda: server.stats()["tcp_open"] == 3)
+        await until(lambda: server.stats()["tcp_open"] == 3, timeout_s=30.0)
         await _echo_once(*conns[0], 0)  # the first one works: the second is now stalest
         newcomer = await asyncio.open_connection(*server.tcp_address)
         conns.append(newcomer)
@@ -445,7 +437,7 @@ async def test_a_frame_that_stalls_midway_is_closed(trickle: bool) -> None:
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task
-        await _until(lambda: server.stats()["tcp_stall_timeouts"] == 1)
+        await until(lambda: server.stats()["tcp_stall_timeouts"] == 1, timeout_s=30.0)
         stats = server.stats()
         assert (stats["tcp_replied"], stats["tcp_open"], stats["tcp_idle_timeouts"]) == (0, 0, 0)
     finally:
@@ -491,7 +483,7 @@ async def test_a_client_that_does_not_read_its_replies_is_cut_off() -> None:
                 except BlockingIOError:
                     await asyncio.sleep(0.01)  # the server stopped reading us
         assert server.stats()["tcp_stall_timeouts"] == 1
-        await _until(lambda: server.stats()["tcp_open"] == 0)
+        await until(lambda: server.stats()["tcp_open"] == 0, timeout_s=30.0)
     finally:
         sock.close()
         await server.close()
@@ -571,7 +563,7 @@ async def test_tcp_hmac_and_rate_limit() -> None:
             writer.write(native.encode_probe(session=9, seq=seq, tx_ns=10, size=80, key=KEY))
         replies = [native.decode_probe(await reader.readexactly(80), key=KEY) for _ in range(2)]
         assert [r.seq for r in replies] == [0, 1]
-        await _until(lambda: server.stats()["tcp_rate_limited"] == 2)
+        await until(lambda: server.stats()["tcp_rate_limited"] == 2, timeout_s=30.0)
         bare, bare_w = await asyncio.open_connection(*server.tcp_address)
         bare_w.write(native.encode_probe(session=9, seq=0, tx_ns=10, size=80))  # no HMAC
         async with asyncio.timeout(30):

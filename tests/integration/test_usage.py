@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
-import socket
 from collections import Counter
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -33,25 +32,15 @@ from detnet.controller.usage import (
     watch_agents,
 )
 from detnet.lab.kubeapi import ApiServerEmulator
-from tests.integration.test_agent import MS, until
-from tests.unit.test_agent_procfs import FakeProc, cgroup
+from tests.helpers import free_port, until
+from tests.integration.test_agent import MS
+from tests.integration.test_agent_procfs import FakeProc, cgroup
 from tests.unit.test_usage_client import _kubelet_projected
 
 CONTROLLER = "system:serviceaccount:detnet-system:detnet-controller"
 UID_A = "88f6f4e3-59c0-4ce8-9ecf-391c8b5a60ad"
 UID_B = "fd698699-eabf-4c23-92ef-cf0bbdb78261"
 AGENT_LABELS = {"app.kubernetes.io/name": "detnet-agent"}
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-@pytest.fixture(autouse=True)
-def _guard(no_leftover_tasks: None) -> None:
-    """No test here leaves an asyncio task behind."""
 
 
 @pytest.fixture
@@ -131,7 +120,7 @@ async def discovered(cluster: Cluster) -> AsyncIterator[EndpointSliceAgents]:
         async def both() -> bool:
             return sink.nodes == {"node-a", "node-b"}
 
-        await until(both)
+        await until(both, interval_s=0.05)
         yield sink
     finally:
         task.cancel()
@@ -162,7 +151,7 @@ async def measured(client: UsageClient, nodes: list[str]) -> UsageReport:
         pods = [p for p in report.pods.values() if p.namespace == "be"]
         return len(pods) == len(nodes) and all(p.egress_bps is not None for p in pods)
 
-    await until(known)
+    await until(known, interval_s=0.05)
     assert report is not None
     return report
 
@@ -215,7 +204,7 @@ async def test_an_agent_gone_from_the_slices_is_unknown(
     async def dropped() -> bool:
         return discovered.agent_for("node-b") is None
 
-    await until(dropped)
+    await until(dropped, interval_s=0.05)
     assert (await client.fetch(["node-b"])).nodes["node-b"] == "no_agent"
 
 
@@ -302,7 +291,7 @@ async def test_a_late_agent_does_not_stall_the_fetch(cluster: Cluster) -> None:
     async def ready() -> bool:
         return cluster.agents["node-a"].readyz()[0]
 
-    await until(ready)
+    await until(ready, interval_s=0.05)
     async with black_hole() as hole:
         agents = StaticAgents(
             {"node-a": ("127.0.0.1", cluster.port), "node-x": ("127.0.0.3", hole)}

@@ -18,6 +18,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.helpers import free_port
+
 pytestmark = [pytest.mark.slow]
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -28,13 +30,6 @@ def _run(argv: list[str], cwd: Path, timeout: float = 600) -> subprocess.Complet
     done = subprocess.run(argv, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
     assert done.returncode == 0, f"{' '.join(argv)}:\n{done.stdout[-2000:]}\n{done.stderr[-2000:]}"
     return done
-
-
-def _free_udp_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
 
 
 def test_the_wheel_installs_and_runs_outside_the_checkout(tmp_path: Path) -> None:
@@ -56,7 +51,7 @@ def test_the_wheel_installs_and_runs_outside_the_checkout(tmp_path: Path) -> Non
     _run([str(detnet), "config", "check", str(ROOT / "deploy" / "base" / "configmap.yaml")],
          cwd=tmp_path)  # fmt: skip
 
-    port = _free_udp_port()
+    port = free_port(socket.SOCK_DGRAM)
     with subprocess.Popen(
         [str(detnet), "reflect", "--udp", f"127.0.0.1:{port}"],
         cwd=tmp_path,

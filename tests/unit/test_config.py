@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import socket
 import textwrap
 from pathlib import Path
 
@@ -123,7 +124,13 @@ def test_targets_keep_names_and_resolving_is_separate() -> None:
     assert resolved[1] == cfg.targets()[1]  # an address stays as it is
 
 
-def test_unresolvable_service_names_line() -> None:
+def test_unresolvable_service_names_line(monkeypatch: pytest.MonkeyPatch) -> None:
+    def no_such_host(host: str, *args: object, **kwargs: object) -> object:
+        raise socket.gaierror(socket.EAI_NONAME, "Name or service not known")
+
+    # The resolver's answer, without asking DNS (a lookup of a .invalid name leaves the
+    # machine): what is tested is how a failed lookup is reported.
+    monkeypatch.setattr(socket, "getaddrinfo", no_such_host)
     text = GOOD.replace(
         "host: 127.0.0.1\n    port: 5202", "service: no-such-host.invalid\n    port: 5202"
     )

@@ -10,6 +10,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from detnet.engine.recorder import Sample
+from detnet.engine.stream import sample_json
 from detnet.lab.errors import LabError
 from detnet.lab.scenario import LabSettings, _Recorder, controller_config
 from detnet.lab.topology import Topology, tbf_args
@@ -68,43 +70,25 @@ def test_recorder_parses_stream_sink_and_decisions(tmp_path: Path) -> None:
     rec = _Recorder(stream, {"198.18.0.20": "telemetry-upload"})
     now = time.time()
     rec.t0 = now - 10
-    lines = [
-        {
-            "target": "robot-control",
-            "seq": 1,
-            "sent_ns": int(now * 1e9),
-            "rtt_ns": 250_000,
-            "lost": False,
-        },
-        {
-            "target": "robot-control",
-            "seq": 2,
-            "sent_ns": int(now * 1e9),
-            "rtt_ns": None,
-            "lost": True,
-        },
-        {
-            "target": "safety-scanner",
-            "seq": 1,
-            "sent_ns": time.monotonic_ns(),
-            "rtt_ns": None,
-            "user_rtt_ns": 1_000_000,
-            "lost": False,
-        },
+    sent = int(now * 1e9)  # the engine stamps sends with CLOCK_REALTIME
+    # Records as `detnet probe --stream` writes them: the engine's own Sample, through
+    # the stream's own encoder (a received probe has rtt_ns, a lost one has none).
+    samples = [
+        Sample("robot-control", 1, sent, 250_000, 260_000, 100_000, 150_000, False, "kernel"),
+        Sample("robot-control", 2, sent, None, None, None, None, True, "user"),
     ]
-    text = "".join(json.dumps(x) + "\n" for x in lines)
-    stream.write_text(text + '{"target": "robot-con')  # a partial line waits
-    assert rec.read_stream() == 3
+    text = "".join(sample_json(x) + "\n" for x in samples)
+    third = sample_json(Sample("robot-control", 3, sent, 1_000_000, 1_000_000, 1, 1, False, "user"))
+    stream.write_text(text + third[:20])  # a partial line waits
+    assert rec.read_stream() == 2
     with stream.open("a") as f:
-        f.write('trol", "sent_ns": 1, "rtt_ns": 1}\nnot json\n')
+        f.write(third[20:] + "\nnot json\n")
     assert rec.read_stream() == 1
     robot = rec.probes["robot-control"]
     assert robot[0][0] == pytest.approx(10.0, abs=0.5)
     assert robot[0][1] == pytest.approx(0.25)
     assert math.isnan(robot[1][1])
-    scanner_t, scanner_rtt = rec.probes["safety-scanner"][0]
-    assert scanner_t == pytest.approx(10.0, abs=0.5)
-    assert scanner_rtt == 1.0
+    assert robot[2][1] == pytest.approx(1.0)
 
     rec.sink_line(json.dumps({"ts": now, "bytes": {"198.18.0.20": 1_250_000, "x": 5}}).encode())
     rec.sink_line(b"garbage")

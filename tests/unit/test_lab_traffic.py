@@ -1,12 +1,7 @@
-"""The lab's traffic generator: endpoint parsing, and a sink counting a real sender on loopback."""
+"""The lab's traffic generator's endpoint parsing. The sink and sender as processes:
+tests/integration/test_lab_traffic_processes.py."""
 
 from __future__ import annotations
-
-import json
-import socket
-import subprocess
-import sys
-import time
 
 import pytest
 
@@ -20,81 +15,3 @@ def test_parse_endpoint() -> None:
     for bad in ("nohost", ":80", "host:", "host:0", "host:70000", "host:x"):
         with pytest.raises(ValueError, match="expected HOST:PORT"):
             parse_endpoint(bad)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-@pytest.mark.parametrize("mode", ["steady", "bursty"])
-def test_sink_counts_what_a_sender_sends(mode: str) -> None:
-    port = _free_port()
-    cmd = [sys.executable, "-m", "detnet.lab.traffic"]
-    sink = subprocess.Popen(
-        [*cmd, "sink", "--listen", f"127.0.0.1:{port}", "--interval", "0.2"],
-        stdout=subprocess.PIPE,
-        text=True,
-    )
-    sender = None
-    try:
-        assert sink.stdout is not None
-        assert json.loads(sink.stdout.readline())["event"] == "listening"
-        sender = subprocess.Popen(
-            [
-                *cmd,
-                "send",
-                "--to",
-                f"127.0.0.1:{port}",
-                "--mode",
-                mode,
-                "--flows",
-                "2",
-                "--upload-bytes",
-                "100000",
-                "--period",
-                "0.1",
-                "--start-at",
-                f"{time.time():.3f}",
-            ]
-        )
-        total = 0
-        for _ in range(30):  # up to ~6 s of reports; loopback moves this in a fraction
-            report = json.loads(sink.stdout.readline())
-            total += report["bytes"].get("127.0.0.1", 0)
-            if total >= 400_000:
-                break
-        assert total >= 400_000
-    finally:
-        for proc in (sender, sink):
-            if proc is not None:
-                proc.terminate()
-                proc.wait(10)
-        if sink.stdout is not None:
-            sink.stdout.close()
-    assert sink.returncode == 0
-    assert sender is not None
-    assert sender.returncode == 0
-
-
-def test_sender_rejects_bad_numbers() -> None:
-    done = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "detnet.lab.traffic",
-            "send",
-            "--to",
-            "127.0.0.1:9",
-            "--mode",
-            "steady",
-            "--flows",
-            "0",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=30,
-    )
-    assert done.returncode == 2
-    assert "must be positive" in done.stderr
