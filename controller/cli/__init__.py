@@ -20,9 +20,12 @@ This module imports only what the interpreter has already loaded at start (not e
 
 from __future__ import annotations
 
+# _signal: the interpreter's own half of `signal`, loaded before any of ours. `import
+# signal` would build its enums first (about a millisecond, more than the rest of this
+# import), time in which a SIGINT ends in a traceback because `main` is not running yet.
+import _signal  # type: ignore[import-not-found]  # no typeshed stub
 import collections
 import importlib
-import signal
 import sys
 
 TYPE_CHECKING = False  # typing.TYPE_CHECKING, without importing typing (mypy knows it)
@@ -112,7 +115,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _run(sys.argv[1:] if argv is None else list(argv))
     except KeyboardInterrupt:
         if argv is None:
-            signal.signal(signal.SIGINT, signal.SIG_IGN)
+            _signal.signal(_signal.SIGINT, _signal.SIG_IGN)
         return 130
     except BrokenPipeError:
         from detnet.controller.cli.process import stdout_closed
@@ -121,7 +124,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     finally:
         if argv is None:
-            signal.signal(signal.SIGINT, signal.SIG_IGN)
+            _signal.signal(_signal.SIGINT, _signal.SIG_IGN)
 
 
 def _run(argv: list[str]) -> int:

@@ -389,13 +389,15 @@ def integer(low: int, high: int, *, unit: str = "") -> Reader[int]:
     return read
 
 
-def positive(high: float) -> Reader[float]:
-    """A number above 0, at most ``high``."""
+def positive(high: float, *, low: float = 0.0) -> Reader[float]:
+    """A number above 0, at least ``low`` and at most ``high``."""
 
     def read(value: Value) -> float:
         v = _number(value)
         if v is None or not math.isfinite(v) or v <= 0:
             raise value.wrong("must be a positive number")
+        if v < low:
+            raise value.wrong(f"must be at least {low:g}")
         if v > high:
             raise value.wrong(f"must be at most {high:g}")
         return float(v)

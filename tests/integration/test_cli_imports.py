@@ -12,6 +12,8 @@ harness, so the check sees what it looks for.
 from __future__ import annotations
 
 import asyncio
+import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -71,6 +73,20 @@ async def test_the_check_sees_the_benchmark_harness_where_it_is_used(tmp_path: P
     assert rc == 0
     assert "detnet.bench.common" in modules
     assert "detnet.controller.cli.bench" in modules
+
+
+def test_the_entry_point_loads_nothing_the_interpreter_has_not(tmp_path: Path) -> None:
+    # The console script imports `main` before any of our code can catch a SIGINT: every
+    # module that import loads (`signal` did, at 1 ms) widens the window for a traceback.
+    child = (
+        "import sys; before = set(sys.modules); from detnet.controller.cli import main; "
+        "print(' '.join(sorted(set(sys.modules) - before)))"
+    )
+    env = {**os.environ, "PYTHONDONTWRITEBYTECODE": "1"}  # no bytecode cache to load
+    out = subprocess.run(
+        [sys.executable, "-c", child], capture_output=True, text=True, env=env, check=True
+    ).stdout
+    assert out.split() == ["detnet", "detnet.controller", "detnet.controller.cli"]
 
 
 async def test_help_imports_no_command(tmp_path: Path) -> None:

@@ -269,3 +269,32 @@ async def test_a_target_that_never_answers_gets_a_reason(reflector, tmp_path):
     assert rc == 0, err
     (line,) = [x for x in err.strip().splitlines() if "target robot" in x]
     assert "does not match its key" in line
+
+
+async def test_probe_and_reflect_read_one_key_file_alike(tmp_path):
+    # The first release's `probe` stripped all whitespace and `reflect` only a newline:
+    # with this file every probe was dropped as bad_hmac and `probe` reported 100 % loss.
+    key = tmp_path / "key"
+    key.write_bytes(b" secret \n")
+    proc = await asyncio.create_subprocess_exec(
+        *DETNET, "reflect", "--udp", "127.0.0.1:0", "--tcp", "127.0.0.1:0",
+        "--hmac-key-file", str(key), stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    try:
+        assert proc.stderr is not None
+        line = (await asyncio.wait_for(proc.stderr.readline(), 30)).decode()
+        ports = re.findall(r"(udp|tcp) 127\.0\.0\.1:(\d+)", line)
+        assert len(ports) == 2, line
+        udp, tcp = (port for _, port in ports)
+        rc, out, err = await _detnet(
+            "probe", "--target", f"u=udp://127.0.0.1:{udp}",
+            "--target", f"t=tcp://127.0.0.1:{tcp}?mode=echo", "--hmac-key-file", str(key),
+            "--interval", "20ms", "--timeout", "200ms", "--duration", "0.5s", "--json",
+        )  # fmt: skip
+    finally:
+        proc.terminate()
+        await proc.wait()
+    assert rc == 0, err
+    for name, target in json.loads(out)["targets"].items():
+        assert target["sent"] > 0, name
+        assert target["received"] == target["sent"], (name, err)

@@ -234,6 +234,8 @@ def test_every_number_has_a_range(section: str, key: str, value: str, problem: s
         ("max_jitter_ms", ".nan", "must be a positive number"),
         ("max_latency_ms", ".inf", "must be a positive number"),
         ("max_queue_delay_ms", "1e30", "must be at most 60000"),
+        ("max_jitter_ms", "1e-300", "must be at least 1e-06"),
+        ("max_latency_ms", "5e-324", "must be at least 1e-06"),
         ("max_loss_ratio", ".nan", "must be a number from 0 to 1"),
         ("priority", "1e999", "must be a whole number"),
         ("priority", "10000000000", "must be from -1000000 to 1000000"),
@@ -376,6 +378,7 @@ CORPUS = {
     "huge-window": GOOD + "control: {window_size: 1000000000000000000000000000000}\n",
     "huge-bandwidth": GOOD + "policy: {max_bandwidth: 1000000000000000000000000000000}\n",
     "nan": GOOD.replace("max_jitter_ms: 1.0", "max_jitter_ms: .nan"),
+    "tiny-slo": GOOD.replace("max_jitter_ms: 1.0", "max_jitter_ms: 1e-300"),
     "probe-interval": GOOD.replace("max_jitter_ms: 1.0", "max_jitter_ms: 1.0\n    interval: 1ns"),
     "probe-size": GOOD.replace("max_jitter_ms: 1.0", "max_jitter_ms: 1.0\n    size: 20000"),
     "probe-timeout": GOOD + "control: {probe_timeout: 1ns}\n",
@@ -404,7 +407,7 @@ EDGES = {
         """
     ),
     "ranges-low": _TCP.replace("initial_bandwidth: 100", "initial_bandwidth: 1").replace(
-        "max_jitter_ms: 1.0", "max_jitter_ms: 1.0\n    interval: 10ms"
+        "max_jitter_ms: 1.0", "max_jitter_ms: 0.000001\n    interval: 10ms"
     )
     + textwrap.dedent(
         """\
