@@ -32,6 +32,11 @@ the workloads' pods on that node; under cluster scope every workload. Rules (DES
   (after ``increase_interval``; a cooldown's while the knee is only an upper bound). On a
   shared link a bursty workload keeps the room of its last burst (``_committed``).
 - Limits are whole Mbit/s, clamped to [min_bandwidth, max_bandwidth].
+
+One module past 500 lines on purpose: the rules above share one state per group (timers,
+the cut's severity, the knee memories) and are read, and reviewed, as one decision; the
+arithmetic of a single step lives in ``knee.py``, the SLO evaluation in ``slo.py`` and
+usage in ``usagewindow.py``.
 """
 
 from __future__ import annotations

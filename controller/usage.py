@@ -18,6 +18,10 @@ names, within a deadline, with unknown made explicit.
   first; a node whose agent is missing, late, refusing or answering nonsense has its
   pods unknown in the ``UsageReport``, with the reason, and the error is counted. It
   never raises for an agent's failure and never waits past the deadline.
+
+One module past 500 lines on purpose: where the agents are, the token and the client are
+one edge (the controller's side of the agent protocol, docs/agent.md) and its bounds are
+reviewed together.
 """
 
 from __future__ import annotations

@@ -19,6 +19,11 @@ The workloads are the config's ``BestEffortTarget``s and the modes its words
 pod start: that restarts the pods. Every call goes through a ``KubeClient``
 (``kube/api.py``: QPS limiter, retries), writes through a concurrency bound; Events
 record each change on the workload. See docs/kubernetes.md.
+
+One module past 500 lines on purpose: the enforcer's one class owns the workloads' pod
+caches, the patch queue and the recorded limits, whose ordering rules (patch, record,
+resume) only read right together; the pure parts are ``podwatch.py`` (the reducer) and
+``kube/`` (the client).
 """
 
 from __future__ import annotations

@@ -25,6 +25,10 @@ senders (telemetry-upload on node-a: bursts beyond the uplink; on node-b telemet
 and erp-dashboard: paced flows well below it), then recovery. With a step, halfway
 through the congestion a second wave of node-a's uploads joins (``load``) or node-a's
 uplink drops to ``knee_step_fraction`` of its rate (``knee``).
+
+One module past 500 lines on purpose: the lab's runs, from setting the cluster up to the
+report, in the order they happen; the network, the control plane, the recording and the
+report are their own modules.
 """
 
 from __future__ import annotations
