@@ -42,6 +42,23 @@ _PROBE_BYTES = 64 + 8 + 20 + 14  # payload + UDP + IPv4 + Ethernet, for the crit
 STEPS = ("none", "load", "knee")
 
 
+def check_step(step: str, fraction: float, *, of: str) -> None:
+    """LabError unless ``step`` is a known one and a knee step's ``fraction`` of the
+    rate (of ``of``) is in (0, 1)."""
+    if step not in STEPS:
+        raise LabError(f"step must be one of {', '.join(STEPS)}, got {step!r}")
+    if not 0 < fraction < 1:
+        raise LabError(f"the knee step's fraction of the {of} must be in (0, 1)")
+
+
+def step_time(step: str, timeline: Timeline) -> float | None:
+    """When a step happens (run time): halfway through the congestion; None without one."""
+    if step == "none":
+        return None
+    start, end = timeline.bounds("congestion")
+    return start + (end - start) / 2
+
+
 @dataclass(frozen=True, kw_only=True)
 class LabSettings:
     """Everything a lab run can be told; defaults make a ~1 minute run that meets the SLOs."""
@@ -78,17 +95,12 @@ class LabSettings:
             raise LabError("the congestion phase needs at least 2 s to measure anything")
         if self.steady_flows < 1 or self.bursty_flows < 1 or self.upload_bytes < 1:
             raise LabError("flows and upload size must be at least 1")
-        if self.step not in STEPS:
-            raise LabError(f"step must be one of {', '.join(STEPS)}, got {self.step!r}")
-        if not 0 < self.knee_step_fraction < 1:
-            raise LabError("the knee step's fraction of the bottleneck must be in (0, 1)")
+        check_step(self.step, self.knee_step_fraction, of="bottleneck")
 
     @property
     def step_at_s(self) -> float | None:
         """When the step happens (run time), or None without one."""
-        if self.step == "none":
-            return None
-        return self.timeline.bounds("congestion")[0] + self.congestion_s / 2
+        return step_time(self.step, self.timeline)
 
     @property
     def stepped_mbps(self) -> float:

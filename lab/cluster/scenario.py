@@ -75,7 +75,7 @@ from detnet.lab.cluster.report import (
 from detnet.lab.errors import LabError
 from detnet.lab.kubeapi import RecordedRequest
 from detnet.lab.report import Timeline
-from detnet.lab.scenario import STEPS
+from detnet.lab.scenario import check_step, step_time
 
 RUNS = ("without_controller", "cluster_scope", "node_scope")
 SCOPES = {"without_controller": "cluster", "cluster_scope": "cluster", "node_scope": "node"}
@@ -128,19 +128,14 @@ class ClusterSettings:
         unknown = [r for r in self.runs if r not in RUNS]
         if unknown or not self.runs:
             raise LabError(f"runs must be among {', '.join(RUNS)}")
-        if self.step not in STEPS:
-            raise LabError(f"step must be one of {', '.join(STEPS)}, got {self.step!r}")
-        if not 0 < self.knee_step_fraction < 1:
-            raise LabError("the knee step's fraction of the uplink must be in (0, 1)")
+        check_step(self.step, self.knee_step_fraction, of="uplink")
         if self.step == "knee" and not self.steady_mbps < self.stepped_mbps:
             raise LabError("the steady senders must send below the uplink rate after the knee step")
 
     @property
     def step_at_s(self) -> float | None:
         """When the step happens (run time), or None without one."""
-        if self.step == "none":
-            return None
-        return self.timeline.bounds("congestion")[0] + self.congestion_s / 2
+        return step_time(self.step, self.timeline)
 
     @property
     def stepped_mbps(self) -> float:
