@@ -215,6 +215,17 @@ def summarise_run(
         after=None if bottleneck_after_mbps is None else bottleneck_after_mbps - critical_mbps,
     )
     be = _mean_goodput(run, from_s, c_end)
+    # The second half of the congestion: where the climb back has ended (the first half
+    # holds the cut and the climb), so the share best effort keeps once settled.
+    half_s = c_start + (c_end - c_start) / 2
+    half_spare = mean_spare(
+        half_s,
+        c_end,
+        before=bottleneck_mbps - critical_mbps,
+        step_s=bottleneck_from_s,
+        after=None if bottleneck_after_mbps is None else bottleneck_after_mbps - critical_mbps,
+    )
+    half_be = _mean_goodput(run, half_s, c_end)
     phases: dict[str, Any] = {}
     for phase in PHASES:
         start, end = timeline.bounds(phase)
@@ -231,6 +242,9 @@ def summarise_run(
         "time_to_protect_s": ttp,
         "slo_attainment": attainment,
         "best_effort_utilisation": None if be is None or spare <= 0 else be / spare,
+        "settled_utilisation": (
+            None if half_be is None or half_spare <= 0 else half_be / half_spare
+        ),
         **_after_increases(run, slos, base, c_start, c_end),
         **(
             {}
@@ -382,7 +396,8 @@ def format_table(report: Mapping[str, Any]) -> str:
         lines.append(
             f"{'':<19}time to protect {_fmt(ttp, '.1f')} s, SLO attainment "
             f"{_fmt(None if att is None else 100 * att, '.1f')}%, best-effort utilisation "
-            f"{_fmt(None if util is None else 100 * util, '.1f')}%, "
+            f"{_fmt(None if util is None else 100 * util, '.1f')}% "
+            f"(settled: {_pct(run.get('settled_utilisation'))}), "
             f"{len(run['decisions'])} decisions, "
             f"{run.get('violations_after_increase', 0)} of {run.get('increases', 0)} "
             "increases followed by a violation"
@@ -392,6 +407,10 @@ def format_table(report: Mapping[str, Any]) -> str:
             lines.append(f"{'':<19}{step_line(report, step)}")
         lines.append("")
     return "\n".join(lines).rstrip() + "\n"
+
+
+def _pct(value: float | None) -> str:
+    return _fmt(None if value is None else 100 * value, ".1f") + "%"
 
 
 def step_line(report: Mapping[str, Any], step: Mapping[str, Any]) -> str:

@@ -12,7 +12,8 @@ node, from the sink's per-pod byte counts:
   the critical load leaving it);
 - ``best_effort_utilisation``: the congested nodes' goodput from the protection onwards
   over their spare capacity, ``summarise_run``'s definition on the congested node(s) —
-  the trade-off the controller makes is made there;
+  the trade-off the controller makes is made there; ``settled_utilisation`` the same over
+  the second half of the congestion, once the climb back has ended;
 - ``nodes[N].limits_mbps``: the egress limit on each best-effort pod of N when the run
   ended, as the Cilium stand-in last applied it (None: no limit).
 
@@ -308,6 +309,7 @@ def summarise_cluster_run(
         "time_to_protect_s": core["time_to_protect_s"],
         "slo_attainment": core["slo_attainment"],
         "best_effort_utilisation": core["best_effort_utilisation"],
+        "settled_utilisation": core["settled_utilisation"],
         **{k: core[k] for k in ("increases", "violations_after_increase", "step") if k in core},
         "enforcer": enforcer,
         "usage_source": usage_source,
@@ -416,6 +418,7 @@ def format_cluster_table(report: Mapping[str, Any]) -> str:
         "best-effort utilisation (congested)",
         run_values(lambda r: pct(r["best_effort_utilisation"])),
     )
+    row("  settled (congestion's second half)", run_values(lambda r: pct(r["settled_utilisation"])))
     row(
         "violations after increases",
         run_values(

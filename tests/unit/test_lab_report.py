@@ -81,6 +81,7 @@ def test_protected_run_time_to_protect_attainment_and_utilisation() -> None:
     assert out["time_to_protect_s"] == pytest.approx(1.5)
     assert out["slo_attainment"] == pytest.approx(1.0)  # 8 whole windows after 6.5 s, all good
     assert out["best_effort_utilisation"] == pytest.approx(0.85)
+    assert out["settled_utilisation"] == pytest.approx(0.85)
     cong = out["phases"]["congestion"]
     assert cong["apps"]["robot"]["rtt_p99_ms"] > 5.0
     assert cong["best_effort_mbps"] == pytest.approx(85.0)
@@ -141,6 +142,7 @@ def test_report_shape_is_json_and_table_renders() -> None:
         "time_to_protect_s",
         "slo_attainment",
         "best_effort_utilisation",
+        "settled_utilisation",
         "increases",
         "violations_after_increase",
         "phases",
@@ -188,6 +190,16 @@ def test_an_increase_followed_by_a_violation_is_counted() -> None:
     assert out["violations_after_increase"] == 1
 
 
+def test_settled_utilisation_is_the_second_half_of_the_congestion() -> None:
+    # The climb back: 40 Mbit/s in the first half of the 5..15 s congestion, 90 after.
+    goodput = [(float(t), 40.0 if t <= 10 else 90.0) for t in range(1, 21)]
+    run = RunData(probes={"robot": _probes(lambda t, i: 0.2)}, goodput=goodput)
+    out = summarise_run(run, slos=[SLO], timeline=TL, bottleneck_mbps=100.0)
+    assert out["best_effort_utilisation"] == pytest.approx(0.65)
+    assert out["settled_utilisation"] == pytest.approx(0.90)
+    assert "(settled: 90.0%)" in format_table(build_report({}, {"with_controller": out}))
+
+
 def test_a_knee_step_counts_the_spare_capacity_second_by_second() -> None:
     # 50 Mbit/s of goodput all through congestion; the link drops from 100 to 60 at 10 s
     # (half-way through the 5..15 s congestion): the spare capacity averages 80.
@@ -202,6 +214,7 @@ def test_a_knee_step_counts_the_spare_capacity_second_by_second() -> None:
         bottleneck_after_mbps=60.0,
     )
     assert out["best_effort_utilisation"] == pytest.approx(50.0 / 80.0)
+    assert out["settled_utilisation"] == pytest.approx(50.0 / 60.0)  # 10..15 s: after it
 
 
 @pytest.mark.parametrize(
