@@ -30,7 +30,9 @@ the workloads' pods on that node; under cluster scope every workload. Rules (DES
   it; unknown usage counts as using), by ``increase_step``, or, with a remembered knee,
   straight to a margin below it (after a cooldown's dwell only) and then by small steps
   (after ``increase_interval``; a cooldown's while the knee is only an upper bound). On a
-  shared link a bursty workload keeps the room of its last burst (``_committed``).
+  shared link a bursty workload keeps the room of its last burst (``_committed``); at the
+  link's knee the part of a cap its workload does not use (above its last burst and a
+  fair share of the knee) goes to the workloads using theirs (``_unused_caps``).
 - Limits are whole Mbit/s, clamped to [min_bandwidth, max_bandwidth].
 
 One module past 500 lines on purpose: the rules above share one state per group (timers,
@@ -575,12 +577,24 @@ class AsymmetricAimd:
             # The link is shared: together the caps climb to the margin under the group's
             # knee, then by one fine step of it, however many workloads share it.
             fine = max(1.0, min(float(p.increase_step), p.knee_step_fraction * group_knee))
+            climbing = [s for s in scopes if str(s) not in idle]
+            reclaimed: dict[Scope, int] = {}
+            if load >= math.floor(ceiling) and climbing:
+                reclaimed = self._unused_caps(scopes, usage, previous, idle, group_knee)
+                if reclaimed:
+                    new.update(reclaimed)
+                    load = _committed(scopes, usage, new, self._burst_peaks)
             budget = ceiling - load if load < math.floor(ceiling) else fine
             if self._group_knees.uncertain(name):
                 # Only an upper bound: steps of a twentieth of the load, so that the climb
                 # takes the same few steps on any link.
                 budget = min(budget, max(fine, UNCERTAIN_STEP_FRACTION * load))
-            _share_climb(new, previous, [s for s in scopes if str(s) not in idle], budget)
+            _share_climb(new, previous, climbing, budget)
+            if reclaimed and not any(new[s] > previous[s] for s in climbing):
+                new.update({s: previous[s] for s in reclaimed})  # nobody to give it to
+            elif reclaimed:
+                moved = ", ".join(f"{s} {previous[s]} -> {v}" for s, v in reclaimed.items())
+                reasons.append(f"{where}at the knee, unused cap goes to the others: {moved}")
         if all(new[s] == previous[s] for s in scopes):
             why = "every workload at max_bandwidth"
             if idle:
@@ -595,6 +609,31 @@ class AsymmetricAimd:
         reasons.append(f"{where}all apps stable for {dwelt:.2f} s: {how}")
         if idle:
             reasons.append(f"{where}not raising unused caps: {', '.join(idle)}")
+
+    def _unused_caps(
+        self,
+        scopes: list[Scope],
+        usage: Mapping[Scope, float],
+        previous: Mapping[Scope, int],
+        idle: list[str],
+        group_knee: float,
+    ) -> dict[Scope, int]:
+        """At the group's knee, the lower caps of the workloads not using theirs: down to
+        their peak over BURST_MEMORY_S plus the margin, never under a fair share of the
+        knee. Such a cap only lets a burst coincide with the others' traffic at the same
+        sum, while the others lose what it leaves unused; the fair share keeps a
+        workload that fell silent from being starved when it sends again."""
+        p = self.params
+        fair = math.floor(group_knee / max(1, len(scopes)))
+        out: dict[Scope, int] = {}
+        for s in scopes:
+            if str(s) not in idle or s not in usage:
+                continue
+            peak = max(usage[s], self._burst_peaks.get(s, usage[s]))
+            floor_mbit = p.clamp(max(math.ceil(peak * (1 + p.knee_margin)), fair))
+            if floor_mbit < previous[s]:
+                out[s] = floor_mbit
+        return out
 
     def _note_group_knee(
         self,

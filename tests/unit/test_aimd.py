@@ -8,7 +8,15 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from detnet.controller.aimd import AsymmetricAimd, Decision, Observation, PolicyParams, Scope, Slo
+from detnet.controller.aimd import (
+    BURST_MEMORY_S,
+    AsymmetricAimd,
+    Decision,
+    Observation,
+    PolicyParams,
+    Scope,
+    Slo,
+)
 from detnet.engine.stats import WindowStats
 
 S = 1_000_000_000  # ns per second
@@ -765,3 +773,60 @@ def test_a_bursty_workload_between_bursts_keeps_its_room() -> None:
         d = decide(p, now_ns=t + k * S, stats=healthy(), limits=limits, usage=silent)
         limits = named(d.limits)
     assert limits["erp"] >= 68
+
+
+def _at_the_knee(p: AsymmetricAimd, limits: dict[str, int], used: dict[str, float]) -> int:
+    """Note the group's knee at the summed usage (a violation with every cap bitten) at
+    10 s; the time from which that reading is out of the burst memory."""
+    bad = {**healthy(), "robot-control": window("robot-control", jitter_ms=1.5)}
+    assert decide(p, now_ns=10 * S, stats=bad, limits=limits, usage=used).action == "decrease"
+    return 10 * S + round(BURST_MEMORY_S * 1e9) + S
+
+
+def _after_a_dwell(
+    p: AsymmetricAimd, t: int, limits: dict[str, int], used: dict[str, float]
+) -> Decision:
+    """Healthy at ``limits`` (the caps climbed back) from ``t`` until past the dwell."""
+    decide(p, now_ns=t, stats=healthy(), limits=limits, usage=used)
+    return decide(p, now_ns=t + 6 * S, stats=healthy(), limits=limits, usage=used)
+
+
+def test_at_the_knee_an_unused_cap_goes_to_the_workloads_using_theirs() -> None:
+    # telemetry's cap is 60 but it sends no more than 40; erp uses its 40 whole.
+    p = policy(usage_window_s=0.0)
+    limits = {"telemetry": 60, "erp": 40}
+    t = _at_the_knee(p, limits, {"telemetry": 60.0, "erp": 40.0})
+    d = _after_a_dwell(p, t, limits, {"telemetry": 40.0, "erp": 40.0})
+    got = named(d.limits)
+    # Down to its fair share of the 100 Mbit/s knee (50), above anything it sent; the
+    # room goes to erp, and the sum stays under the knee.
+    assert got["telemetry"] == 50
+    assert got["erp"] > 40
+    assert got["telemetry"] + got["erp"] <= 100
+    assert any("unused cap goes to the others" in r for r in d.reasons)
+
+
+def test_an_unused_cap_keeps_the_peak_and_the_fair_share() -> None:
+    limits = {"telemetry": 60, "erp": 40}
+    knee = {"telemetry": 60.0, "erp": 40.0}
+    # It sent 55 within the burst memory: its cap keeps room for that, plus the margin
+    # (erp at 43 puts the two at the knee, counting that room).
+    p = policy(usage_window_s=0.0)
+    t = _at_the_knee(p, limits, knee)
+    at = {"telemetry": 60, "erp": 43}
+    decide(p, now_ns=t, stats=healthy(), limits=at, usage={"telemetry": 55.0, "erp": 43.0})
+    d = decide(
+        p, now_ns=t + 6 * S, stats=healthy(), limits=at, usage={"telemetry": 20.0, "erp": 43.0}
+    )
+    assert named(d.limits)["telemetry"] == 57  # ceil(55 * 1.02)
+    # A workload silent for longer than the burst memory (erp took the link meanwhile)
+    # is never pushed under its fair share of the knee.
+    p = policy(usage_window_s=0.0)
+    t = _at_the_knee(p, limits, knee)
+    d = _after_a_dwell(p, t, {"telemetry": 60, "erp": 98}, {"telemetry": 0.0, "erp": 98.0})
+    assert named(d.limits)["telemetry"] == 50
+    # With nobody using their cap, nothing is moved.
+    p = policy(usage_window_s=0.0)
+    t = _at_the_knee(p, limits, knee)
+    d = _after_a_dwell(p, t, limits, {"telemetry": 20.0, "erp": 10.0})
+    assert named(d.limits) == limits
