@@ -589,6 +589,10 @@ class AsymmetricAimd:
                 # Only an upper bound: steps of a twentieth of the load, so that the climb
                 # takes the same few steps on any link.
                 budget = min(budget, max(fine, UNCERTAIN_STEP_FRACTION * load))
+            for s in climbing:
+                # Under the group's knee the room is the budget, not increase_step: the
+                # climb to it takes the same few steps on a 100 and a 400 Mbit/s link.
+                new[s] = max(new[s], p.clamp(previous[s] + budget))
             _share_climb(new, previous, climbing, budget)
             if reclaimed and not any(new[s] > previous[s] for s in climbing):
                 new.update({s: previous[s] for s in reclaimed})  # nobody to give it to

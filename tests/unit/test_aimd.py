@@ -830,3 +830,24 @@ def test_an_unused_cap_keeps_the_peak_and_the_fair_share() -> None:
     t = _at_the_knee(p, limits, knee)
     d = _after_a_dwell(p, t, limits, {"telemetry": 20.0, "erp": 10.0})
     assert named(d.limits) == limits
+
+
+@pytest.mark.parametrize("link", [100, 400])
+def test_the_climb_back_to_a_known_knee_takes_the_same_steps_on_any_link(link: int) -> None:
+    # The knee (a violation with both caps bitten) at the link's rate; the caps then stand
+    # 20 % under it. The climb back under the knee's margin must not be paced by the
+    # absolute increase_step (+10 Mbit/s is 2 % of a 400 Mbit/s link).
+    p = policy(usage_window_s=0.0)
+    half = link // 2
+    bad = {**healthy(), "robot-control": window("robot-control", jitter_ms=1.5)}
+    full = {"telemetry": float(half), "erp": float(half)}
+    decide(p, now_ns=10 * S, stats=bad, limits={"telemetry": half, "erp": half}, usage=full)
+    limits = {"telemetry": int(0.8 * half), "erp": int(0.8 * half)}
+    steps, now = 0, 12 * S
+    while sum(limits.values()) < 0.97 * link and steps < 50:
+        d = decide(p, now_ns=now, stats=healthy(), limits=limits, usage=dict(limits))
+        if d.action == "increase":
+            steps += 1
+        limits, now = named(d.limits), now + STEP_NS
+    assert sum(limits.values()) <= link  # never past the knee on the way
+    assert steps == 1  # straight to the margin under it, at 100 as at 400 Mbit/s
