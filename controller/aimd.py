@@ -624,9 +624,9 @@ class AsymmetricAimd:
     ) -> dict[Scope, int]:
         """At the group's knee, the lower caps of the workloads not using theirs: down to
         their peak over BURST_MEMORY_S plus the margin, never under a fair share of the
-        knee. Such a cap only lets a burst coincide with the others' traffic at the same
-        sum, while the others lose what it leaves unused; the fair share keeps a
-        workload that fell silent from being starved when it sends again."""
+        knee. A cap above that only lets a burst coincide with the others' traffic, while
+        the others lose what it leaves unused; the fair share keeps a workload that fell
+        silent from being starved when it sends again."""
         p = self.params
         fair = math.floor(group_knee / max(1, len(scopes)))
         out: dict[Scope, int] = {}
