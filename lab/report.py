@@ -207,25 +207,20 @@ def summarise_run(
             break
     from_s = c_start + (ttp or 0.0)
     attainment = _attainment(run, slos, base, from_s, c_end)
-    spare = mean_spare(
-        from_s,
-        c_end,
-        before=bottleneck_mbps - critical_mbps,
-        step_s=bottleneck_from_s,
-        after=None if bottleneck_after_mbps is None else bottleneck_after_mbps - critical_mbps,
-    )
-    be = _mean_goodput(run, from_s, c_end)
-    # The second half of the congestion: where the climb back has ended (the first half
-    # holds the cut and the climb), so the share best effort keeps once settled.
-    half_s = c_start + (c_end - c_start) / 2
-    half_spare = mean_spare(
-        half_s,
-        c_end,
-        before=bottleneck_mbps - critical_mbps,
-        step_s=bottleneck_from_s,
-        after=None if bottleneck_after_mbps is None else bottleneck_after_mbps - critical_mbps,
-    )
-    half_be = _mean_goodput(run, half_s, c_end)
+
+    def utilisation(start: float) -> float | None:
+        """Best effort's mean goodput from ``start`` to the end of congestion over the
+        mean spare capacity then."""
+        spare = mean_spare(
+            start,
+            c_end,
+            before=bottleneck_mbps - critical_mbps,
+            step_s=bottleneck_from_s,
+            after=None if bottleneck_after_mbps is None else bottleneck_after_mbps - critical_mbps,
+        )
+        be = _mean_goodput(run, start, c_end)
+        return None if be is None or spare <= 0 else be / spare
+
     phases: dict[str, Any] = {}
     for phase in PHASES:
         start, end = timeline.bounds(phase)
@@ -241,10 +236,9 @@ def summarise_run(
     return {
         "time_to_protect_s": ttp,
         "slo_attainment": attainment,
-        "best_effort_utilisation": None if be is None or spare <= 0 else be / spare,
-        "settled_utilisation": (
-            None if half_be is None or half_spare <= 0 else half_be / half_spare
-        ),
+        "best_effort_utilisation": utilisation(from_s),
+        # The second half of the congestion: the cut and the climb back are over.
+        "settled_utilisation": utilisation(c_start + (c_end - c_start) / 2),
         **_after_increases(run, slos, base, c_start, c_end),
         **(
             {}

@@ -51,10 +51,7 @@ def proc(tmp_path: Path) -> Iterator[FakeProc]:
     try:
         yield fake
     finally:
-        for c in fake.children:
-            if c.poll() is None:
-                c.kill()
-                c.wait()
+        fake.close()
 
 
 @pytest.fixture

@@ -63,6 +63,13 @@ class FakeProc:
                 c.kill()
                 c.wait()
 
+    def close(self) -> None:
+        """End every process this fake started (by its own pid) that is still running."""
+        for c in self.children:
+            if c.poll() is None:
+                c.kill()
+                c.wait()
+
 
 @pytest.fixture
 def proc(tmp_path: Path) -> Iterator[FakeProc]:
@@ -71,10 +78,7 @@ def proc(tmp_path: Path) -> Iterator[FakeProc]:
     try:
         yield fake
     finally:
-        for c in fake.children:
-            if c.poll() is None:
-                c.kill()
-                c.wait()
+        fake.close()
 
 
 def open_fds() -> int:
