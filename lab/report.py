@@ -126,16 +126,27 @@ def app_stats(rtt_ms: np.ndarray, *, base_ms: float | None) -> AppStats:
 
 def within_slo(stats: AppStats, slo: Slo) -> bool:
     """True when every configured SLO holds; a span without replies never qualifies."""
+    return not breaches(stats, slo)
+
+
+def breaches(stats: AppStats, slo: Slo) -> list[str]:
+    """The thresholds of ``slo`` that ``stats`` break, as ``"latency 6.10 > 5.00"`` (ms;
+    loss as a ratio); ``"no replies"`` for a span without one."""
     if stats.rtt_p50_ms is None:
-        return False
-    return slo.holds(
-        {
-            "jitter": stats.jitter_iqr_ms,
-            "latency": stats.rtt_p99_ms,
-            "queue_delay": stats.queue_delay_ms,
-            "loss": stats.loss_ratio,
-        }
-    )
+        return ["no replies"]
+    values = {
+        "jitter": stats.jitter_iqr_ms,
+        "latency": stats.rtt_p99_ms,
+        "queue_delay": stats.queue_delay_ms,
+        "loss": stats.loss_ratio,
+    }
+    out = []
+    for signal, threshold in slo.thresholds().items():
+        value = values.get(signal)
+        if value is None or not value <= threshold:
+            shown = "-" if value is None else f"{value:.2f}"
+            out.append(f"{signal} {shown} > {threshold:.2f}")
+    return out
 
 
 def _span(samples: np.ndarray, start: float, end: float) -> np.ndarray:
@@ -236,6 +247,8 @@ def summarise_run(
     return {
         "time_to_protect_s": ttp,
         "slo_attainment": attainment,
+        # What the attainment lost: when, and which thresholds broke.
+        "missed_windows": missed_windows(run, slos, base, from_s, c_end),
         "best_effort_utilisation": utilisation(from_s),
         # The second half of the congestion: the cut and the climb back are over.
         "settled_utilisation": utilisation(c_start + (c_end - c_start) / 2),
@@ -255,8 +268,26 @@ def _attainment(
 ) -> float | None:
     """The share of whole one-second windows from ``start`` to ``end`` within SLO."""
     n = math.floor(end - start + 1e-9)
-    good = sum(_all_within(run, slos, base, start + i, start + i + 1.0) for i in range(n))
-    return good / n if n > 0 else None
+    missed = len(missed_windows(run, slos, base, start, end))
+    return (n - missed) / n if n > 0 else None
+
+
+def missed_windows(
+    run: RunData, slos: Sequence[Slo], base: Mapping[str, float | None], start: float, end: float
+) -> list[dict[str, Any]]:
+    """The whole one-second windows from ``start`` to ``end`` outside the SLO: each as
+    ``{"t_s": its start, "breaches": {app: [what broke]}}`` (time since the run started)."""
+    out: list[dict[str, Any]] = []
+    for i in range(math.floor(end - start + 1e-9)):
+        w = start + i
+        broke = {}
+        for s in slos:
+            why = breaches(app_stats(_span(run.samples(s.app), w, w + 1.0), base_ms=base[s.app]), s)
+            if why:
+                broke[s.app] = why
+        if broke:
+            out.append({"t_s": round(w, 3), "breaches": broke})
+    return out
 
 
 def mean_spare(
@@ -396,11 +427,29 @@ def format_table(report: Mapping[str, Any]) -> str:
             f"{run.get('violations_after_increase', 0)} of {run.get('increases', 0)} "
             "increases followed by a violation"
         )
+        missed = run.get("missed_windows") or []
+        if missed and ttp is not None:  # unprotected, every window is outside
+            lines.append(f"{'':<19}{missed_line(missed)}")
         step = run.get("step")
         if step:
             lines.append(f"{'':<19}{step_line(report, step)}")
         lines.append("")
     return "\n".join(lines).rstrip() + "\n"
+
+
+MISSED_SHOWN = 3
+
+
+def missed_line(missed: Sequence[Mapping[str, Any]]) -> str:
+    """The windows outside the SLO, the first MISSED_SHOWN with what broke."""
+    shown = [
+        f"{w['t_s']:.1f} s ("
+        + ", ".join(f"{app} {'; '.join(why)}" for app, why in w["breaches"].items())
+        + ")"
+        for w in missed[:MISSED_SHOWN]
+    ]
+    more = f" and {len(missed) - MISSED_SHOWN} more" if len(missed) > MISSED_SHOWN else ""
+    return f"windows outside the SLO: {', '.join(shown)}{more}"
 
 
 def _pct(value: float | None) -> str:

@@ -41,6 +41,7 @@ from detnet.lab.report import (
     Timeline,
     mean_goodput,
     mean_spare,
+    missed_line,
     step_line,
     summarise_run,
 )
@@ -308,6 +309,7 @@ def summarise_cluster_run(
     return {
         "time_to_protect_s": core["time_to_protect_s"],
         "slo_attainment": core["slo_attainment"],
+        "missed_windows": core["missed_windows"],
         "best_effort_utilisation": core["best_effort_utilisation"],
         "settled_utilisation": core["settled_utilisation"],
         **{k: core[k] for k in ("increases", "violations_after_increase", "step") if k in core},
@@ -426,6 +428,9 @@ def format_cluster_table(report: Mapping[str, Any]) -> str:
         ),
     )
     for n in names:
+        missed = runs[n].get("missed_windows")
+        if missed and runs[n].get("time_to_protect_s") is not None:
+            lines.append(f"{n.replace('_', ' ')}: {missed_line(missed)}")
         step = runs[n].get("step")
         if step:
             lines.append(f"{n.replace('_', ' ')}: {step_line(report, step)}")

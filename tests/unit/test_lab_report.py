@@ -114,6 +114,30 @@ def test_attainment_counts_bad_windows_after_protection() -> None:
     assert out["time_to_protect_s"] == pytest.approx(1.0)
     assert out["slo_attainment"] == pytest.approx(7 / 9)
     assert out["best_effort_utilisation"] is None  # no goodput recorded
+    missed = out["missed_windows"]
+    assert [w["t_s"] for w in missed] == [10.0, 12.0]
+    for w in missed:
+        # RTTs of 2..9.2 ms over a 0.2 ms base: every threshold of SLO breaks
+        broke = {why.split()[0] for why in w["breaches"]["robot"]}
+        assert broke == {"jitter", "latency", "queue_delay"}
+    table = format_table(build_report({}, {"with_controller": out}))
+    assert "windows outside the SLO: 10.0 s (robot " in table
+    assert "12.0 s (robot " in table
+
+
+def test_missed_windows_name_the_app_and_the_threshold_that_broke() -> None:
+    scanner = Slo(app="scanner", max_latency_ms=1.0)
+    run = RunData(
+        probes={
+            "robot": _probes(lambda t, i: 0.2),
+            "scanner": _probes(lambda t, i: 3.0 if 9.0 <= t < 10.0 else 0.3),
+        }
+    )
+    out = summarise_run(run, slos=[SLO, scanner], timeline=TL, bottleneck_mbps=100.0)
+    assert out["missed_windows"] == [{"t_s": 9.0, "breaches": {"scanner": ["latency 3.00 > 1.00"]}}]
+    silent = RunData(probes={"robot": _probes(lambda t, i: math.nan if 7 <= t < 8 else 0.2)})
+    out = summarise_run(silent, slos=[SLO], timeline=TL, bottleneck_mbps=100.0)
+    assert out["missed_windows"] == [{"t_s": 7.0, "breaches": {"robot": ["no replies"]}}]
 
 
 def test_every_app_must_be_within_slo() -> None:
@@ -141,6 +165,7 @@ def test_report_shape_is_json_and_table_renders() -> None:
     assert set(run_doc) == {
         "time_to_protect_s",
         "slo_attainment",
+        "missed_windows",
         "best_effort_utilisation",
         "settled_utilisation",
         "increases",
