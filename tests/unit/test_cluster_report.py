@@ -271,3 +271,23 @@ def test_a_load_step_leaves_the_capacity_alone() -> None:
     assert "step" not in summarise_cluster_run(
         synthetic_run(), setup=SETUP, timeline=TIMELINE, enforcer="kubernetes", usage_source="agent"
     )
+
+
+def test_a_window_outside_the_slo_after_protection_names_the_endpoint() -> None:
+    data = synthetic_run()
+    # robot-control@node-a relapses for the window from 6 s: p99 past its 5 ms
+    probes = dict(data.probes)
+    probes["robot-control@node-a"] = [
+        (t, 9.0 if 6.0 <= t < 7.0 and i % 10 == 0 else rtt)
+        for i, (t, rtt) in enumerate(probes["robot-control@node-a"])
+    ]
+    run = summarise_cluster_run(
+        ClusterRunData(probes=probes, goodput=data.goodput, decisions=data.decisions),
+        setup=SETUP, timeline=TIMELINE, enforcer="kubernetes", usage_source="agent",
+    )  # fmt: skip
+    assert run["slo_attainment"] == pytest.approx(3 / 4)
+    assert [w["t_s"] for w in run["missed_windows"]] == [6.0]
+    (why,) = run["missed_windows"][0]["breaches"]["robot-control@node-a"]
+    assert why.startswith("latency 9.00 > 5.00")
+    text = format_cluster_table(build_cluster_report({"lab": {}}, {"cluster_scope": run}))
+    assert "cluster scope: windows outside the SLO: 6.0 s (robot-control@node-a latency" in text
