@@ -20,7 +20,9 @@ the workloads' pods on that node; under cluster scope every workload. Rules (DES
   a cut had to start from the cap (usage unknown) and made no difference to the violated
   signal after ``effect_delay``, the next cut comes at once and deeper.
 - After a cut, its group's targets are judged on samples taken ``effect_delay`` after it
-  (``evidence_since``): samples of the queue the cut is draining say nothing of it.
+  (``evidence_since``): samples of the queue the cut is draining say nothing of it. But
+  that queue's slope over the two control intervals after the cut shows the rate the link
+  serves (``drain_knee``): the group's knee, where only an upper bound above it is known.
 - When a violated node has nothing left to cut (no best-effort pods, or all at
   ``min_bandwidth``) for ``escalate_after`` cooldowns, the cut widens to every node; it
   narrows back once that node's SLO holds.
@@ -29,7 +31,10 @@ the workloads' pods on that node; under cluster scope every workload. Rules (DES
   of a building queue, never for a cap its workload is not using (usage below 90 % of
   it; unknown usage counts as using), by ``increase_step``, or, with a remembered knee,
   straight to a margin below it (after a cooldown's dwell only) and then by small steps
-  (after ``increase_interval``; a cooldown's while the knee is only an upper bound). On a
+  (after ``increase_interval``; a cooldown's while the knee is only an upper bound). A
+  queue rising right after a step up undoes that step at once, and each step past a
+  certain knee that had to be undone doubles the dwell before the next (up to
+  ``2**MAX_PROBE_DOUBLINGS`` times, until the knee moves). On a
   shared link a bursty workload keeps the room of its last burst (``_committed``); at the
   link's knee the part of a cap its workload does not use (above its last burst and a
   fair share of the knee) goes to the workloads using theirs (``_unused_caps``).
@@ -54,6 +59,7 @@ from detnet.controller.knee import (
     WarningParams,
     climb_to,
     cut_to,
+    drain_knee,
     trim_to,
 )
 from detnet.controller.signals import (
@@ -73,8 +79,16 @@ Action = Literal["decrease", "increase", "hold"]
 # A violation this many times over its threshold is not a cap a few percent past the
 # knee: it gets the full cut, not a step back under the knee.
 GENTLE_MAX_SEVERITY = 2.0
-# Climbing towards a group knee that is only an upper bound: this share of the load per step.
+# Climbing towards a group knee that is only an upper bound: this share of the load per
+# step, up to UNCERTAIN_BAND under the bound; from there fine steps. Such a bound (the usage
+# of senders ramping into a full queue) was within 8 % of the link's knee in the lab, and
+# a step of more than about 1 % past a knee breaks a 2 ms queue SLO before the next
+# control step can undo it.
 UNCERTAIN_STEP_FRACTION = 0.05
+UNCERTAIN_BAND = 0.08
+# At a knee that trims keep confirming, the dwell before the next fine step doubles per
+# trim, up to this many times: each step past the knee costs a standing queue.
+MAX_PROBE_DOUBLINGS = 3
 # How long a workload's peak rate keeps its room on a shared link (``_committed``):
 # uploads and report bursts come every few seconds; one idle for longer leaves its room.
 BURST_MEMORY_S = 10.0
@@ -148,10 +162,13 @@ class Observation:
     windows themselves when absent); ``endpoints``: what each target stands for (a target
     not listed is the app of that name, at its Service address); ``usage``: measured
     Mbit/s per scope, absent where unknown; ``placements``: per workload the nodes its
-    running pods are on (node scope)."""
+    running pods are on (node scope); ``latest``: the targets over the last ``latest_ns``
+    (a control interval), for the queue's level now (its slope after a cut)."""
 
     stats: Mapping[str, WindowStats | None]
     recent: Mapping[str, WindowStats | None] | None = None
+    latest: Mapping[str, WindowStats | None] | None = None
+    latest_ns: int = 0
     endpoints: Mapping[str, Endpoint] = field(default_factory=dict)
     usage: Mapping[Scope, float] = field(default_factory=dict)
     placements: Mapping[str, frozenset[str]] = field(default_factory=dict)
@@ -194,6 +211,20 @@ class _Group:
     cut_severity: float = 0.0  # how far over its threshold the worst signal was then
     deepen: int = 0  # blind cuts in a row without effect
     gentle: bool = False  # the last cut only stepped back under the knee
+    last_raise_ns: int | None = None
+    before_raise: dict[Scope, int] = field(default_factory=dict)  # the caps then
+    probes: int = 0  # steps past the knee undone since it was last found anew
+    drain: _Drain | None = None  # the last cut, to read the knee off the queue it drains
+
+
+class _Drain(NamedTuple):
+    """A cut whose queue is read in the two control intervals after it: the load the
+    group puts on the link after it (Mbit/s), when the last window read ended (the cut,
+    at first), and each window's (midpoint ns, queue ms)."""
+
+    load: float
+    until_ns: int
+    levels: tuple[tuple[int, float], ...] = ()
 
 
 class AsymmetricAimd:
@@ -218,6 +249,7 @@ class AsymmetricAimd:
         self._watch = QueueWatch(WarningParams(fraction=params.early_warning_fraction))
         self._escalated_by: set[str] = set()  # violated nodes that widened the cut
         self._basis = {slo.app: _tightest_ms(slo) for slo in slos}
+        self._levels: dict[str | None, float] = {}  # the queue now, by node (None: unplaced)
 
     # --- scopes and start limits ---------------------------------------------------
     def scopes(self, placements: Mapping[str, Iterable[str]] | None = None) -> list[Scope]:
@@ -288,6 +320,7 @@ class AsymmetricAimd:
         usage, ramping = self._usage.update(now_ns, obs.usage, previous)
         self._burst_peaks = self._peaks.update(now_ns, usage)
         warnings = self._warnings(now_ns, obs)
+        self._levels = _levels(obs)
         self._knees.forget(set(scopes))
 
         members: dict[str, list[Scope]] = {}
@@ -303,6 +336,7 @@ class AsymmetricAimd:
         reasons: list[str] = []
         cut: list[str] = []
         raised: list[str] = []
+        self._read_drains(now_ns, obs.latest_ns, reasons)
         violated = self._affected(ev.violated_nodes, members)
         for name in sorted(violated):
             self._cut_group(
@@ -417,6 +451,8 @@ class AsymmetricAimd:
                 )
                 self._knees.note(s, min(used, float(cap)), now_ns, uncertain=moved)
         self._note_group_knee(name, now_ns, scopes, usage, previous, at_least=False)
+        if self._group_knees.uncertain(name):
+            g.probes = 0  # the knee moved (or was never seen): a new one to find
         if all(new[s] == previous[s] for s in scopes):
             what = "every workload" if name == CLUSTER else "every best-effort pod"
             if not scopes:
@@ -430,6 +466,9 @@ class AsymmetricAimd:
                 reasons.append(f"{where}{what} at min_bandwidth")
             return
         g.last_cut_ns, g.blind, g.cut_severity, g.gentle = now_ns, blind, severity, gentle
+        g.drain = _Drain(_load(scopes, usage, new), now_ns)
+        if self._just_raised(g, now_ns):
+            self._probe_failed(g)
         cut.append(name)
         reasons.append(f"{where}cut {factor:.0%}" + (" from the cap" if blind else ""))
 
@@ -530,11 +569,15 @@ class AsymmetricAimd:
                 # the memory fades (knee_memory), since no warning refreshes it.
                 self._knees.move_up(s, float(previous[s]))
                 knees[s] = self._knees.get(s, now_ns)
+                g.probes = 0  # a knee found anew: its first step past it comes soon
         load = _committed(scopes, usage, previous, self._burst_peaks)
         group_knee = self._group_knees.get(name, now_ns)
         if group_knee is not None and load >= group_knee * (1 + 2 * p.knee_margin):
             self._group_knees.move_up(name, load)  # as for one scope's knee, above
             group_knee = self._group_knees.get(name, now_ns)
+            g.probes = 0
+        if group_knee is None and all(k is None for k in knees.values()):
+            g.probes = 0  # no knee remembered: none to back off from
         ceiling = None if group_knee is None else group_knee * (1 - p.knee_margin)
         if ceiling is not None:
             # The group's knee is the link's: under it every workload may climb, however
@@ -554,7 +597,10 @@ class AsymmetricAimd:
             bound = self._group_knees.uncertain(name)
         else:
             bound = any(k is not None and self._knees.uncertain(s) for s, k in knees.items())
-        dwell = p.decrease_cooldown_s if below or bound else p.increase_interval_s
+        if below or bound:
+            dwell = p.decrease_cooldown_s
+        else:
+            dwell = p.increase_interval_s * 2 ** min(g.probes, MAX_PROBE_DOUBLINGS)
         if dwelt < dwell:
             reasons.append(f"{where}all apps stable for {dwelt:.2f} s of {dwell:.2f} s dwell")
             return
@@ -588,7 +634,9 @@ class AsymmetricAimd:
             if self._group_knees.uncertain(name):
                 # Only an upper bound: steps of a twentieth of the load, so that the climb
                 # takes the same few steps on any link.
-                budget = min(budget, max(fine, UNCERTAIN_STEP_FRACTION * load))
+                # Near the bound, fine steps: the real knee may be anywhere there.
+                coarse = (1.0 - UNCERTAIN_BAND) * group_knee - load
+                budget = min(budget, max(fine, min(UNCERTAIN_STEP_FRACTION * load, coarse)))
             for s in climbing:
                 # Under the group's knee the room is the budget, not increase_step: the
                 # climb to it takes the same few steps on a 100 and a 400 Mbit/s link.
@@ -605,7 +653,8 @@ class AsymmetricAimd:
                 why = f"stable, but not raising unused caps: {', '.join(idle)}"
             reasons.append(f"{where}{why}")
             return
-        g.stable_since_ns = now_ns  # the next step needs a dwell of its own
+        g.stable_since_ns = g.last_raise_ns = now_ns  # the next step dwells anew
+        g.before_raise = {s: previous[s] for s in scopes}
         g.gentle = False  # a healthy climb: the next overshoot may be a small one again
         raised.append(name)
         steps = {new[s] - previous[s] for s in scopes if new[s] != previous[s]}
@@ -675,6 +724,47 @@ class AsymmetricAimd:
         )
         self._group_knees.note(name, load, now_ns, uncertain=unbounded or moved)
 
+    def _read_drains(self, now_ns: int, latest_ns: int, reasons: list[str]) -> None:
+        """After a cut, where the queue it drains says the link's knee is (``drain_knee``),
+        noted for the group when no knee is known or only an upper bound above it. Read
+        over the two control intervals after the cut, the queue still standing in the
+        second: the cut's enforcement delay is in the first (read from the cut, a drain
+        seen through a 100 ms delay put the knee 17 % low in the fluid model). The
+        senders' ramp into a full queue bounds the knee only to within some 20 % (usage
+        counts what the queue dropped); the drain reads it to a few percent, erring low."""
+        for name, g in self._groups.items():
+            drain = g.drain
+            if drain is None or latest_ns <= 0 or now_ns - drain.until_ns < latest_ns:
+                continue  # the latest window still holds samples from before
+            level = self._level_of(name)
+            if now_ns - drain.until_ns > 2 * latest_ns or level is None:
+                g.drain = None  # a step came late: the windows are not back to back
+                continue
+            levels = (*drain.levels, (now_ns - latest_ns // 2, level))
+            if len(levels) < 2:
+                g.drain = drain._replace(until_ns=now_ns, levels=levels)
+                continue
+            g.drain = None
+            (t1, q1), (t2, q2) = levels
+            knee = drain_knee(drain.load, q1, q2, (t2 - t1) / 1e6)
+            remembered = self._group_knees.get(name, now_ns)
+            if knee is None or (
+                remembered is not None
+                and not (self._group_knees.uncertain(name) and knee < remembered)
+            ):
+                continue
+            self._group_knees.note(name, knee, now_ns)
+            g.probes = 0
+            reasons.append(
+                f"{self._where(name)}the queue drained from {q1:.2f} to {q2:.2f} ms: "
+                f"the link's knee is at {knee:.0f} Mbit/s"
+            )
+
+    def _level_of(self, name: str) -> float | None:
+        """The queue now on group ``name``'s link: its targets' highest latest level."""
+        mine = [q for node, q in self._levels.items() if node in (name, None) or name == CLUSTER]
+        return max(mine, default=None)
+
     def _warning_of(self, name: str, warnings: Mapping[str | None, _Warning]) -> _Warning | None:
         """The early warning that concerns group ``name``, if any (a standing one first)."""
         mine = [w for node, w in warnings.items() if node in (name, None) or name == CLUSTER]
@@ -698,7 +788,11 @@ class AsymmetricAimd:
         p, g = self.params, self._groups[name]
         where = self._where(name)
         why = warning.reason
-        if not warning.standing:
+        # A queue rising right after a step up is that step passing the knee: undone at
+        # once, before it stands (a quarter of a second later it stood at 1-1.5 ms in the
+        # lab). Later, a rise is as likely a burst, which falls by itself: hold.
+        probed = self._just_raised(g, now_ns)
+        if not warning.standing and not probed:
             reasons.append(f"{where}holding: {why}")
             return
         steps = [t for t in (g.last_cut_ns, g.last_trim_ns) if t is not None]
@@ -721,6 +815,10 @@ class AsymmetricAimd:
             # by two steps; a trim is still at least one.
             to = math.ceil(trim_to(cap, used, knee, margin=p.knee_margin))
             new[s] = min(cap, p.clamp(min(cap - 1, to)))
+            if probed and s in g.before_raise:
+                # The step that passed the knee is undone, no more: the caps before it
+                # held for a whole dwell. A deeper trim would ratchet them down.
+                new[s] = max(new[s], min(cap, g.before_raise[s]))
             trimmed = trimmed or new[s] != cap
         if not cooling:
             self._note_group_knee(name, now_ns, scopes, usage, previous, at_least=True)
@@ -728,6 +826,8 @@ class AsymmetricAimd:
             g.last_trim_ns = now_ns
             cut.append(name)
             reasons.append(f"{where}trimming under the knee: {why}")
+            if probed:
+                self._probe_failed(g)
         else:
             reasons.append(f"{where}holding: {why}")
 
@@ -753,6 +853,19 @@ class AsymmetricAimd:
         return out
 
     # --- helpers -------------------------------------------------------------------------
+    def _just_raised(self, g: _Group, now_ns: int) -> bool:
+        """Whether the group's last increase is what the probes see now: within twice
+        effect_delay of it (the step reaches the wire, then the queue it builds shows;
+        a step past the knee by 1 % grows the queue by 10 ms a second). Later, a rise
+        is as likely a burst."""
+        horizon = 2 * _ns(self.params.effect_delay_s)
+        return g.last_raise_ns is not None and now_ns - g.last_raise_ns < horizon
+
+    def _probe_failed(self, g: _Group) -> None:
+        """The last increase passed the knee and was undone: the next waits longer."""
+        g.probes += 1
+        g.last_raise_ns = None
+
     def _group_of(self, node: str | None) -> str:
         return CLUSTER if node is None or self.params.scope == "cluster" else node
 
@@ -785,6 +898,19 @@ class _Warning(NamedTuple):
 
     reason: str
     standing: bool
+
+
+def _levels(obs: Observation) -> dict[str | None, float]:
+    """The queue now (ms, the latest window's median RTT over the base RTT) by node, the
+    highest of its targets; None for targets without a node."""
+    out: dict[str | None, float] = {}
+    for target, w in (obs.latest or {}).items():
+        if w is None or w.rtt_p50_ns is None or w.base_rtt_ns is None:
+            continue
+        node = obs.endpoints.get(target, Endpoint(target)).node
+        level = max(0.0, (w.rtt_p50_ns - w.base_rtt_ns) / 1e6)
+        out[node] = max(level, out.get(node, 0.0))
+    return out
 
 
 def _quiet(used: float | None, params: PolicyParams) -> bool:

@@ -15,6 +15,9 @@ queue-delay SLO, so the policy need not find the link's capacity by falling off 
   fast to a margin below the knee and slowly near and above it; ``cut_to`` to cut a cap
   that climbed past the knee back under it only, never by more than the configured
   factor; ``trim_to`` to step back under the knee on an early warning.
+- ``drain_knee`` reads the link's knee off the queue a cut drains: the link serves what
+  arrives plus what the queue loses, so the queue's slope over one control interval and
+  the load after the cut give the rate it serves.
 
 Pure: time comes in as ``now_ns``, delays in ms.
 """
@@ -34,6 +37,10 @@ K = TypeVar("K", bound=Hashable)
 NOISE_HORIZON_NS = 60 * 10**9  # the noise floor is the lowest recent delay of the last minute
 _BUCKET_NS = 10**9  # ...kept as one minimum per second
 TREND_NS = 10**9  # "rising": higher now than one second ago by more than the noise
+# A queue this deep (ms) before a cut is one to read the drain of; one this shallow after
+# it has (nearly) emptied within the window, whose median then says nothing of the slope.
+DRAIN_FROM_MS = 2.0
+DRAIN_TO_MS = 0.2
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -207,3 +214,17 @@ def trim_to(cap: int, used: float | None, knee: float | None, *, margin: float) 
     usage when lower, where the queue began to build when no knee is remembered)."""
     point = knee if knee is not None else min(float(cap), used if used is not None else cap)
     return min(float(cap), point * (1.0 - margin))
+
+
+def drain_knee(load: float, before_ms: float, after_ms: float, elapsed_ms: float) -> float | None:
+    """The knee a draining queue shows: ``load / (1 + slope)``, the slope in ms of queue
+    per ms from ``before_ms`` to ``after_ms`` over ``elapsed_ms``. None unless the queue
+    stood (at least DRAIN_FROM_MS) and still stands, lower (at least DRAIN_TO_MS): an
+    emptied queue bounds the knee from below only. Errs low: the cut's enforcement delay
+    slows the drain seen, and the critical traffic is not in ``load``."""
+    if elapsed_ms <= 0 or load <= 0 or before_ms < DRAIN_FROM_MS:
+        return None
+    if not DRAIN_TO_MS <= after_ms < before_ms:
+        return None
+    slope = (after_ms - before_ms) / elapsed_ms
+    return load / (1.0 + slope) if slope > -1.0 else None

@@ -224,6 +224,8 @@ class ControlLoop:
         return Observation(
             stats=self.engine.stats(since_ns=since),
             recent=self.engine.stats(window_ns=RECENT_WINDOW_NS),
+            latest=self.engine.stats(window_ns=self.interval_ns),
+            latest_ns=self.interval_ns,
             endpoints=endpoints,
             usage=usage,
             placements=self.enforcer.placements(),

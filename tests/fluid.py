@@ -133,10 +133,15 @@ def run(
             since = policy.evidence_since({}).get(slo.app, 0)
             stats = _stats(slo.app, t_s, rtt_ms, now_ns, window_s, since, base_rtt_ms)
             recent = _stats(slo.app, t_s, rtt_ms, now_ns, 1.0, since, base_rtt_ms)
+            latest = _stats(slo.app, t_s, rtt_ms, now_ns, control_s, 0, base_rtt_ms)
             d = policy.decide(
                 now_ns=now_ns,
                 observation=Observation(
-                    stats={slo.app: stats}, recent={slo.app: recent}, usage=usage
+                    stats={slo.app: stats},
+                    recent={slo.app: recent},
+                    latest={slo.app: latest},
+                    latest_ns=round(control_s * 1e9),
+                    usage=usage,
                 ),
                 limits=limits,
             )

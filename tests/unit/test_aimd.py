@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+import itertools
 from collections.abc import Mapping
 
 import pytest
@@ -10,6 +12,8 @@ from hypothesis import strategies as st
 
 from detnet.controller.aimd import (
     BURST_MEMORY_S,
+    MAX_PROBE_DOUBLINGS,
+    UNCERTAIN_BAND,
     AsymmetricAimd,
     Decision,
     Observation,
@@ -851,3 +855,160 @@ def test_the_climb_back_to_a_known_knee_takes_the_same_steps_on_any_link(link: i
         limits, now = named(d.limits), now + STEP_NS
     assert sum(limits.values()) <= link  # never past the knee on the way
     assert steps == 1  # straight to the margin under it, at 100 as at 400 Mbit/s
+
+
+def _probing(p: AsymmetricAimd, limits: dict[str, int], *, until_s: int) -> list[float]:
+    """Healthy steps at ``limits`` (usage at the caps) from 12 s; the step after each
+    increase sees robot-control's queue standing over the warning level (the step passed
+    the knee). The times of the increases, in seconds."""
+    raised: list[float] = []
+    for now in range(12 * S, until_s * S, STEP_NS):
+        stats = healthy()
+        if raised and now - round(raised[-1] * S) == STEP_NS:
+            stats["robot-control"] = window("robot-control", queue_ms=0.8)
+        d = decide(p, now_ns=now, stats=stats, limits=limits, usage=dict(limits))
+        limits.update(named(d.limits))
+        if d.action == "increase":
+            raised.append(now / S)
+    return raised
+
+
+def test_each_step_past_a_confirmed_knee_waits_twice_as_long_as_the_last() -> None:
+    # The knee at 100 + 100, noted at a violation with both caps bitten; the caps stand
+    # at its margin. Every fine step past it is trimmed at the next control step: the
+    # dwell before the next one doubles, up to MAX_PROBE_DOUBLINGS times.
+    p = policy(usage_window_s=0.0)
+    bad = {**healthy(), "robot-control": window("robot-control", jitter_ms=1.5)}
+    full = {"telemetry": 100.0, "erp": 100.0}
+    decide(p, now_ns=10 * S, stats=bad, limits={"telemetry": 100, "erp": 100}, usage=full)
+    limits = {"telemetry": 98, "erp": 98}
+    raised = _probing(p, limits, until_s=250)
+    gaps = [b - a for a, b in itertools.pairwise(raised)]
+    dwell = PARAMS.increase_interval_s
+    expected = [dwell * 2 ** min(i + 1, MAX_PROBE_DOUBLINGS) for i in range(len(gaps))]
+    assert len(gaps) >= MAX_PROBE_DOUBLINGS + 2, raised
+    assert gaps[0] >= 2 * dwell  # doubling, whatever the constant says
+    assert gaps[1] >= 4 * dwell
+    for gap, want in zip(gaps, expected, strict=True):
+        # the trim's step and the step that restarts the dwell come on top
+        assert want <= gap <= want + 1.0, (gaps, expected)
+    assert sum(limits.values()) <= 200  # every step past the knee was taken back
+
+
+def _one_step_past_the_margin(p: AsymmetricAimd) -> tuple[int, dict[str, int]]:
+    """The knee at 50 + 50 (a violation with both caps bitten at 10 s), the caps at its
+    margin (49 each) and healthy until the first increase: its time and the caps after."""
+    bad = {**healthy(), "robot-control": window("robot-control", jitter_ms=1.5)}
+    full = {"telemetry": 50.0, "erp": 50.0}
+    decide(p, now_ns=10 * S, stats=bad, limits={"telemetry": 50, "erp": 50}, usage=full)
+    limits = {"telemetry": 49, "erp": 49}
+    for now in range(12 * S, 30 * S, STEP_NS):
+        d = decide(p, now_ns=now, stats=healthy(), limits=limits, usage=dict(limits))
+        limits.update(named(d.limits))
+        if d.action == "increase":
+            return now, limits
+    raise AssertionError("no increase at the knee's margin")
+
+
+def test_a_queue_rising_right_after_a_step_up_undoes_it() -> None:
+    # A rise (not yet standing over the warning level) the step after an increase is
+    # that increase passing the knee: undone at once, back to the caps before it and no
+    # lower (a trim by each workload's own knee would take the one not raised to 48).
+    # The same rise seconds after the last increase is as likely a burst: it only holds.
+    # The queue rises from 0.1 ms to 0.28 ms: the warning level is 0.3 ms (three times
+    # that 0.1 ms noise floor, above a quarter of the 1 ms jitter threshold), a rise by
+    # more than half of it is "rising", and 0.28 ms stays under the level itself.
+    rising = {**healthy(), "robot-control": window("robot-control", queue_ms=0.28)}
+    for later, action in ((STEP_NS, "decrease"), (3 * S, "hold")):
+        p = policy(usage_window_s=0.0)
+        raised_at, at = _one_step_past_the_margin(p)
+        assert sum(at.values()) == 99
+        for now in range(raised_at + STEP_NS, raised_at + later, STEP_NS):
+            decide(p, now_ns=now, stats=healthy(), limits=at, usage=dict(at))
+        d = decide(p, now_ns=raised_at + later, stats=rising, limits=at, usage=dict(at))
+        assert d.action == action, d.reasons
+        if action == "decrease":
+            assert named(d.limits) == {"telemetry": 49, "erp": 49}
+        else:
+            assert named(d.limits) == at
+            assert any("rising" in r for r in d.reasons), d.reasons
+
+
+def test_near_a_knee_that_is_only_an_upper_bound_the_climb_takes_fine_steps() -> None:
+    # A violation while no cap had bitten (caps of 1000, 100 Mbit/s each used): 200 is
+    # an upper bound on the knee, within some percent of it. The climb back goes in
+    # twentieths of the load up to UNCERTAIN_BAND under the bound, then in fine steps
+    # (knee_step_fraction of it): a coarse step past the real knee breaks the SLO before
+    # the next control step can undo it.
+    p = policy(usage_window_s=0.0)
+    bad = {**healthy(), "robot-control": window("robot-control", jitter_ms=1.5)}
+    d = decide(
+        p,
+        now_ns=10 * S,
+        stats=bad,
+        limits={"telemetry": 1000, "erp": 1000},
+        usage={"telemetry": 100.0, "erp": 100.0},
+    )
+    limits = named(d.limits)
+    assert limits == {"telemetry": 80, "erp": 80}
+    band = (1 - UNCERTAIN_BAND) * 200
+    fine = PARAMS.knee_step_fraction * 200
+    coarse: list[int] = []
+    near: list[int] = []
+    for now in range(11 * S, 60 * S, STEP_NS):
+        before = sum(limits.values())
+        d = decide(p, now_ns=now, stats=healthy(), limits=limits, usage=dict(limits))
+        limits = named(d.limits)
+        if d.action == "increase":
+            (near if before >= band else coarse).append(sum(limits.values()) - before)
+    assert coarse, "no climb far under the bound"
+    assert min(coarse) > fine  # fast while far under the bound...
+    assert sum(coarse) + 160 <= band + 1
+    assert near, "no climb near the bound"
+    assert max(near) <= fine  # ...and fine steps near it
+
+
+def _queued(target: str, level_ms: float) -> WindowStats:
+    """A latest window whose median RTT stands ``level_ms`` over the base RTT."""
+    return dataclasses.replace(window(target), rtt_p50_ns=(0.1 + level_ms) * MS)
+
+
+def test_the_queue_a_cut_drains_shows_where_the_knee_is() -> None:
+    # A violation while no cap had bitten: the usage of 116 Mbit/s (senders ramping into a
+    # full queue, drops counted) only bounds the knee. The cut to 92 drains the queue by
+    # 12.5 ms in the 250 ms between the next two control intervals: the link serves 5 %
+    # more than 92 arrive, so its knee is 92 / 0.95 = 96.8 Mbit/s, well under the bound.
+    # The climb goes straight to the margin under that knee, then in fine steps after
+    # increase_interval; without the drain it goes on in twentieths towards 116.
+    bad = {**healthy(), "robot-control": window("robot-control", jitter_ms=1.5)}
+    climbs = {}
+    for drained in (True, False):
+        p = policy(usage_window_s=0.0)
+        limits = {"telemetry": 1000, "erp": 1000}
+        levels = iter([30.0, 20.0, 7.5] if drained else [30.0, 30.0, 30.0])
+        sums = []
+        for now in range(10 * S, 20 * S, STEP_NS):  # two increase_intervals
+            violated = now == 10 * S
+            level = next(levels, 0.05)
+            usage = {"telemetry": 58.0, "erp": 58.0} if violated else dict(limits)
+            d = p.decide(
+                now_ns=now,
+                observation=Observation(
+                    stats=bad if violated else healthy(),
+                    latest={"robot-control": _queued("robot-control", level)},
+                    latest_ns=STEP_NS,
+                    usage={Scope(k): v for k, v in usage.items()},
+                ),
+                limits={Scope(k): v for k, v in limits.items()},
+            )
+            if violated:
+                assert d.action == "decrease"
+            if drained and any("drained" in r for r in d.reasons):
+                assert any("knee is at 97 Mbit/s" in r for r in d.reasons), d.reasons
+            limits = named(d.limits)
+            sums.append(sum(limits.values()))
+        climbs[drained] = sums
+    assert climbs[True][1] == climbs[False][1] == 92  # the same cut
+    assert 94 in climbs[True]  # straight to the margin under the knee the drain showed...
+    assert max(climbs[True]) <= 95  # ...then one fine step per increase_interval
+    assert max(climbs[False]) > 97  # without it, on towards the bound

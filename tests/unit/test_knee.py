@@ -10,6 +10,7 @@ from detnet.controller.knee import (
     WarningParams,
     climb_to,
     cut_to,
+    drain_knee,
     trim_to,
 )
 
@@ -140,3 +141,37 @@ def test_a_knee_moves_up_but_keeps_fading_from_when_it_was_seen() -> None:
     assert memory.get("a", now_ns=101) is None  # faded from t=0, not from the move
     memory.move_up("b", 10.0)  # nothing to move
     assert memory.get("b", now_ns=0) is None
+
+
+@pytest.mark.parametrize(
+    ("load", "before", "after", "elapsed", "expected"),
+    [
+        # 12.5 ms of queue lost in 250 ms: the link serves 5 % more than arrives
+        (95.0, 20.0, 7.5, 250.0, 100.0),
+        # at 400 Mbit/s the same drain is the same share
+        (380.0, 20.0, 7.5, 250.0, 400.0),
+        (80.0, 30.0, 5.0, 125.0, 100.0),  # a fifth less arriving than served
+    ],
+)
+def test_a_draining_queue_shows_the_rate_the_link_serves(
+    load: float, before: float, after: float, elapsed: float, expected: float
+) -> None:
+    # A queue of q ms drains at (C - A) / C ms per ms: C = A / (1 + slope).
+    assert drain_knee(load, before, after, elapsed) == pytest.approx(expected)
+
+
+@pytest.mark.parametrize(
+    ("before", "after", "elapsed"),
+    [
+        (1.0, 0.5, 250.0),  # no queue to speak of before
+        (20.0, 0.1, 250.0),  # emptied within the window: a lower bound only
+        (20.0, 20.0, 250.0),  # not draining (a full buffer stands still)
+        (20.0, 25.0, 250.0),  # growing: the cut has not taken effect
+        (20.0, 10.0, 0.0),
+        (30.0, 0.3, 10.0),  # a slope of -3: nothing arrives at all, no rate to read
+    ],
+)
+def test_no_knee_from_a_queue_that_does_not_drain_measurably(
+    before: float, after: float, elapsed: float
+) -> None:
+    assert drain_knee(90.0, before, after, elapsed) is None

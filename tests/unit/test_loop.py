@@ -262,16 +262,19 @@ async def test_after_a_cut_the_windows_start_when_it_took_effect() -> None:
     loop, engine, clock, _, _, _ = make()
     await loop.start()
     await loop.step()
-    assert engine.calls[-2:] == [(None, {}), (RECENT_WINDOW_NS, None)]
+    # the evidence window, the last second (the queue's trend), the last control
+    # interval (the queue now)
+    latest = (loop.interval_ns, None)
+    assert engine.calls[-3:] == [(None, {}), (RECENT_WINDOW_NS, None), latest]
     engine.windows["robot-control"] = window("robot-control", jitter_ms=5.0)
     cut_at = clock.now
     assert (await loop.step()).action == "decrease"
     clock.now += S // 4
     await loop.step()
-    full, recent = engine.calls[-2:]
+    full, recent, now = engine.calls[-3:]
     effect = round(loop.policy.params.effect_delay_s * 1e9)
     assert full == (None, {"robot-control": cut_at + effect})
-    assert recent == (RECENT_WINDOW_NS, None)
+    assert (recent, now) == ((RECENT_WINDOW_NS, None), latest)
 
 
 class PlacedEnforcer(DryRunEnforcer):
