@@ -81,13 +81,15 @@ Action = Literal["decrease", "increase", "hold"]
 GENTLE_MAX_SEVERITY = 2.0
 # Climbing towards a group knee that is only an upper bound: this share of the load per
 # step, up to UNCERTAIN_BAND under the bound; from there fine steps. Such a bound (the usage
-# of senders ramping into a full queue) was within 8 % of the link's knee in the lab, and
-# a step of more than about 1 % past a knee breaks a 2 ms queue SLO before the next
-# control step can undo it.
+# of senders ramping into a full queue) was from 8 % under to 18 % over the link's knee in
+# the lab, and a step of more than about 1 % past a knee breaks a 2 ms queue SLO before
+# the next control step can undo it. The band covers the usual case; a bound far over the
+# knee leaves the cut close under it, and the queue's slow drain shows it (``drain_knee``).
 UNCERTAIN_STEP_FRACTION = 0.05
 UNCERTAIN_BAND = 0.08
-# At a knee that trims keep confirming, the dwell before the next fine step doubles per
-# trim, up to this many times: each step past the knee costs a standing queue.
+# At a knee that keeps being confirmed, the dwell before the next fine step doubles with
+# each step past it that had to be undone, up to this many times: each costs a standing
+# queue.
 MAX_PROBE_DOUBLINGS = 3
 # How long a workload's peak rate keeps its room on a shared link (``_committed``):
 # uploads and report bursts come every few seconds; one idle for longer leaves its room.
@@ -187,6 +189,8 @@ class Decision:
     no_data: tuple[str, ...]  # targets with no measurements
     cut_nodes: tuple[str, ...] = ()  # groups cut ("" for the cluster group)
     escalated: bool = False  # the cut was widened to every node
+    # The usage the step counted (Mbit/s, the mean over usage_window) per scope it knew.
+    usage: Mapping[Scope, float] = field(default_factory=dict)
 
     @property
     def changed(self) -> bool:
@@ -377,6 +381,7 @@ class AsymmetricAimd:
             no_data=ev.no_data,
             cut_nodes=tuple(cut),
             escalated=escalated,
+            usage=usage,
         )
 
     # --- cutting -----------------------------------------------------------------------

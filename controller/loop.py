@@ -137,6 +137,7 @@ class DecisionLog:
                 "reasons": list(decision.reasons),
                 "limits": {str(k): v for k, v in decision.limits.items()},
                 "previous": {str(k): v for k, v in decision.previous.items()},
+                "usage": {str(k): round(v, 1) for k, v in decision.usage.items()},
                 "enforce_s": None if enforce_s is None else round(enforce_s, 6),
             }
             if error is not None:

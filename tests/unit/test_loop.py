@@ -310,6 +310,7 @@ async def test_node_scope_cuts_the_violated_node_from_the_agents_usage() -> None
     engine, clock, enforcer = FakeEngine(), FakeClock(), PlacedEnforcer()
     usage = RecordingUsage({Scope("telemetry", "node-b"): 50.0, Scope("erp", "node-b"): 30.0})
     metrics = ControllerMetrics(CollectorRegistry())
+    out = io.StringIO()
     endpoints = {
         "robot-control/rc-a": Endpoint("robot-control", node="node-a", pod="rc-a"),
         "robot-control/rc-b": Endpoint("robot-control", node="node-b", pod="rc-b"),
@@ -322,6 +323,7 @@ async def test_node_scope_cuts_the_violated_node_from_the_agents_usage() -> None
         clock=clock,
         endpoints=lambda: endpoints,
         usage=usage,
+        decision_log=DecisionLog(fmt="json", stream=out, wall_clock=lambda: 0.0),
     )
     start = named(await loop.start())
     assert start == {"telemetry@node-a": 1000, "telemetry@node-b": 1000, "erp@node-b": 1000}
@@ -337,6 +339,8 @@ async def test_node_scope_cuts_the_violated_node_from_the_agents_usage() -> None
     assert limits["telemetry@node-a"] == 1000  # node-a's pods keep theirs
     assert limits["telemetry@node-b"] == 40  # 20 % under the 50 Mbit/s it sends
     assert limits["erp@node-b"] == 24
+    # the log says what usage each cut started from
+    assert records(out)[-1]["usage"] == {"telemetry@node-b": 50.0, "erp@node-b": 30.0}
     reg = metrics.registry
     labels = {"workload": "telemetry", "node": "node-b"}
     assert reg.get_sample_value("detnet_egress_limit_bytes_per_second", labels) == 40 * 125_000
