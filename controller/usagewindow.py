@@ -4,9 +4,11 @@ One control step's reading is noisy for bursty workloads (a 100 ms sample of a T
 swings with slow start and pauses), and a cut from it lands far from the 20 % intended;
 a peak counts a burst's overshoot as the workload's rate. So usage is the mean of the
 readings over ``window_ns``. A reading far above the earlier peak marks the start of a
-burst: it covers partly idle time, so it and everything before it leave the mean, which
-restarts; until the new readings cover ``settle`` of the window the scope is *ramping* and
-a cut waits for a mean (bounded: a ramp's own growth never postpones the cut again).
+burst: everything before it leaves the mean, which restarts from it; until the new
+readings cover ``settle`` of the window the scope is *ramping* and a cut waits for a mean
+(bounded: a ramp's own growth never postpones the cut again). The first reading may
+cover partly idle time, but it stays: a burst shorter than one reading (an upload at
+400 Mbit/s) is nothing but that reading, and without it the workload read as idle.
 
 Pure: time comes in as ``now_ns``; readings are Mbit/s per key (any hashable scope).
 """
@@ -60,6 +62,7 @@ class UsageMeter(Generic[K]):
                     and (cap is None or used < USING_CAP_FRACTION * cap)
                 ):
                     seen.clear()
+                    seen.append((now_ns, used))
                     self._ramp_ns[key] = now_ns
             while seen and now_ns - seen[0][0] > self.window_ns:
                 seen.popleft()

@@ -363,8 +363,25 @@ def test_cut_waits_for_a_mean_rate_after_a_ramp() -> None:
     # It waits 0.2 s (a fifth of the usage window) for a mean.
     assert [d.action for d in decisions] == ["hold", "hold", "decrease"]
     assert any("usage ramping up (telemetry for 0.0 s" in r for r in decisions[0].reasons)
-    # From the mean of the readings after the ramp: telemetry 60, erp 26.5.
-    assert named(decisions[-1].limits) == {"telemetry": 48, "erp": 21}
+    # From the mean of the readings since the ramp began: telemetry 50, erp 24.3.
+    assert named(decisions[-1].limits) == {"telemetry": 40, "erp": 19}
+
+
+def test_a_burst_shorter_than_a_reading_still_counts() -> None:
+    # An upload that fits in one reading (6 MB in under 250 ms at 400 Mbit/s) is a ramp
+    # and the whole burst at once: it is the workload's usage until the mean forgets it,
+    # never "quiet", so a violation cuts it.
+    p = policy(usage_window_s=1.0)
+    limits = {"telemetry": 1000, "erp": 400}
+    bad = {**healthy(), "robot-control": window("robot-control", jitter_ms=5.0)}
+    t = 10 * S
+    for tel in (0.0, 0.0, 180.0, 0.0, 0.0):
+        decide(p, now_ns=t, stats=healthy(), limits=limits, usage={"telemetry": tel, "erp": 300.0})
+        t += STEP_NS
+    d = decide(p, now_ns=t, stats=bad, limits=limits, usage={"telemetry": 0.0, "erp": 300.0})
+    assert d.action == "decrease"
+    assert named(d.limits)["telemetry"] == 36  # 20 % under its mean of 45 since the burst
+    assert d.usage[Scope("telemetry")] == 45.0
 
 
 def test_flat_usage_is_cut_at_once() -> None:
