@@ -21,8 +21,8 @@ the workloads' pods on that node; under cluster scope every workload. Rules (DES
   signal after ``effect_delay``, the next cut comes at once and deeper.
 - After a cut, its group's targets are judged on samples taken ``effect_delay`` after it
   (``evidence_since``): samples of the queue the cut is draining say nothing of it. But
-  that queue's slope over the two control intervals after the cut shows the rate the link
-  serves (``drain_knee``): the group's knee, where only an upper bound above it is known.
+  that queue's slope, probe by probe from the moment the cut took effect, shows the rate
+  the link serves (``drain_knee``): the group's knee, where only an upper bound is known.
 - When a violated node has nothing left to cut (no best-effort pods, or all at
   ``min_bandwidth``) for ``escalate_after`` cooldowns, the cut widens to every node; it
   narrows back once that node's SLO holds.
@@ -164,13 +164,15 @@ class Observation:
     windows themselves when absent); ``endpoints``: what each target stands for (a target
     not listed is the app of that name, at its Service address); ``usage``: measured
     Mbit/s per scope, absent where unknown; ``placements``: per workload the nodes its
-    running pods are on (node scope); ``latest``: the targets over the last ``latest_ns``
-    (a control interval), for the queue's level now (its slope after a cut)."""
+    running pods are on (node scope); ``trace``: per target, the queueing delay probe by
+    probe over the last control interval ((monotonic send ns, ms), for the queue's slope
+    after a cut); ``actuation_ns``: how long the last change of limits took from its
+    decision to the enforcer's return (None when unknown or it failed)."""
 
     stats: Mapping[str, WindowStats | None]
     recent: Mapping[str, WindowStats | None] | None = None
-    latest: Mapping[str, WindowStats | None] | None = None
-    latest_ns: int = 0
+    trace: Mapping[str, Sequence[tuple[int, float]]] | None = None
+    actuation_ns: int | None = None
     endpoints: Mapping[str, Endpoint] = field(default_factory=dict)
     usage: Mapping[Scope, float] = field(default_factory=dict)
     placements: Mapping[str, frozenset[str]] = field(default_factory=dict)
@@ -218,17 +220,16 @@ class _Group:
     last_raise_ns: int | None = None
     before_raise: dict[Scope, int] = field(default_factory=dict)  # the caps then
     probes: int = 0  # steps past the knee undone since it was last found anew
+    read_knee: bool = False  # the knee is a drain's reading (errs low), no warning since
     drain: _Drain | None = None  # the last cut, to read the knee off the queue it drains
 
 
 class _Drain(NamedTuple):
-    """A cut whose queue is read in the two control intervals after it: the load the
-    group puts on the link after it (Mbit/s), when the last window read ended (the cut,
-    at first), and each window's (midpoint ns, queue ms)."""
+    """A cut whose queue is read at the next step: the load the group puts on the link
+    after it (Mbit/s), and when it was decided."""
 
     load: float
-    until_ns: int
-    levels: tuple[tuple[int, float], ...] = ()
+    at_ns: int
 
 
 class AsymmetricAimd:
@@ -253,7 +254,6 @@ class AsymmetricAimd:
         self._watch = QueueWatch(WarningParams(fraction=params.early_warning_fraction))
         self._escalated_by: set[str] = set()  # violated nodes that widened the cut
         self._basis = {slo.app: _tightest_ms(slo) for slo in slos}
-        self._levels: dict[str | None, float] = {}  # the queue now, by node (None: unplaced)
 
     # --- scopes and start limits ---------------------------------------------------
     def scopes(self, placements: Mapping[str, Iterable[str]] | None = None) -> list[Scope]:
@@ -324,7 +324,6 @@ class AsymmetricAimd:
         usage, ramping = self._usage.update(now_ns, obs.usage, previous)
         self._burst_peaks = self._peaks.update(now_ns, usage)
         warnings = self._warnings(now_ns, obs)
-        self._levels = _levels(obs)
         self._knees.forget(set(scopes))
 
         members: dict[str, list[Scope]] = {}
@@ -340,7 +339,7 @@ class AsymmetricAimd:
         reasons: list[str] = []
         cut: list[str] = []
         raised: list[str] = []
-        self._read_drains(now_ns, obs.latest_ns, reasons)
+        self._read_drains(now_ns, obs, reasons)
         violated = self._affected(ev.violated_nodes, members)
         for name in sorted(violated):
             self._cut_group(
@@ -471,6 +470,7 @@ class AsymmetricAimd:
                 reasons.append(f"{where}{what} at min_bandwidth")
             return
         g.last_cut_ns, g.blind, g.cut_severity, g.gentle = now_ns, blind, severity, gentle
+        g.read_knee = False
         g.drain = _Drain(_load(scopes, usage, new), now_ns)
         if self._just_raised(g, now_ns):
             self._probe_failed(g)
@@ -602,7 +602,9 @@ class AsymmetricAimd:
             bound = self._group_knees.uncertain(name)
         else:
             bound = any(k is not None and self._knees.uncertain(s) for s, k in knees.items())
-        if below or bound:
+        if below or bound or g.read_knee:
+            # A drain's reading errs low: past it, fine steps a cooldown apart until a
+            # warning marks the knee itself.
             dwell = p.decrease_cooldown_s
         else:
             dwell = p.increase_interval_s * 2 ** min(g.probes, MAX_PROBE_DOUBLINGS)
@@ -729,46 +731,39 @@ class AsymmetricAimd:
         )
         self._group_knees.note(name, load, now_ns, uncertain=unbounded or moved)
 
-    def _read_drains(self, now_ns: int, latest_ns: int, reasons: list[str]) -> None:
-        """After a cut, where the queue it drains says the link's knee is (``drain_knee``),
-        noted for the group when no knee is known or only an upper bound above it. Read
-        over the two control intervals after the cut, the queue still standing in the
-        second: the cut's enforcement delay is in the first (read from the cut, a drain
-        seen through a 100 ms delay put the knee 17 % low in the fluid model). The
-        senders' ramp into a full queue bounds the knee only to within some 20 % (usage
-        counts what the queue dropped); the drain reads it to a few percent, erring low."""
+    def _read_drains(self, now_ns: int, obs: Observation, reasons: list[str]) -> None:
+        """The step after a cut: where the queue it drains says the link's knee is
+        (``drain_knee`` on each of the group's targets' probes since the cut reached the
+        enforcer; the lowest reading), noted for the group when no knee is known or only
+        an upper bound (then the lower of the two). The senders' ramp into a full queue
+        bounds the knee only to within some 20 % (usage counts what the queue dropped);
+        the drain reads it to a few percent, erring low."""
         for name, g in self._groups.items():
-            drain = g.drain
-            if drain is None or latest_ns <= 0 or now_ns - drain.until_ns < latest_ns:
-                continue  # the latest window still holds samples from before
-            level = self._level_of(name)
-            if now_ns - drain.until_ns > 2 * latest_ns or level is None:
-                g.drain = None  # a step came late: the windows are not back to back
+            drain, g.drain = g.drain, None
+            if drain is None or obs.actuation_ns is None:
                 continue
-            levels = (*drain.levels, (now_ns - latest_ns // 2, level))
-            if len(levels) < 2:
-                g.drain = drain._replace(until_ns=now_ns, levels=levels)
-                continue
-            g.drain = None
-            (t1, q1), (t2, q2) = levels
-            knee = drain_knee(drain.load, q1, q2, (t2 - t1) / 1e6)
+            since = drain.at_ns + obs.actuation_ns
+            readings = [
+                knee
+                for target, trace in (obs.trace or {}).items()
+                if self._concerns(name, obs.endpoints.get(target, Endpoint(target)).node)
+                and (knee := drain_knee(drain.load, trace, since_ns=since)) is not None
+            ]
             remembered = self._group_knees.get(name, now_ns)
-            if knee is None or (
-                remembered is not None
-                and not (self._group_knees.uncertain(name) and knee < remembered)
-            ):
+            if not readings or (remembered is not None and not self._group_knees.uncertain(name)):
                 continue
+            # The reading errs low, the bound high: the knee is between, nearer the reading.
+            knee = min(readings) if remembered is None else min(*readings, remembered)
             self._group_knees.note(name, knee, now_ns)
-            g.probes = 0
+            g.probes, g.read_knee = 0, True
             reasons.append(
-                f"{self._where(name)}the queue drained from {q1:.2f} to {q2:.2f} ms: "
-                f"the link's knee is at {knee:.0f} Mbit/s"
+                f"{self._where(name)}the queue the cut drains shows the link's knee at "
+                f"{knee:.0f} Mbit/s"
             )
 
-    def _level_of(self, name: str) -> float | None:
-        """The queue now on group ``name``'s link: its targets' highest latest level."""
-        mine = [q for node, q in self._levels.items() if node in (name, None) or name == CLUSTER]
-        return max(mine, default=None)
+    def _concerns(self, name: str, node: str | None) -> bool:
+        """Whether a target on ``node`` (None: unplaced) says something of group ``name``."""
+        return node in (name, None) or name == CLUSTER
 
     def _warning_of(self, name: str, warnings: Mapping[str | None, _Warning]) -> _Warning | None:
         """The early warning that concerns group ``name``, if any (a standing one first)."""
@@ -828,7 +823,7 @@ class AsymmetricAimd:
         if not cooling:
             self._note_group_knee(name, now_ns, scopes, usage, previous, at_least=True)
         if trimmed:
-            g.last_trim_ns = now_ns
+            g.last_trim_ns, g.read_knee = now_ns, False
             cut.append(name)
             reasons.append(f"{where}trimming under the knee: {why}")
             if probed:
@@ -903,19 +898,6 @@ class _Warning(NamedTuple):
 
     reason: str
     standing: bool
-
-
-def _levels(obs: Observation) -> dict[str | None, float]:
-    """The queue now (ms, the latest window's median RTT over the base RTT) by node, the
-    highest of its targets; None for targets without a node."""
-    out: dict[str | None, float] = {}
-    for target, w in (obs.latest or {}).items():
-        if w is None or w.rtt_p50_ns is None or w.base_rtt_ns is None:
-            continue
-        node = obs.endpoints.get(target, Endpoint(target)).node
-        level = max(0.0, (w.rtt_p50_ns - w.base_rtt_ns) / 1e6)
-        out[node] = max(level, out.get(node, 0.0))
-    return out
 
 
 def _quiet(used: float | None, params: PolicyParams) -> bool:

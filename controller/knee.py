@@ -16,8 +16,8 @@ queue-delay SLO, so the policy need not find the link's capacity by falling off 
   that climbed past the knee back under it only, never by more than the configured
   factor; ``trim_to`` to step back under the knee on an early warning.
 - ``drain_knee`` reads the link's knee off the queue a cut drains: the link serves what
-  arrives plus what the queue loses, so the queue's slope over one control interval and
-  the load after the cut give the rate it serves.
+  arrives plus what the queue loses, so the queue's slope, probe by probe from the
+  moment the cut took effect, and the load after the cut give the rate it serves.
 
 Pure: time comes in as ``now_ns``, delays in ms.
 """
@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import math
 from collections import deque
-from collections.abc import Hashable, Mapping
+from collections.abc import Hashable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Generic, TypeVar
 
@@ -37,10 +37,13 @@ K = TypeVar("K", bound=Hashable)
 NOISE_HORIZON_NS = 60 * 10**9  # the noise floor is the lowest recent delay of the last minute
 _BUCKET_NS = 10**9  # ...kept as one minimum per second
 TREND_NS = 10**9  # "rising": higher now than one second ago by more than the noise
-# A queue this deep (ms) before a cut is one to read the drain of; one this shallow after
-# it has (nearly) emptied within the window, whose median then says nothing of the slope.
+# A queue this deep (ms) when a cut takes effect is one to read the drain of, down to
+# this level (under it, the queue has emptied and the probes see only noise), over at
+# least these many probes spanning this long (10 ms apart at the default probe interval).
 DRAIN_FROM_MS = 2.0
 DRAIN_TO_MS = 0.2
+DRAIN_MIN_POINTS = 4
+DRAIN_MIN_SPAN_NS = 30_000_000
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -216,15 +219,25 @@ def trim_to(cap: int, used: float | None, knee: float | None, *, margin: float) 
     return min(float(cap), point * (1.0 - margin))
 
 
-def drain_knee(load: float, before_ms: float, after_ms: float, elapsed_ms: float) -> float | None:
-    """The knee a draining queue shows: ``load / (1 + slope)``, the slope in ms of queue
-    per ms from ``before_ms`` to ``after_ms`` over ``elapsed_ms``. None unless the queue
-    stood (at least DRAIN_FROM_MS) and still stands, lower (at least DRAIN_TO_MS): an
-    emptied queue bounds the knee from below only. Errs low: the cut's enforcement delay
-    slows the drain seen, and the critical traffic is not in ``load``."""
-    if elapsed_ms <= 0 or load <= 0 or before_ms < DRAIN_FROM_MS:
+def drain_knee(load: float, trace: Sequence[tuple[int, float]], *, since_ns: int) -> float | None:
+    """The knee a draining queue shows: ``load / (1 + slope)``, the slope (ms of queue per
+    ms) fitted by least squares to ``trace`` (probe send ns, queue ms) from ``since_ns``
+    (when the cut took effect) until the queue falls under DRAIN_TO_MS. None unless the
+    queue stood (at least DRAIN_FROM_MS at the start) and DRAIN_MIN_POINTS probes over
+    DRAIN_MIN_SPAN_NS saw it fall. Errs low: what ``since_ns`` leaves out of the cut's
+    delay, and the critical traffic (not in ``load``), both slow the drain seen."""
+    points: list[tuple[int, float]] = []
+    for t, q in sorted(p for p in trace if p[0] >= since_ns):
+        if q < DRAIN_TO_MS:
+            break
+        points.append((t, q))
+    if load <= 0 or len(points) < DRAIN_MIN_POINTS or points[0][1] < DRAIN_FROM_MS:
         return None
-    if not DRAIN_TO_MS <= after_ms < before_ms:
+    if points[-1][0] - points[0][0] < DRAIN_MIN_SPAN_NS:
         return None
-    slope = (after_ms - before_ms) / elapsed_ms
-    return load / (1.0 + slope) if slope > -1.0 else None
+    n = len(points)
+    mean_t = sum(t for t, _ in points) / n
+    mean_q = sum(q for _, q in points) / n
+    var = sum((t - mean_t) ** 2 for t, _ in points)
+    slope = sum((t - mean_t) * (q - mean_q) for t, q in points) / var * 1e6  # ms per ms
+    return load / (1.0 + slope) if -1.0 < slope < 0.0 else None

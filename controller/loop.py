@@ -52,6 +52,13 @@ class StatsSource(Protocol):
         ``window_ns``, each target's starting no earlier than its ``since_ns``."""
         ...
 
+    def queue_trace(
+        self, now_ns: int | None = None, *, window_ns: int
+    ) -> Mapping[str, Sequence[tuple[int, float]]]:
+        """Per target, (monotonic send ns, queueing delay ms) of each probe over the last
+        ``window_ns``, oldest first."""
+        ...
+
 
 class UsageSource(Protocol):
     """Measured egress per scope from outside the enforcer (the node agents)."""
@@ -203,6 +210,7 @@ class ControlLoop:
         self.last_step_ns: int | None = None
         self.last_decision: Decision | None = None
         self._stop = asyncio.Event()
+        self._actuation_ns: int | None = None
 
     async def start(self) -> dict[Scope, int]:
         """Start the enforcer and pick the start limits: recorded, else initial, else max.
@@ -225,8 +233,8 @@ class ControlLoop:
         return Observation(
             stats=self.engine.stats(since_ns=since),
             recent=self.engine.stats(window_ns=RECENT_WINDOW_NS),
-            latest=self.engine.stats(window_ns=self.interval_ns),
-            latest_ns=self.interval_ns,
+            trace=self.engine.queue_trace(window_ns=self.interval_ns),
+            actuation_ns=self._actuation_ns,
             endpoints=endpoints,
             usage=usage,
             placements=self.enforcer.placements(),
@@ -257,6 +265,10 @@ class ControlLoop:
         error: str | None = None
         if self.desired != self.applied:
             enforce_s, error = await self._enforce(self.desired)
+            # From the decision to the enforcer's return: when the new limits began.
+            self._actuation_ns = None
+            if error is None and enforce_s is not None:
+                self._actuation_ns = round((step_s + enforce_s) * 1e9)
         if self.metrics is not None:
             self.metrics.record_decision(decision)
             self.metrics.set_usage(observation.usage)

@@ -39,6 +39,8 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
 
+import numpy as np
+
 from detnet import native
 from detnet.engine.collector import EngineCollector
 from detnet.engine.errors import EngineError, TargetError
@@ -538,6 +540,24 @@ class ProbeEngine:
             default_source=rec.timestamp_source,
         )
         return Window(snap, stats)
+
+    def queue_trace(
+        self, now_ns: int | None = None, *, window_ns: int
+    ) -> dict[str, tuple[tuple[int, float], ...]]:
+        """Each target's queueing delay probe by probe over the last ``window_ns``: (when
+        the probe was sent, CLOCK_MONOTONIC ns, the completion time less its RTT; its RTT
+        over the base RTT, ms), oldest first. Targets without a base RTT are left out."""
+        out: dict[str, tuple[tuple[int, float], ...]] = {}
+        for name, w in self.windows(now_ns, window_ns=window_ns).items():
+            base = w.stats.base_rtt_ns
+            if base is None:
+                continue
+            snap = w.snapshot
+            got = ~np.isnan(snap.rtt_ns)
+            sent = snap.t_ns[got] - snap.rtt_ns[got].astype(np.int64)
+            queue = np.maximum(0.0, (snap.rtt_ns[got] - base) / 1e6)
+            out[name] = tuple(zip(sent.tolist(), queue.tolist(), strict=True))
+        return out
 
     def readings(self, now_ns: int | None = None) -> dict[str, Reading]:
         """Everything the collector exports per target, from one set of running targets."""

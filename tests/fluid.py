@@ -14,6 +14,7 @@ not in it, so the lab, not this, is where figures are measured.
 
 from __future__ import annotations
 
+import bisect
 import math
 import random
 from collections.abc import Callable, Mapping
@@ -133,14 +134,18 @@ def run(
             since = policy.evidence_since({}).get(slo.app, 0)
             stats = _stats(slo.app, t_s, rtt_ms, now_ns, window_s, since, base_rtt_ms)
             recent = _stats(slo.app, t_s, rtt_ms, now_ns, 1.0, since, base_rtt_ms)
-            latest = _stats(slo.app, t_s, rtt_ms, now_ns, control_s, 0, base_rtt_ms)
+            start = bisect.bisect_left(t_s, t - control_s)
+            trace = [
+                (round(t_s[k] * 1e9), max(0.0, rtt_ms[k] - base_rtt_ms))
+                for k in range(start, len(t_s))
+            ]
             d = policy.decide(
                 now_ns=now_ns,
                 observation=Observation(
                     stats={slo.app: stats},
                     recent={slo.app: recent},
-                    latest={slo.app: latest},
-                    latest_ns=round(control_s * 1e9),
+                    trace={slo.app: trace},
+                    actuation_ns=round(actuation_s * 1e9),
                     usage=usage,
                 ),
                 limits=limits,

@@ -232,6 +232,20 @@ async def test_windows_since_and_over_a_recent_span(reflectors):
     assert (empty.sent, empty.received, empty.rtt_p50_ns, empty.loss_ratio) == (0, 0, None, None)
     with pytest.raises(ValueError, match="positive"):
         engine.stats(window_ns=0)
+    # The queue trace: each received probe of the span, sent at its completion less its
+    # RTT, its RTT over the base RTT (loopback: next to nothing, never negative).
+    trace = engine.queue_trace(now, window_ns=20 * MS)
+    for name, w in full.items():
+        snap, base = w.snapshot, w.stats.base_rtt_ns
+        assert base is not None
+        keep = (snap.t_ns >= now - 20 * MS) & ~np.isnan(snap.rtt_ns)
+        assert [t for t, _ in trace[name]] == (
+            snap.t_ns[keep] - snap.rtt_ns[keep].astype(np.int64)
+        ).tolist()
+        assert all(q >= 0.0 for _, q in trace[name])
+        assert [q for _, q in trace[name]] == pytest.approx(
+            np.maximum(0.0, (snap.rtt_ns[keep] - base) / 1e6).tolist()
+        )
 
 
 async def test_the_rate_cap_stretches_every_target_and_gives_back(reflectors):

@@ -143,35 +143,44 @@ def test_a_knee_moves_up_but_keeps_fading_from_when_it_was_seen() -> None:
     assert memory.get("b", now_ns=0) is None
 
 
+def _draining(start_ms: float, slope: float, *, n: int = 20, every_ns: int = 10**7):
+    """A probe every ``every_ns`` from t = 1 s, the queue falling from ``start_ms`` by
+    ``slope`` ms per ms (negative), floored at 0."""
+    t0 = S
+    return [(t0 + i * every_ns, max(0.0, start_ms + slope * i * every_ns / 1e6)) for i in range(n)]
+
+
 @pytest.mark.parametrize(
-    ("load", "before", "after", "elapsed", "expected"),
+    ("load", "start", "slope", "expected"),
     [
-        # 12.5 ms of queue lost in 250 ms: the link serves 5 % more than arrives
-        (95.0, 20.0, 7.5, 250.0, 100.0),
-        # at 400 Mbit/s the same drain is the same share
-        (380.0, 20.0, 7.5, 250.0, 400.0),
-        (80.0, 30.0, 5.0, 125.0, 100.0),  # a fifth less arriving than served
+        (95.0, 20.0, -0.05, 100.0),  # the link serves 5 % more than arrives
+        (380.0, 20.0, -0.05, 400.0),  # the same drain at 400 Mbit/s is the same share
+        (80.0, 30.0, -0.2, 100.0),  # a fifth less arriving: 30 ms drain in 150 ms
     ],
 )
 def test_a_draining_queue_shows_the_rate_the_link_serves(
-    load: float, before: float, after: float, elapsed: float, expected: float
+    load: float, start: float, slope: float, expected: float
 ) -> None:
-    # A queue of q ms drains at (C - A) / C ms per ms: C = A / (1 + slope).
-    assert drain_knee(load, before, after, elapsed) == pytest.approx(expected)
+    # A queue of q ms drains at (C - A) / C ms per ms: C = A / (1 + slope), read from
+    # the probes until the queue has emptied (the zeros after are not part of the fit).
+    trace = _draining(start, slope)
+    assert drain_knee(load, trace, since_ns=S) == pytest.approx(expected)
+    # Probes from before the cut took effect (the queue still full) are left out.
+    full = [(S - (i + 1) * 10**7, 30.0) for i in range(10)]
+    assert drain_knee(load, full + trace, since_ns=S) == pytest.approx(expected)
 
 
 @pytest.mark.parametrize(
-    ("before", "after", "elapsed"),
+    ("trace", "why"),
     [
-        (1.0, 0.5, 250.0),  # no queue to speak of before
-        (20.0, 0.1, 250.0),  # emptied within the window: a lower bound only
-        (20.0, 20.0, 250.0),  # not draining (a full buffer stands still)
-        (20.0, 25.0, 250.0),  # growing: the cut has not taken effect
-        (20.0, 10.0, 0.0),
-        (30.0, 0.3, 10.0),  # a slope of -3: nothing arrives at all, no rate to read
+        (_draining(1.5, -0.01), "no queue to speak of"),
+        (_draining(30.0, -1.0), "emptied within three probes"),
+        (_draining(20.0, 0.0), "not draining: a full buffer stands still"),
+        (_draining(20.0, 0.01), "growing: the cut has not taken effect"),
+        (_draining(20.0, -0.05, n=3), "too few probes"),
+        (_draining(20.0, -0.05, every_ns=10**6), "too short a span"),
+        ([], "no probes"),
     ],
 )
-def test_no_knee_from_a_queue_that_does_not_drain_measurably(
-    before: float, after: float, elapsed: float
-) -> None:
-    assert drain_knee(90.0, before, after, elapsed) is None
+def test_no_knee_from_a_queue_that_does_not_drain_measurably(trace, why: str) -> None:
+    assert drain_knee(90.0, trace, since_ns=S) is None, why

@@ -43,6 +43,7 @@ class FakeEngine:
 
     def __init__(self) -> None:
         self.windows: dict[str, WindowStats | None] = {"robot-control": None}
+        self.trace: dict[str, Sequence[tuple[int, float]]] = {}
         self.calls: list[tuple[int | None, Mapping[str, int] | None]] = []
 
     def stats(
@@ -54,6 +55,12 @@ class FakeEngine:
     ) -> Mapping[str, WindowStats | None]:
         self.calls.append((window_ns, since_ns))
         return dict(self.windows)
+
+    def queue_trace(
+        self, now_ns: int | None = None, *, window_ns: int
+    ) -> Mapping[str, Sequence[tuple[int, float]]]:
+        self.calls.append((window_ns, None))
+        return dict(self.trace)
 
 
 class FlakyEnforcer(DryRunEnforcer):
@@ -262,13 +269,18 @@ async def test_after_a_cut_the_windows_start_when_it_took_effect() -> None:
     loop, engine, clock, _, _, _ = make()
     await loop.start()
     await loop.step()
-    # the evidence window, the last second (the queue's trend), the last control
-    # interval (the queue now)
+    # the evidence window, the last second (the queue's trend), the probes of the last
+    # control interval (the queue's slope after a cut)
     latest = (loop.interval_ns, None)
     assert engine.calls[-3:] == [(None, {}), (RECENT_WINDOW_NS, None), latest]
     engine.windows["robot-control"] = window("robot-control", jitter_ms=5.0)
     cut_at = clock.now
+    assert (await loop.observe()).actuation_ns is None  # nothing changed since the start
     assert (await loop.step()).action == "decrease"
+    # the next observation says how long the cut took to reach the enforcer
+    actuation = (await loop.observe()).actuation_ns
+    assert actuation is not None
+    assert actuation > 0
     clock.now += S // 4
     await loop.step()
     full, recent, now = engine.calls[-3:]
