@@ -22,7 +22,7 @@ the workloads' pods on that node; under cluster scope every workload. Rules (DES
 - After a cut, its group's targets are judged on samples taken ``effect_delay`` after it
   (``evidence_since``): samples of the queue the cut is draining say nothing of it. But
   that queue's slope, probe by probe from the moment the cut took effect, shows the rate
-  the link serves (``drain_knee``): the group's knee, where only an upper bound is known.
+  the link serves (``drain_knee``): a closer bound on the group's knee than usage gives.
 - When a violated node has nothing left to cut (no best-effort pods, or all at
   ``min_bandwidth``) for ``escalate_after`` cooldowns, the cut widens to every node; it
   narrows back once that node's SLO holds.
@@ -84,7 +84,7 @@ GENTLE_MAX_SEVERITY = 2.0
 # of senders ramping into a full queue) was from 8 % under to 18 % over the link's knee in
 # the lab, and a step of more than about 1 % past a knee breaks a 2 ms queue SLO before
 # the next control step can undo it. The band covers the usual case; a bound far over the
-# knee leaves the cut close under it, and the queue's slow drain shows it (``drain_knee``).
+# knee leaves the cut close under it, and the queue's drain bounds it closer (``drain_knee``).
 UNCERTAIN_STEP_FRACTION = 0.05
 UNCERTAIN_BAND = 0.08
 # At a knee that keeps being confirmed, the dwell before the next fine step doubles with
@@ -220,7 +220,6 @@ class _Group:
     last_raise_ns: int | None = None
     before_raise: dict[Scope, int] = field(default_factory=dict)  # the caps then
     probes: int = 0  # steps past the knee undone since it was last found anew
-    read_knee: bool = False  # the knee is a drain's reading (errs low), no warning since
     drain: _Drain | None = None  # the last cut, to read the knee off the queue it drains
 
 
@@ -470,7 +469,6 @@ class AsymmetricAimd:
                 reasons.append(f"{where}{what} at min_bandwidth")
             return
         g.last_cut_ns, g.blind, g.cut_severity, g.gentle = now_ns, blind, severity, gentle
-        g.read_knee = False
         g.drain = _Drain(_load(scopes, usage, new), now_ns)
         if self._just_raised(g, now_ns):
             self._probe_failed(g)
@@ -602,9 +600,7 @@ class AsymmetricAimd:
             bound = self._group_knees.uncertain(name)
         else:
             bound = any(k is not None and self._knees.uncertain(s) for s, k in knees.items())
-        if below or bound or g.read_knee:
-            # A drain's reading errs low: past it, fine steps a cooldown apart until a
-            # warning marks the knee itself.
+        if below or bound:
             dwell = p.decrease_cooldown_s
         else:
             dwell = p.increase_interval_s * 2 ** min(g.probes, MAX_PROBE_DOUBLINGS)
@@ -734,10 +730,11 @@ class AsymmetricAimd:
     def _read_drains(self, now_ns: int, obs: Observation, reasons: list[str]) -> None:
         """The step after a cut: where the queue it drains says the link's knee is
         (``drain_knee`` on each of the group's targets' probes since the cut reached the
-        enforcer; the lowest reading), noted for the group when no knee is known or only
-        an upper bound (then the lower of the two). The senders' ramp into a full queue
-        bounds the knee only to within some 20 % (usage counts what the queue dropped);
-        the drain reads it to a few percent, erring low."""
+        enforcer; the lowest reading), noted for the group, still as a bound, when no
+        knee is known or only a bound (then the lower of the two). The senders' ramp into
+        a full queue bounds the knee only to within some 20 % (usage counts what the
+        queue dropped); the drain reads it closer, so the climb's coarse steps (up to
+        UNCERTAIN_BAND under the bound) stop nearer the knee."""
         for name, g in self._groups.items():
             drain, g.drain = g.drain, None
             if drain is None or obs.actuation_ns is None:
@@ -752,10 +749,12 @@ class AsymmetricAimd:
             remembered = self._group_knees.get(name, now_ns)
             if not readings or (remembered is not None and not self._group_knees.uncertain(name)):
                 continue
-            # The reading errs low, the bound high: the knee is between, nearer the reading.
+            # Still an estimate: senders that lost packets to the full queue may send
+            # less than their new caps (the drain then looks faster, the knee higher: 102
+            # for a link of 98 in the lab). It narrows the bound; a warning marks the knee.
             knee = min(readings) if remembered is None else min(*readings, remembered)
-            self._group_knees.note(name, knee, now_ns)
-            g.probes, g.read_knee = 0, True
+            self._group_knees.note(name, knee, now_ns, uncertain=True)
+            g.probes = 0
             reasons.append(
                 f"{self._where(name)}the queue the cut drains shows the link's knee at "
                 f"{knee:.0f} Mbit/s"
@@ -823,7 +822,7 @@ class AsymmetricAimd:
         if not cooling:
             self._note_group_knee(name, now_ns, scopes, usage, previous, at_least=True)
         if trimmed:
-            g.last_trim_ns, g.read_knee = now_ns, False
+            g.last_trim_ns = now_ns
             cut.append(name)
             reasons.append(f"{where}trimming under the knee: {why}")
             if probed:

@@ -224,8 +224,10 @@ def drain_knee(load: float, trace: Sequence[tuple[int, float]], *, since_ns: int
     ms) fitted by least squares to ``trace`` (probe send ns, queue ms) from ``since_ns``
     (when the cut took effect) until the queue falls under DRAIN_TO_MS. None unless the
     queue stood (at least DRAIN_FROM_MS at the start) and DRAIN_MIN_POINTS probes over
-    DRAIN_MIN_SPAN_NS saw it fall. Errs low: what ``since_ns`` leaves out of the cut's
-    delay, and the critical traffic (not in ``load``), both slow the drain seen."""
+    DRAIN_MIN_SPAN_NS saw it fall. An estimate, not a bound either way: what
+    ``since_ns`` leaves out of the cut's delay and the critical traffic (not in ``load``)
+    make the drain look slower, senders that send less than ``load`` (TCP recovering
+    from the full queue's drops) make it look faster."""
     points: list[tuple[int, float]] = []
     for t, q in sorted(p for p in trace if p[0] >= since_ns):
         if q < DRAIN_TO_MS:
