@@ -219,7 +219,7 @@ class _Group:
     gentle: bool = False  # the last cut only stepped back under the knee
     last_raise_ns: int | None = None
     before_raise: dict[Scope, int] = field(default_factory=dict)  # the caps then
-    probes: int = 0  # steps past the knee undone since it was last found anew
+    undone: int = 0  # steps past the knee undone since it was last found anew
     drain: _Drain | None = None  # the last cut, to read the knee off the queue it drains
 
 
@@ -455,7 +455,7 @@ class AsymmetricAimd:
                 self._knees.note(s, min(used, float(cap)), now_ns, uncertain=moved)
         self._note_group_knee(name, now_ns, scopes, usage, previous, at_least=False)
         if self._group_knees.uncertain(name):
-            g.probes = 0  # the knee moved (or was never seen): a new one to find
+            g.undone = 0  # the knee moved (or was never seen): a new one to find
         if all(new[s] == previous[s] for s in scopes):
             what = "every workload" if name == CLUSTER else "every best-effort pod"
             if not scopes:
@@ -471,7 +471,7 @@ class AsymmetricAimd:
         g.last_cut_ns, g.blind, g.cut_severity, g.gentle = now_ns, blind, severity, gentle
         g.drain = _Drain(_load(scopes, usage, new), now_ns)
         if self._just_raised(g, now_ns):
-            self._probe_failed(g)
+            self._step_undone(g)
         cut.append(name)
         reasons.append(f"{where}cut {factor:.0%}" + (" from the cap" if blind else ""))
 
@@ -572,15 +572,15 @@ class AsymmetricAimd:
                 # the memory fades (knee_memory), since no warning refreshes it.
                 self._knees.move_up(s, float(previous[s]))
                 knees[s] = self._knees.get(s, now_ns)
-                g.probes = 0  # a knee found anew: its first step past it comes soon
+                g.undone = 0  # a knee found anew: its first step past it comes soon
         load = _committed(scopes, usage, previous, self._burst_peaks)
         group_knee = self._group_knees.get(name, now_ns)
         if group_knee is not None and load >= group_knee * (1 + 2 * p.knee_margin):
             self._group_knees.move_up(name, load)  # as for one scope's knee, above
             group_knee = self._group_knees.get(name, now_ns)
-            g.probes = 0
+            g.undone = 0
         if group_knee is None and all(k is None for k in knees.values()):
-            g.probes = 0  # no knee remembered: none to back off from
+            g.undone = 0  # no knee remembered: none to back off from
         ceiling = None if group_knee is None else group_knee * (1 - p.knee_margin)
         if ceiling is not None:
             # The group's knee is the link's: under it every workload may climb, however
@@ -603,7 +603,7 @@ class AsymmetricAimd:
         if below or bound:
             dwell = p.decrease_cooldown_s
         else:
-            dwell = p.increase_interval_s * 2 ** min(g.probes, MAX_PROBE_DOUBLINGS)
+            dwell = p.increase_interval_s * 2 ** min(g.undone, MAX_PROBE_DOUBLINGS)
         if dwelt < dwell:
             reasons.append(f"{where}all apps stable for {dwelt:.2f} s of {dwell:.2f} s dwell")
             return
@@ -754,7 +754,7 @@ class AsymmetricAimd:
             # for a link of 98 in the lab). It narrows the bound; a warning marks the knee.
             knee = min(readings) if remembered is None else min(*readings, remembered)
             self._group_knees.note(name, knee, now_ns, uncertain=True)
-            g.probes = 0
+            g.undone = 0
             reasons.append(
                 f"{self._where(name)}the queue the cut drains shows the link's knee at "
                 f"{knee:.0f} Mbit/s"
@@ -790,8 +790,8 @@ class AsymmetricAimd:
         # A queue rising right after a step up is that step passing the knee: undone at
         # once, before it stands (a quarter of a second later it stood at 1-1.5 ms in the
         # lab). Later, a rise is as likely a burst, which falls by itself: hold.
-        probed = self._just_raised(g, now_ns)
-        if not warning.standing and not probed:
+        overshot = self._just_raised(g, now_ns)
+        if not warning.standing and not overshot:
             reasons.append(f"{where}holding: {why}")
             return
         steps = [t for t in (g.last_cut_ns, g.last_trim_ns) if t is not None]
@@ -814,7 +814,7 @@ class AsymmetricAimd:
             # by two steps; a trim is still at least one.
             to = math.ceil(trim_to(cap, used, knee, margin=p.knee_margin))
             new[s] = min(cap, p.clamp(min(cap - 1, to)))
-            if probed and s in g.before_raise:
+            if overshot and s in g.before_raise:
                 # The step that passed the knee is undone, no more: the caps before it
                 # held for a whole dwell. A deeper trim would ratchet them down.
                 new[s] = max(new[s], min(cap, g.before_raise[s]))
@@ -825,8 +825,8 @@ class AsymmetricAimd:
             g.last_trim_ns = now_ns
             cut.append(name)
             reasons.append(f"{where}trimming under the knee: {why}")
-            if probed:
-                self._probe_failed(g)
+            if overshot:
+                self._step_undone(g)
         else:
             reasons.append(f"{where}holding: {why}")
 
@@ -860,9 +860,9 @@ class AsymmetricAimd:
         horizon = 2 * _ns(self.params.effect_delay_s)
         return g.last_raise_ns is not None and now_ns - g.last_raise_ns < horizon
 
-    def _probe_failed(self, g: _Group) -> None:
+    def _step_undone(self, g: _Group) -> None:
         """The last increase passed the knee and was undone: the next waits longer."""
-        g.probes += 1
+        g.undone += 1
         g.last_raise_ns = None
 
     def _group_of(self, node: str | None) -> str:
