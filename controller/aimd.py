@@ -16,7 +16,8 @@ the workloads' pods on that node; under cluster scope every workload. Rules (DES
 - A violation on a target cuts its group (a target without a node, a Service address,
   concerns every group) by ``decrease_factor`` at most once per ``decrease_cooldown``,
   from the measured mean usage when it is known and below the cap (so the first cut
-  bites), to a margin under a remembered knee when that loses less (``knee.py``). When
+  bites; for a cluster-wide limit, written to each pod, its busiest node's usage), to a
+  margin under a remembered knee when that loses less (``knee.py``). When
   a cut had to start from the cap (usage unknown) and made no difference to the violated
   signal after ``effect_delay``, the next cut comes at once and deeper.
 - After a cut, its group's targets are judged on samples taken ``effect_delay`` after it
@@ -442,6 +443,8 @@ class AsymmetricAimd:
             if used is None:
                 blind = True
             base = used if used is not None and 0 <= used < cap else float(cap)
+            if used is not None and s.node == CLUSTER:
+                base = min(base, _busiest(s.workload, usage, default=base))
             knee = self._knees.get(s, now_ns) if used is not None and gentle_ok else None
             to = cut_to(cap, base, knee, factor=factor, margin=p.knee_margin)
             gentle = gentle or to > base * (1.0 - factor) + 1e-9
@@ -897,6 +900,15 @@ class _Warning(NamedTuple):
 
     reason: str
     standing: bool
+
+
+def _busiest(workload: str, usage: Mapping[Scope, float], *, default: float) -> float:
+    """A cluster-wide limit's cut base: the usage of the workload's busiest node. The
+    limit is written to each of its pods, so 20 % under their sum does not bite where
+    it sends most (the uploader's 128 Mbit/s, 97 of them from node-a's pod, cut to 102
+    per pod in the cluster lab, and the first cut did nothing there)."""
+    nodes = [v for k, v in usage.items() if k.workload == workload and k.node != CLUSTER]
+    return max(nodes, default=default)
 
 
 def _quiet(used: float | None, params: PolicyParams) -> bool:

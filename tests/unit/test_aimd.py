@@ -1053,3 +1053,25 @@ def test_the_queue_a_cut_drains_shows_where_the_knee_is(
     for blind in (_cut_and_climb(used_each, None, 5), _cut_and_climb(used_each, slope, None)):
         assert blind[0] == cut
         assert max(near(blind)) > fine  # coarse steps where the knee is
+
+
+def test_a_cluster_wide_limit_is_cut_from_its_busiest_node() -> None:
+    # One limit per workload, written to each of its pods: telemetry sends 97 Mbit/s from
+    # node-a's pod and 31 from node-b's. 20 % under the sum (128 -> 102) would not bite on
+    # node-a; 20 % under node-a's 97 does. erp, on one node, is cut from its own usage.
+    p = policy(usage_window_s=0.0)
+    bad = {**healthy(), "robot-control": window("robot-control", jitter_ms=5.0)}
+    usage = {
+        Scope("telemetry"): 128.0,
+        Scope("telemetry", "node-a"): 97.0,
+        Scope("telemetry", "node-b"): 31.0,
+        Scope("erp"): 30.0,
+        Scope("erp", "node-b"): 30.0,
+    }
+    d = p.decide(
+        now_ns=10 * S,
+        observation=Observation(stats=bad, usage=usage),
+        limits={Scope("telemetry"): 1000, Scope("erp"): 1000},
+    )
+    assert d.action == "decrease"
+    assert named(d.limits) == {"telemetry": 77, "erp": 24}
