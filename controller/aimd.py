@@ -35,7 +35,7 @@ the workloads' pods on that node; under cluster scope every workload. Rules (DES
   (after ``increase_interval``; a cooldown's while the knee is only an upper bound). A
   queue rising right after a step up undoes that step at once, and each step past a
   certain knee that had to be undone doubles the dwell before the next (up to
-  ``2**MAX_PROBE_DOUBLINGS`` times, until the knee moves). On a
+  ``2**MAX_DWELL_DOUBLINGS`` times, until the knee moves). On a
   shared link a bursty workload keeps the room of its last burst (``_committed``); at the
   link's knee the part of a cap its workload does not use (above its last burst and a
   fair share of the knee) goes to the workloads using theirs (``_unused_caps``).
@@ -91,7 +91,7 @@ UNCERTAIN_BAND = 0.08
 # At a knee that keeps being confirmed, the dwell before the next fine step doubles with
 # each step past it that had to be undone, up to this many times: each costs a standing
 # queue.
-MAX_PROBE_DOUBLINGS = 3
+MAX_DWELL_DOUBLINGS = 3
 # How long a workload's peak rate keeps its room on a shared link (``_committed``):
 # uploads and report bursts come every few seconds; one idle for longer leaves its room.
 BURST_MEMORY_S = 10.0
@@ -606,7 +606,7 @@ class AsymmetricAimd:
         if below or bound:
             dwell = p.decrease_cooldown_s
         else:
-            dwell = p.increase_interval_s * 2 ** min(g.undone, MAX_PROBE_DOUBLINGS)
+            dwell = p.increase_interval_s * 2 ** min(g.undone, MAX_DWELL_DOUBLINGS)
         if dwelt < dwell:
             reasons.append(f"{where}all apps stable for {dwelt:.2f} s of {dwell:.2f} s dwell")
             return
@@ -730,6 +730,12 @@ class AsymmetricAimd:
         )
         self._group_knees.note(name, load, now_ns, uncertain=unbounded or moved)
 
+    @property
+    def reads_drain(self) -> bool:
+        """Whether the next step reads the queue a cut drains: only then does it need
+        ``Observation.trace``."""
+        return any(g.drain is not None for g in self._groups.values())
+
     def _read_drains(self, now_ns: int, obs: Observation, reasons: list[str]) -> None:
         """The step after a cut: where the queue it drains says the link's knee is
         (``drain_knee`` on each of the group's targets' probes since the cut reached the
@@ -769,7 +775,7 @@ class AsymmetricAimd:
 
     def _warning_of(self, name: str, warnings: Mapping[str | None, _Warning]) -> _Warning | None:
         """The early warning that concerns group ``name``, if any (a standing one first)."""
-        mine = [w for node, w in warnings.items() if node in (name, None) or name == CLUSTER]
+        mine = [w for node, w in warnings.items() if self._concerns(name, node)]
         return max(mine, key=lambda w: w.standing, default=None)
 
     def _trim(

@@ -233,7 +233,12 @@ class ControlLoop:
         return Observation(
             stats=self.engine.stats(since_ns=since),
             recent=self.engine.stats(window_ns=RECENT_WINDOW_NS),
-            trace=self.engine.queue_trace(window_ns=self.interval_ns),
+            # Probe by probe only the step after a cut, when the policy reads its drain.
+            trace=(
+                self.engine.queue_trace(window_ns=self.interval_ns)
+                if self.policy.reads_drain
+                else None
+            ),
             actuation_ns=self._actuation_ns,
             endpoints=endpoints,
             usage=usage,

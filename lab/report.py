@@ -217,7 +217,7 @@ def summarise_run(
             ttp = round(k * _SLIDE_S, 3)
             break
     from_s = c_start + (ttp or 0.0)
-    attainment = _attainment(run, slos, base, from_s, c_end)
+    missed = missed_windows(run, slos, base, from_s, c_end)
 
     def utilisation(start: float) -> float | None:
         """Best effort's mean goodput from ``start`` to the end of congestion over the
@@ -246,9 +246,9 @@ def summarise_run(
         }
     return {
         "time_to_protect_s": ttp,
-        "slo_attainment": attainment,
+        "slo_attainment": _share_within(from_s, c_end, missed),
         # What the attainment lost: when, and which thresholds broke.
-        "missed_windows": missed_windows(run, slos, base, from_s, c_end),
+        "missed_windows": missed,
         "best_effort_utilisation": utilisation(from_s),
         # The second half of the congestion: the cut and the climb back are over.
         "settled_utilisation": utilisation(c_start + (c_end - c_start) / 2),
@@ -267,9 +267,13 @@ def _attainment(
     run: RunData, slos: Sequence[Slo], base: Mapping[str, float | None], start: float, end: float
 ) -> float | None:
     """The share of whole one-second windows from ``start`` to ``end`` within SLO."""
+    return _share_within(start, end, missed_windows(run, slos, base, start, end))
+
+
+def _share_within(start: float, end: float, missed: Sequence[object]) -> float | None:
+    """The share of the whole one-second windows from ``start`` to ``end`` not ``missed``."""
     n = math.floor(end - start + 1e-9)
-    missed = len(missed_windows(run, slos, base, start, end))
-    return (n - missed) / n if n > 0 else None
+    return (n - len(missed)) / n if n > 0 else None
 
 
 def missed_windows(

@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 
 from detnet.controller.aimd import (
     BURST_MEMORY_S,
-    MAX_PROBE_DOUBLINGS,
+    MAX_DWELL_DOUBLINGS,
     UNCERTAIN_BAND,
     AsymmetricAimd,
     Decision,
@@ -893,7 +893,7 @@ def _probing(p: AsymmetricAimd, limits: dict[str, int], *, until_s: int) -> list
 def test_each_step_past_a_confirmed_knee_waits_twice_as_long_as_the_last() -> None:
     # The knee at 100 + 100, noted at a violation with both caps bitten; the caps stand
     # at its margin. Every fine step past it is trimmed at the next control step: the
-    # dwell before the next one doubles, up to MAX_PROBE_DOUBLINGS times.
+    # dwell before the next one doubles, up to MAX_DWELL_DOUBLINGS times.
     p = policy(usage_window_s=0.0)
     bad = {**healthy(), "robot-control": window("robot-control", jitter_ms=1.5)}
     full = {"telemetry": 100.0, "erp": 100.0}
@@ -902,8 +902,8 @@ def test_each_step_past_a_confirmed_knee_waits_twice_as_long_as_the_last() -> No
     raised = _probing(p, limits, until_s=250)
     gaps = [b - a for a, b in itertools.pairwise(raised)]
     dwell = PARAMS.increase_interval_s
-    expected = [dwell * 2 ** min(i + 1, MAX_PROBE_DOUBLINGS) for i in range(len(gaps))]
-    assert len(gaps) >= MAX_PROBE_DOUBLINGS + 2, raised
+    expected = [dwell * 2 ** min(i + 1, MAX_DWELL_DOUBLINGS) for i in range(len(gaps))]
+    assert len(gaps) >= MAX_DWELL_DOUBLINGS + 2, raised
     assert gaps[0] >= 2 * dwell  # doubling, whatever the constant says
     assert gaps[1] >= 4 * dwell
     for gap, want in zip(gaps, expected, strict=True):

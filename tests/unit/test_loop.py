@@ -269,10 +269,10 @@ async def test_after_a_cut_the_windows_start_when_it_took_effect() -> None:
     loop, engine, clock, _, _, _ = make()
     await loop.start()
     await loop.step()
-    # the evidence window, the last second (the queue's trend), the probes of the last
-    # control interval (the queue's slope after a cut)
+    # the evidence window and the last second (the queue's trend); the probes of the
+    # last control interval only the step after a cut (the queue's slope)
     latest = (loop.interval_ns, None)
-    assert engine.calls[-3:] == [(None, {}), (RECENT_WINDOW_NS, None), latest]
+    assert engine.calls == [(None, {}), (RECENT_WINDOW_NS, None)]
     engine.windows["robot-control"] = window("robot-control", jitter_ms=5.0)
     cut_at = clock.now
     assert (await loop.observe()).actuation_ns is None  # nothing changed since the start
@@ -287,6 +287,9 @@ async def test_after_a_cut_the_windows_start_when_it_took_effect() -> None:
     effect = round(loop.policy.params.effect_delay_s * 1e9)
     assert full == (None, {"robot-control": cut_at + effect})
     assert (recent, now) == ((RECENT_WINDOW_NS, None), latest)
+    calls = len(engine.calls)
+    await loop.step()  # the drain was read: no more probe by probe
+    assert engine.calls[calls:] == [(None, {"robot-control": cut_at + effect}), recent]
 
 
 class PlacedEnforcer(DryRunEnforcer):
