@@ -53,9 +53,13 @@ def leftovers(pid: int) -> dict[str, list[str]]:
     for entry in Path("/proc").iterdir():
         if entry.name.isdigit():
             try:
-                if f"detnet-cl-{pid}.slice" in (entry / "cgroup").read_text():
+                # A zombie still names the cgroup it died in until init reaps it (a pod
+                # process's child, orphaned when the lab killed its parent): it is dead,
+                # holds nothing, and the slice was removed around it. Live ones count.
+                zombie = (entry / "stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
+                if not zombie and f"detnet-cl-{pid}.slice" in (entry / "cgroup").read_text():
                     procs.append(entry.name)
-            except OSError:
+            except (OSError, IndexError):
                 pass
     tmp = [str(p) for p in Path(tempfile.gettempdir()).glob(f"{prefix}*")]
     found = {"namespaces": namespaces, "cgroups": cgroups, "processes": sorted(set(procs)),
