@@ -119,8 +119,8 @@ async def test_standby_takes_over_when_the_leader_stops_renewing(api) -> None:
             assert running == set()
             assert api.lease(NS, "detnet")["spec"]["holderIdentity"] == "a"
             api.clear_faults()
-            await until(lambda: b.is_leader, timeout_s=3.0)
-            assert running == {"b"}
+            # leading first, then its work starts on the next turn of the loop
+            await until(lambda: b.is_leader and running == {"b"}, timeout_s=3.0)
         finally:
             await b.release()
             await asyncio.gather(task_b)
