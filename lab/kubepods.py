@@ -37,7 +37,7 @@ from pathlib import Path
 from types import TracebackType
 
 from detnet.lab.errors import LabError
-from detnet.lab.topology import tbf_args
+from detnet.lab.topology import set_tbf
 
 SYSTEMD_V1 = Path("/sys/fs/cgroup/systemd")
 UNIFIED_V2 = Path("/sys/fs/cgroup/unified")
@@ -176,8 +176,7 @@ class KubePods:
 
     def set_rate(self, pod: KubePod, rate_mbps: float) -> None:
         """Shape the pod's egress (its ``eth0``) to ``rate_mbps`` with a tbf."""
-        _run(["ip", "netns", "exec", pod.netns, "tc", "qdisc", "replace", "dev", "eth0",
-              "root", *tbf_args(rate_mbps=rate_mbps, buffer_ms=20)])  # fmt: skip
+        set_tbf(pod.netns, "eth0", rate_mbps=rate_mbps, buffer_ms=20)
 
     def _make_cgroup(self, path: Path) -> None:
         missing = []

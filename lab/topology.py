@@ -24,6 +24,7 @@ pairs and bridges with it.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import re
 import signal
@@ -34,7 +35,7 @@ from dataclasses import dataclass
 from types import TracebackType
 from typing import IO
 
-from detnet.engine.tbf import tbf_burst_bytes
+from detnet.engine.tbf import tbf_burst_bytes, tbf_plan
 from detnet.lab.errors import LabError
 
 NS_PREFIX = "detnet-lab-"
@@ -63,10 +64,54 @@ BEST_EFFORT = ("telemetry-upload", "erp-dashboard")
 POD_DEVICE = "eth0"  # every pod's interface: what the tc enforcer shapes
 
 
-def tbf_args(*, rate_mbps: float, buffer_ms: float) -> list[str]:
+def tbf_args(*, rate_mbps: float, buffer_ms: float, burst: int | None = None) -> list[str]:
     """``tc`` arguments for a tbf of ``rate_mbps`` holding ``buffer_ms`` of queue."""
-    burst = tbf_burst_bytes(rate_mbps)
+    burst = tbf_burst_bytes(rate_mbps) if burst is None else burst
     return ["tbf", "rate", f"{rate_mbps}mbit", "burst", str(burst), "latency", f"{buffer_ms}ms"]
+
+
+def root_tbf(shown: str) -> tuple[str, int] | None:
+    """The handle and bucket bytes of the root tbf in ``tc -j qdisc show`` output (None
+    when the root is another qdisc, or unreadable: then a fresh tbf replaces it)."""
+    try:
+        qdiscs = json.loads(shown)
+        for q in qdiscs:
+            if q.get("root") and q.get("kind") == "tbf":
+                return str(q["handle"]), int(q["options"]["burst"])
+    except (ValueError, TypeError, KeyError, AttributeError, RecursionError):
+        pass
+    return None
+
+
+def tbf_command(
+    netns: str, device: str, *, rate_mbps: float, buffer_ms: float, present: tuple[str, int] | None
+) -> list[str]:
+    """The ``tc`` command that sets ``device``'s root tbf where ``present`` (``root_tbf``)
+    is there now: in place, or a fresh tbf under the other handle when the bucket would
+    shrink (``engine.tbf.tbf_plan``: a smaller bucket in place can block the queue)."""
+    plan = tbf_plan(rate_mbps, tbf_burst_bytes(rate_mbps), None if present is None else present[1])
+    if present is not None and plan.in_place:
+        verb, handle = "change", present[0]
+    else:
+        verb, handle = "replace", "2:" if present is not None and present[0] == "1:" else "1:"
+    return [
+        *("tc", "-n", netns, "qdisc", verb, "dev", device, "root", "handle", handle),
+        *tbf_args(rate_mbps=rate_mbps, buffer_ms=buffer_ms, burst=plan.burst),
+    ]
+
+
+def show_tbf_command(netns: str, device: str) -> list[str]:
+    """The ``tc`` command whose output ``root_tbf`` reads."""
+    return ["tc", "-n", netns, "-j", "qdisc", "show", "dev", device, "root"]
+
+
+def set_tbf(netns: str, device: str, *, rate_mbps: float, buffer_ms: float) -> None:
+    """Shape ``device``'s egress in ``netns`` to ``rate_mbps`` (``tbf_command``)."""
+    shown = subprocess.run(
+        show_tbf_command(netns, device), capture_output=True, text=True, check=False
+    )
+    present = root_tbf(shown.stdout) if shown.returncode == 0 else None
+    _run(tbf_command(netns, device, rate_mbps=rate_mbps, buffer_ms=buffer_ms, present=present))
 
 
 def _run(argv: Sequence[str]) -> None:
@@ -186,7 +231,7 @@ class Topology:
         _run(["ip", "-n", node, "link", "set", "up1", "netns", up])
         _run(["ip", "-n", node, "link", "set", "up0", "master", "br0", "up"])
         _run(["ip", "-n", up, "link", "set", "up1", "master", "br1", "up"])
-        self._shape_uplink("replace", self.bottleneck_mbps)
+        self._shape_uplink(self.bottleneck_mbps)
         for pod in PODS:
             ns = self.ns(pod.role)
             self._add_ns(ns)
@@ -205,19 +250,14 @@ class Topology:
             _run(["ip", "-n", ns, "link", "set", POD_DEVICE, "up"])
 
     def set_bottleneck(self, rate_mbps: float) -> None:
-        """Change the bottleneck's rate in place (the knee step), same queue depth."""
+        """Change the bottleneck's rate (the knee step), same queue depth."""
         if rate_mbps <= 0:
             raise LabError("bottleneck rate must be positive")
-        self._shape_uplink("change", rate_mbps)
+        self._shape_uplink(rate_mbps)
 
-    def _shape_uplink(self, verb: str, rate_mbps: float) -> None:
-        """``tc qdisc VERB`` the uplink's root tbf: the bottleneck."""
-        _run(
-            [
-                *("tc", "-n", self.ns("node"), "qdisc", verb, "dev", "up0", "root"),
-                *("handle", "1:", *tbf_args(rate_mbps=rate_mbps, buffer_ms=self.buffer_ms)),
-            ]
-        )
+    def _shape_uplink(self, rate_mbps: float) -> None:
+        """Set the uplink's root tbf: the bottleneck."""
+        set_tbf(self.ns("node"), "up0", rate_mbps=rate_mbps, buffer_ms=self.buffer_ms)
 
     # -- processes ------------------------------------------------------------------
 

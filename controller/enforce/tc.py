@@ -30,9 +30,10 @@ from typing import Any, TypeVar
 
 from detnet.controller.errors import EnforcementError
 from detnet.controller.workloads import CLUSTER, PodRef, Scope, TcDevice
-from detnet.engine.tbf import tbf_burst_bytes
+from detnet.engine.tbf import tbf_bucket_bytes, tbf_burst_bytes, tbf_plan
 
 _TBF_HANDLE = 0x10000  # "1:", the handle iproute2 users expect for a root qdisc
+_TBF_SPARE_HANDLE = 0x20000  # "2:", for a fresh tbf grafted over the one at 1:
 _MAX_MBPS = 34_000  # tbf's 32-bit byte/s rate field (no TCA_TBF_RATE64 in pyroute2)
 _NETNS_DIR = "/var/run/netns"
 _CLONE_NEWNET = 0x40000000
@@ -77,7 +78,8 @@ class TcEnforcer:
         return {Scope(w): mbps for w, mbps in current.items()}
 
     async def apply(self, limits: Mapping[Scope, int]) -> None:
-        """Set each workload's tbf rate; a present root tbf is changed in place. One
+        """Set each workload's tbf rate; a present root tbf is changed in place unless its
+        bucket would shrink (then a fresh one replaces it: ``_set_rate``). One
         device per workload: only cluster-wide scopes (EnforcementError for a node's)."""
         by_workload: dict[str, int] = {}
         for scope, mbps in limits.items():  # check everything before touching anything
@@ -211,12 +213,23 @@ class TcEnforcer:
         return None
 
     def _set_rate(self, workload: str, mbps: int) -> None:
+        """Change the root tbf in place, or graft a fresh one under the other handle when
+        its bucket would shrink (``tbf_plan``: a smaller bucket in place can block the
+        queue for good). The graft is one netlink request: the old tbf shapes until the
+        new one does."""
         dev = self._devices[workload]
         ipr = self._sockets[dev.netns]
         present = self._root_tbf(workload)
-        command = "change" if present is not None else "replace"
-        handle = present["handle"] if present is not None else _TBF_HANDLE
-        burst = self._burst if self._burst is not None else tbf_burst_bytes(mbps)
+        wanted = self._burst if self._burst is not None else tbf_burst_bytes(mbps)
+        held = None if present is None else tbf_bucket_bytes(present["rate"], present["buffer"])
+        plan = tbf_plan(mbps, wanted, held)
+        if present is None:
+            command, handle = "replace", _TBF_HANDLE
+        elif plan.in_place:
+            command, handle = "change", present["handle"]
+        else:
+            command = "replace"
+            handle = _TBF_SPARE_HANDLE if present["handle"] == _TBF_HANDLE else _TBF_HANDLE
         try:
             ipr.tc(
                 command,
@@ -224,7 +237,7 @@ class TcEnforcer:
                 self._index[workload],
                 handle=handle,
                 rate=mbps * 125_000,  # bytes/s
-                burst=burst,
+                burst=plan.burst,
                 latency=round(self._latency_ms * 1000),  # µs (pyroute2's time unit)
             )
         except OSError as exc:  # NetlinkError is an OSError carrying the kernel's errno

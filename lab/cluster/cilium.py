@@ -58,7 +58,7 @@ from urllib.parse import quote
 import yaml
 
 from detnet.lab.cluster.quantity import egress_limit
-from detnet.lab.topology import tbf_args
+from detnet.lab.topology import root_tbf, show_tbf_command, tbf_command
 
 EGRESS_ANNOTATION = "kubernetes.io/egress-bandwidth"
 POD_BUFFER_MS = 20.0  # the pod's own queue; its TCP senders are held back by TSQ anyway
@@ -227,29 +227,32 @@ def read_endpoints(path: str) -> dict[str, Endpoint]:
     return out
 
 
-async def _tc(argv: Sequence[str]) -> tuple[int, str]:
+async def _tc(argv: Sequence[str]) -> tuple[int, str, str]:
     proc = await asyncio.create_subprocess_exec(
-        *argv, stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE
+        *argv, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE
     )
-    _, err = await proc.communicate()
-    return proc.returncode or 0, err.decode(errors="replace").strip()
+    out, err = await proc.communicate()
+    return proc.returncode or 0, out.decode(errors="replace"), err.decode(errors="replace").strip()
 
 
 async def set_egress(ep: Endpoint, bytes_per_s: int | None) -> str | None:
     """Put ``bytes_per_s`` on the endpoint's egress (None: remove any limit); returns an
     error message, or None."""
-    base = ["tc", "-n", ep.netns, "qdisc"]
     if bytes_per_s is None:
-        code, err = await _tc([*base, "del", "dev", ep.device, "root"])
+        code, _, err = await _tc(["tc", "-n", ep.netns, "qdisc", "del", "dev", ep.device, "root"])
         # No qdisc of ours there (never limited): already the state we want.
         if code != 0 and "No such file" not in err and "Cannot delete qdisc" not in err:
             return err or f"tc exited {code}"
         return None
-    mbps = bytes_per_s * 8 / 1e6
-    code, err = await _tc(
-        [*base, "replace", "dev", ep.device, "root", "handle", "1:",
-         *tbf_args(rate_mbps=mbps, buffer_ms=POD_BUFFER_MS)]
-    )  # fmt: skip
+    code, shown, _ = await _tc(show_tbf_command(ep.netns, ep.device))
+    command = tbf_command(
+        ep.netns,
+        ep.device,
+        rate_mbps=bytes_per_s * 8 / 1e6,
+        buffer_ms=POD_BUFFER_MS,
+        present=root_tbf(shown) if code == 0 else None,
+    )
+    code, _, err = await _tc(command)
     return None if code == 0 else (err or f"tc exited {code}")
 
 

@@ -61,7 +61,7 @@ from detnet.lab.cluster.plan import (
 )
 from detnet.lab.errors import LabError
 from detnet.lab.kubepods import SYSTEMD_V1, UNIFIED_V2, pod_cgroup
-from detnet.lab.topology import list_namespaces, tbf_args
+from detnet.lab.topology import list_namespaces, set_tbf
 
 PREFIX = "detnet-cl-"
 _STALE_NS = re.compile(rf"^{re.escape(PREFIX)}(\d+)-")
@@ -315,24 +315,22 @@ class ClusterNetwork:
         run_cmd(["ip", "-n", ns, "addr", "add", f"{node.uplink_address}/{FABRIC_PREFIX}",
                  "dev", UPLINK_DEVICE])  # fmt: skip
         run_cmd(["ip", "-n", ns, "link", "set", UPLINK_DEVICE, "up"])
-        self._shape_uplink(node.name, "replace", self.uplink_mbps)
+        self._shape_uplink(node.name, self.uplink_mbps)
         for other in self.nodes:
             if other is not node:
                 run_cmd(["ip", "-n", ns, "route", "add", other.pod_cidr,
                          "via", other.uplink_address])  # fmt: skip
 
     def set_uplink(self, node: str, rate_mbps: float) -> None:
-        """Change ``node``'s uplink rate in place (the knee step), same queue depth."""
+        """Change ``node``'s uplink rate (the knee step), same queue depth."""
         if rate_mbps <= 0:
             raise LabError("uplink rate must be positive")
         if node not in {n.name for n in self.nodes}:
             raise LabError(f"no node {node!r} in this cluster")
-        self._shape_uplink(node, "change", rate_mbps)
+        self._shape_uplink(node, rate_mbps)
 
-    def _shape_uplink(self, node: str, verb: str, rate_mbps: float) -> None:
-        tbf = tbf_args(rate_mbps=rate_mbps, buffer_ms=self.buffer_ms)
-        run_cmd(["tc", "-n", self.node_ns(node), "qdisc", verb, "dev", UPLINK_DEVICE, "root",
-                 "handle", "1:", *tbf])  # fmt: skip
+    def _shape_uplink(self, node: str, rate_mbps: float) -> None:
+        set_tbf(self.node_ns(node), UPLINK_DEVICE, rate_mbps=rate_mbps, buffer_ms=self.buffer_ms)
 
     def _build_pod(self, pod: PodPlan, *, index: int) -> None:
         node = next(n for n in self.nodes if n.name == pod.node)

@@ -14,7 +14,7 @@ from detnet.engine.recorder import Sample
 from detnet.engine.stream import sample_json
 from detnet.lab.errors import LabError
 from detnet.lab.scenario import LabSettings, _Recorder, controller_config
-from detnet.lab.topology import Topology, tbf_args
+from detnet.lab.topology import Topology, root_tbf, tbf_args, tbf_command
 
 
 def test_settings_validate() -> None:
@@ -63,6 +63,55 @@ def test_tbf_args() -> None:
         "latency",
         "30ms",
     ]
+
+
+SHOWN = (  # tc -j qdisc show, verbatim
+    '[{"kind":"tbf","handle":"1:","root":true,"refcnt":3,'
+    '"options":{"rate":33625000,"burst":33591,"lat":20001}}]'
+)
+
+
+def test_root_tbf_reads_tc_json() -> None:
+    assert root_tbf(SHOWN) == ("1:", 33_591)
+    noqueue = '[{"kind":"noqueue","handle":"0:","root":true,"refcnt":2,"options":{}}]'
+    assert root_tbf(noqueue) is None
+
+
+@pytest.mark.parametrize(
+    "shown",
+    [
+        "",
+        "not json",
+        "{}",
+        "[1]",
+        '[{"kind":"tbf","root":true}]',
+        '[{"kind":"tbf","handle":"1:","root":true,"options":{"burst":"lots"}}]',
+        '[{"kind":"tbf","handle":"1:","root":true,"options":null}]',
+        "[" * 10_000,
+    ],
+)
+def test_root_tbf_unreadable_is_none(shown: str) -> None:
+    # then the command replaces whatever is there with a fresh tbf: the safe way
+    assert root_tbf(shown) is None
+
+
+@pytest.mark.parametrize(
+    ("mbps", "present", "verb", "handle"),
+    [
+        (50, None, "replace", "1:"),  # nothing of ours: a fresh tbf at 1:
+        (400, ("1:", 33_591), "change", "1:"),  # a bigger bucket: in place
+        (269, ("1:", 43_206), "replace", "2:"),  # a smaller one: fresh, other handle
+        (269, ("2:", 43_206), "replace", "1:"),
+        (99, ("1:", 15_137), "change", "1:"),  # the floor burst at a new rate
+    ],
+)
+def test_tbf_command_changes_in_place_only_when_the_bucket_holds(
+    mbps: float, present: tuple[str, int] | None, verb: str, handle: str
+) -> None:
+    argv = tbf_command("ns", "eth0", rate_mbps=mbps, buffer_ms=20, present=present)
+    assert argv[:10] == ["tc", "-n", "ns", "qdisc", verb, "dev", "eth0", "root", "handle", handle]
+    burst = int(argv[argv.index("burst") + 1])
+    assert burst >= (present[1] if verb == "change" and present else 0)
 
 
 def test_recorder_parses_stream_sink_and_decisions(tmp_path: Path) -> None:
