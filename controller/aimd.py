@@ -824,9 +824,11 @@ class AsymmetricAimd:
             to = math.ceil(trim_to(cap, used, knee, margin=p.knee_margin))
             new[s] = min(cap, p.clamp(min(cap - 1, to)))
             if overshot and s in g.before_raise:
-                # The step that passed the knee is undone, no more: the caps before it
-                # held for a whole dwell. A deeper trim would ratchet them down.
-                new[s] = max(new[s], min(cap, g.before_raise[s]))
+                # The step that passed the knee is undone, all of it and no more: the
+                # caps before it held for a whole dwell. A deeper trim would ratchet them
+                # down; a shallower one (by a knee remembered far above, an upper bound)
+                # leaves most of a coarse step standing on the queue.
+                new[s] = min(cap, g.before_raise[s])
             trimmed = trimmed or new[s] != cap
         if not cooling:
             self._note_group_knee(name, now_ns, scopes, usage, previous, at_least=True)

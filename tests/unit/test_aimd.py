@@ -951,6 +951,37 @@ def test_a_queue_rising_right_after_a_step_up_undoes_it() -> None:
             assert any("rising" in r for r in d.reasons), d.reasons
 
 
+def test_the_undo_of_a_coarse_step_goes_all_the_way_back() -> None:
+    # A climb under a knee that is only an upper bound (usage 250 + 250 at a violation
+    # while no cap had bitten) takes coarse steps. One that builds a queue the next step
+    # goes back to the caps before it, though each workload's own knee (250, far above
+    # its cap) would trim it by a single Mbit/s (the lab at 400 Mbit/s: 353 -> 352, and
+    # the violation and full cut a step later).
+    rising = {**healthy(), "robot-control": window("robot-control", queue_ms=0.28)}
+    p = policy(usage_window_s=0.0)
+    bad = {**healthy(), "robot-control": window("robot-control", jitter_ms=1.5)}
+    d = decide(
+        p,
+        now_ns=10 * S,
+        stats=bad,
+        limits={"telemetry": 1000, "erp": 1000},
+        usage={"telemetry": 250.0, "erp": 250.0},
+    )
+    limits = named(d.limits)
+    for now in range(11 * S, 30 * S, STEP_NS):
+        before = dict(limits)
+        d = decide(p, now_ns=now, stats=healthy(), limits=limits, usage=dict(limits))
+        limits = named(d.limits)
+        if d.action == "increase":
+            break
+    else:
+        raise AssertionError("no climb")
+    assert sum(limits.values()) - sum(before.values()) > 2  # a coarse step
+    d = decide(p, now_ns=now + STEP_NS, stats=rising, limits=limits, usage=dict(limits))
+    assert d.action == "decrease", d.reasons
+    assert named(d.limits) == before
+
+
 def test_near_a_knee_that_is_only_an_upper_bound_the_climb_takes_fine_steps() -> None:
     # A violation while no cap had bitten (caps of 1000, 100 Mbit/s each used): 200 is
     # an upper bound on the knee, within some percent of it. The climb back goes in
