@@ -35,10 +35,11 @@ the workloads' pods on that node; under cluster scope every workload. Rules (DES
   (after ``increase_interval``; a cooldown's while the knee is only an upper bound). A
   queue rising right after a step up undoes that step at once, and each step past a
   certain knee that had to be undone doubles the dwell before the next (up to
-  ``2**MAX_DWELL_DOUBLINGS`` times, until the knee moves). On a
-  shared link a bursty workload keeps the room of its last burst (``_committed``); at the
-  link's knee the part of a cap its workload does not use (above its last burst and a
-  fair share of the knee) goes to the workloads using theirs (``_unused_caps``).
+  ``2**MAX_DWELL_DOUBLINGS`` times, until the knee moves); each that stood halves it
+  (up to ``2**MAX_DWELL_HALVINGS`` times, never under a cooldown). On a shared link a
+  bursty workload keeps the room of its last burst (``_committed``); at the link's knee
+  the part of a cap its workload does not use (above its last burst and a fair share of
+  the knee) goes to the workloads using theirs (``_unused_caps``).
 - Limits are whole Mbit/s, clamped to [min_bandwidth, max_bandwidth].
 
 One module past 500 lines on purpose: the rules above share one state per group (timers,
@@ -92,6 +93,10 @@ UNCERTAIN_BAND = 0.08
 # each step past it that had to be undone, up to this many times: each costs a standing
 # queue.
 MAX_DWELL_DOUBLINGS = 3
+# And it halves with each fine step in a row that stood, up to this many times (never
+# under a cooldown): a knee noted at a passing burst is no knee, and at one step per
+# increase_interval the caps took 40 s to climb the 10 % back to the link's in the lab.
+MAX_DWELL_HALVINGS = 2
 # How long a workload's peak rate keeps its room on a shared link (``_committed``):
 # uploads and report bursts come every few seconds; one idle for longer leaves its room.
 BURST_MEMORY_S = 10.0
@@ -221,6 +226,8 @@ class _Group:
     last_raise_ns: int | None = None
     before_raise: dict[Scope, int] = field(default_factory=dict)  # the caps then
     undone: int = 0  # steps past the knee undone since it was last found anew
+    stood: int = 0  # fine steps at a known knee in a row that were not undone
+    raised_at_knee: bool = False  # the last increase was such a fine step
     drain: _Drain | None = None  # the last cut, to read the knee off the queue it drains
 
 
@@ -472,6 +479,7 @@ class AsymmetricAimd:
                 reasons.append(f"{where}{what} at min_bandwidth")
             return
         g.last_cut_ns, g.blind, g.cut_severity, g.gentle = now_ns, blind, severity, gentle
+        g.stood, g.raised_at_knee = 0, False
         g.drain = _Drain(_load(scopes, usage, new), now_ns)
         if self._just_raised(g, now_ns):
             self._step_undone(g)
@@ -606,7 +614,8 @@ class AsymmetricAimd:
         if below or bound:
             dwell = p.decrease_cooldown_s
         else:
-            dwell = p.increase_interval_s * 2 ** min(g.undone, MAX_DWELL_DOUBLINGS)
+            doublings = min(g.undone, MAX_DWELL_DOUBLINGS) - min(g.stood, MAX_DWELL_HALVINGS)
+            dwell = max(p.decrease_cooldown_s, p.increase_interval_s * 2.0**doublings)
         if dwelt < dwell:
             reasons.append(f"{where}all apps stable for {dwelt:.2f} s of {dwell:.2f} s dwell")
             return
@@ -659,6 +668,11 @@ class AsymmetricAimd:
                 why = f"stable, but not raising unused caps: {', '.join(idle)}"
             reasons.append(f"{where}{why}")
             return
+        # A fine step at the knee that stood a whole dwell (the next one is due and it was
+        # not undone) shortens the next dwell.
+        at_knee = not (below or bound)
+        stood = at_knee and g.raised_at_knee and g.last_raise_ns is not None
+        g.stood, g.raised_at_knee = (g.stood + 1 if stood else 0), at_knee
         g.stable_since_ns = g.last_raise_ns = now_ns  # the next step dwells anew
         g.before_raise = {s: previous[s] for s in scopes}
         g.gentle = False  # a healthy climb: the next overshoot may be a small one again
@@ -834,6 +848,7 @@ class AsymmetricAimd:
             self._note_group_knee(name, now_ns, scopes, usage, previous, at_least=True)
         if trimmed:
             g.last_trim_ns = now_ns
+            g.stood, g.raised_at_knee = 0, False
             cut.append(name)
             reasons.append(f"{where}trimming under the knee: {why}")
             if overshot:

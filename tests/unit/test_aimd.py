@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import itertools
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 import pytest
 from hypothesis import given, settings
@@ -13,6 +13,7 @@ from hypothesis import strategies as st
 from detnet.controller.aimd import (
     BURST_MEMORY_S,
     MAX_DWELL_DOUBLINGS,
+    MAX_DWELL_HALVINGS,
     UNCERTAIN_BAND,
     AsymmetricAimd,
     Decision,
@@ -874,14 +875,20 @@ def test_the_climb_back_to_a_known_knee_takes_the_same_steps_on_any_link(link: i
     assert steps == 1  # straight to the margin under it, at 100 as at 400 Mbit/s
 
 
-def _probing(p: AsymmetricAimd, limits: dict[str, int], *, until_s: int) -> list[float]:
+def _probing(
+    p: AsymmetricAimd,
+    limits: dict[str, int],
+    *,
+    until_s: int,
+    passes: Callable[[int], bool] = lambda _: True,
+) -> list[float]:
     """Healthy steps at ``limits`` (usage at the caps) from 12 s; the step after each
-    increase sees robot-control's queue standing over the warning level (the step passed
-    the knee). The times of the increases, in seconds."""
+    increase that ``passes`` the knee (by its index) sees robot-control's queue standing
+    over the warning level. The times of the increases, in seconds."""
     raised: list[float] = []
     for now in range(12 * S, until_s * S, STEP_NS):
         stats = healthy()
-        if raised and now - round(raised[-1] * S) == STEP_NS:
+        if raised and now - round(raised[-1] * S) == STEP_NS and passes(len(raised) - 1):
             stats["robot-control"] = window("robot-control", queue_ms=0.8)
         d = decide(p, now_ns=now, stats=stats, limits=limits, usage=dict(limits))
         limits.update(named(d.limits))
@@ -910,6 +917,26 @@ def test_each_step_past_a_confirmed_knee_waits_twice_as_long_as_the_last() -> No
         # the trim's step and the step that restarts the dwell come on top
         assert want <= gap <= want + 1.0, (gaps, expected)
     assert sum(limits.values()) <= 200  # every step past the knee was taken back
+
+
+def test_fine_steps_that_stand_come_faster_until_one_is_undone() -> None:
+    # The knee noted at 100 + 100 (a violation with both caps bitten), but the link takes
+    # more: each fine step stands, and each halves the dwell before the next, up to
+    # MAX_DWELL_HALVINGS times and never under a cooldown. The fifth passes the knee and
+    # is undone: the dwell is back to increase_interval, doubled.
+    p = policy(usage_window_s=0.0)
+    bad = {**healthy(), "robot-control": window("robot-control", jitter_ms=1.5)}
+    full = {"telemetry": 100.0, "erp": 100.0}
+    decide(p, now_ns=10 * S, stats=bad, limits={"telemetry": 100, "erp": 100}, usage=full)
+    limits = {"telemetry": 98, "erp": 98}
+    raised = _probing(p, limits, until_s=60, passes=lambda i: i == 4)
+    gaps = [round(b - a, 2) for a, b in itertools.pairwise(raised)]
+    dwell, cooldown = PARAMS.increase_interval_s, PARAMS.decrease_cooldown_s
+    halved = [max(cooldown, dwell / 2**i) for i in range(MAX_DWELL_HALVINGS + 2)]
+    assert halved[-1] == halved[-2] == cooldown  # the floor is reached within the steps
+    for gap, want in zip(gaps[:4], halved, strict=True):
+        assert want <= gap <= want + 0.5, (gaps, halved)
+    assert 2 * dwell <= gaps[4] <= 2 * dwell + 1.0, gaps  # after the undone fifth step
 
 
 def _one_step_past_the_margin(p: AsymmetricAimd) -> tuple[int, dict[str, int]]:
