@@ -27,8 +27,10 @@ Where it differs from Cilium (docs/lab.md says the same):
   ``fq``, and the lab's pods have their own veth, so the stand-in puts a ``tbf`` of the
   rate on the pod's own ``eth0`` (``tc`` from iproute2 run in the pod's namespace: a
   stand-in needs the obviously right qdisc more than Cilium's microsecond map update; the
-  few milliseconds ``tc`` takes are inside the measured latency). Both hold the pod's
-  excess in the pod's own queue and give its TCP back-pressure.
+  few milliseconds ``tc`` takes, twice since it reads the present tbf first
+  (``lab.topology.tbf_command``: a bucket that shrinks takes a fresh tbf), are inside the
+  measured latency). Both hold the pod's excess in the pod's own queue and give its TCP
+  back-pressure.
 - Cilium shapes only traffic leaving through the native device: same-node pod-to-pod
   traffic is not shaped. The pod's ``eth0`` carries that traffic too, so the stand-in
   shapes it (the lab sends no best-effort traffic between pods of one node).
