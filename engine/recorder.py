@@ -713,9 +713,10 @@ class ProbeRecorder:
             self._write_awaited(now_ns, np.array([slot]), np.array([stamp], np.int64))
         elif tr.ring_pos[slot] < 0:
             # Overtook its reply (reordering); a stamp for a reply that was lost stays here
-            # until the table is full.
+            # until the table is full. The first report counts, as for a reply that waits
+            # (and as the vectorised path counts a batch's stamps).
             early = self._early
-            early[seq] = stamp or LOST_STAMP
+            early.setdefault(seq, stamp or LOST_STAMP)
             if len(early) > MAX_EARLY_STAMPS:
                 del early[next(iter(early))]
 

@@ -119,7 +119,9 @@ async def test_the_tc_enforcers_cuts_never_block_the_queue(bulk: str) -> None:
             await enforcer.apply({BULK: 200})
             await asyncio.sleep(0.5)  # a standing queue of packets cut to a 25 kB bucket
             await enforcer.apply({BULK: 10})
-            assert re.search(r"qdisc tbf [12]: root .*rate 10Mbit", _qdisc(a, "va"))
+            shown = _qdisc(a, "va")
+            assert re.search(r"qdisc tbf [12]: root .*rate 10Mbit", shown)
+            assert shown.count("qdisc") == 1  # grafted over the old one, not stacked
             await asyncio.sleep(0.3)  # what was queued before the cut leaves
             await enforcer.usage()
             await asyncio.sleep(1.0)
@@ -137,7 +139,9 @@ async def test_the_labs_cuts_never_block_the_queue(bulk: str) -> None:
         set_tbf(a, "va", rate_mbps=200, buffer_ms=20)
         await asyncio.sleep(0.5)
         set_tbf(a, "va", rate_mbps=10, buffer_ms=20)
-        assert re.search(r"qdisc tbf [12]: root .*rate 10Mbit", _qdisc(a, "va"))
+        shown = _qdisc(a, "va")
+        assert re.search(r"qdisc tbf [12]: root .*rate 10Mbit", shown)
+        assert shown.count("qdisc") == 1
         await asyncio.sleep(0.3)
         before = _tx_bytes(a, "va")
         await asyncio.sleep(1.0)

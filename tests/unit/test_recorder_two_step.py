@@ -268,6 +268,28 @@ def test_a_late_tx_stamp_reaches_its_probe_in_flight(backend) -> None:
     assert rec.on_late_tx(late[:1]) == 0  # finished: nothing to stamp
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_the_first_of_two_stamps_that_overtake_their_reply_counts(backend) -> None:
+    # Reply 1's stamp reported twice before reply 1 itself: lost, then a kernel stamp. One
+    # row at a time, and in a long batch whose replies the vectorised path takes first,
+    # the first report counts (hypothesis found the two disagreeing: the last won here).
+    two = backend.KIND_REPLY_2STEP
+    rows = [_row(backend, 0, backend.KIND_REPLY) for _ in range(rmod.VECTOR_MIN_ROWS)]
+    rows += [
+        _row(backend, 1, backend.KIND_FOLLOWUP, **_stamp(backend, 1, None)),
+        _row(backend, 0, two, **_stamp(backend, 1, REFL + MS + 170)),
+        _row(backend, 1, two),
+    ]
+    got: list[list[Sample]] = [[], []]
+    batch, single = _recorder(got[0]), _recorder(got[1])
+    for rec in (batch, single):
+        _send(rec, 2, hw=True)
+    batch.record_native(np.concatenate(rows), now_ns=0, offset_now_ns=0)
+    _feed(single, rows, now=0)
+    for samples in got:
+        assert [(s.seq, s.timestamp_source) for s in samples] == [(0, "kernel"), (1, "kernel")]
+
+
 # --- a batch with rows of every kind equals the same rows one at a time ------------------
 _kind = st.sampled_from(["reply", "two-step", "followup", "echo"])
 _row_spec = st.tuples(
