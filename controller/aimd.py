@@ -39,7 +39,8 @@ the workloads' pods on that node; under cluster scope every workload. Rules (DES
   (up to ``2**MAX_DWELL_HALVINGS`` times, never under a cooldown). On a shared link a
   bursty workload keeps the room of its last burst (``_committed``); at the link's knee
   the part of a cap its workload does not use (above its last burst and a fair share of
-  the knee) goes to the workloads using theirs (``_unused_caps``).
+  the knee) goes to the workloads using theirs (``_unused_caps``), and the caps of those
+  that fill theirs even out, where they bind on one link (``_even_out``).
 - Limits are whole Mbit/s, clamped to [min_bandwidth, max_bandwidth].
 
 One module past 500 lines on purpose: the rules above share one state per group (timers,
@@ -255,6 +256,7 @@ class AsymmetricAimd:
         self._usage: UsageMeter[Scope] = UsageMeter(_ns(params.usage_window_s))
         self._peaks: PeakMeter[Scope] = PeakMeter(_ns(BURST_MEMORY_S))
         self._burst_peaks: dict[Scope, float] = {}
+        self._placements: Mapping[str, frozenset[str]] = {}
         self._knees: KneeMemory[Scope] = KneeMemory(_ns(params.knee_memory_s))
         # The knee of each group (the scopes that share a link): their summed rate.
         self._group_knees: KneeMemory[str] = KneeMemory(_ns(params.knee_memory_s))
@@ -330,6 +332,7 @@ class AsymmetricAimd:
         )
         usage, ramping = self._usage.update(now_ns, obs.usage, previous)
         self._burst_peaks = self._peaks.update(now_ns, usage)
+        self._placements = obs.placements
         warnings = self._warnings(now_ns, obs)
         self._knees.forget(set(scopes))
 
@@ -620,6 +623,7 @@ class AsymmetricAimd:
             reasons.append(f"{where}all apps stable for {dwelt:.2f} s of {dwell:.2f} s dwell")
             return
         idle: list[str] = []
+        base = dict(previous)  # what the step climbs from (and an undo returns to)
         for s in scopes:
             cap, used = previous[s], usage.get(s)
             if used is not None and used < USING_CAP_FRACTION * cap:
@@ -645,6 +649,11 @@ class AsymmetricAimd:
                 if reclaimed:
                     new.update(reclaimed)
                     load = _committed(scopes, usage, new, self._burst_peaks)
+                # The step climbs from even caps; undone, it leaves them even.
+                evened = _even_out(base, climbing) if self._one_link(name, climbing) else {}
+                if evened:
+                    moved = ", ".join(f"{s} {a} -> {b}" for s, (a, b) in evened.items())
+                    reasons.append(f"{where}at the knee, the caps in use even out: {moved}")
             budget = ceiling - load if load < math.floor(ceiling) else fine
             if self._group_knees.uncertain(name):
                 # Only an upper bound: steps of a twentieth of the load, so that the climb
@@ -655,8 +664,8 @@ class AsymmetricAimd:
             for s in climbing:
                 # Under the group's knee the room is the budget, not increase_step: the
                 # climb to it takes the same few steps on a 100 and a 400 Mbit/s link.
-                new[s] = max(new[s], p.clamp(previous[s] + budget))
-            _share_climb(new, previous, climbing, budget)
+                new[s] = max(new[s], p.clamp(base[s] + budget))
+            _share_climb(new, base, climbing, budget)
             if reclaimed and not any(new[s] > previous[s] for s in climbing):
                 new.update({s: previous[s] for s in reclaimed})  # nobody to give it to
             elif reclaimed:
@@ -674,7 +683,7 @@ class AsymmetricAimd:
         stood = at_knee and g.raised_at_knee and g.last_raise_ns is not None
         g.stood, g.raised_at_knee = (g.stood + 1 if stood else 0), at_knee
         g.stable_since_ns = g.last_raise_ns = now_ns  # the next step dwells anew
-        g.before_raise = {s: previous[s] for s in scopes}
+        g.before_raise = {s: base[s] for s in scopes}
         g.gentle = False  # a healthy climb: the next overshoot may be a small one again
         raised.append(name)
         steps = {new[s] - previous[s] for s in scopes if new[s] != previous[s]}
@@ -891,6 +900,15 @@ class AsymmetricAimd:
         g.undone += 1
         g.last_raise_ns = None
 
+    def _one_link(self, name: str, scopes: list[Scope]) -> bool:
+        """Whether the caps of ``scopes`` in group ``name`` all bind on one link: a node's
+        group, or every workload on the same one node (no placements at all: the tc
+        enforcer's one machine). A cluster-wide cap binds each pod on its own node."""
+        if name != CLUSTER:
+            return True
+        placed = [self._placements.get(s.workload, frozenset()) for s in scopes]
+        return not any(placed) or (all(len(n) == 1 for n in placed) and len(set(placed)) == 1)
+
     def _group_of(self, node: str | None) -> str:
         return CLUSTER if node is None or self.params.scope == "cluster" else node
 
@@ -982,13 +1000,32 @@ def _share_climb(
         return
     allowed = max(1, math.floor(budget))
     given = {s: math.floor(d * allowed / total) for s, d in wanted.items()}
-    # What rounding left goes to the largest climbs first.
-    for s in sorted(wanted, key=lambda s: (-wanted[s], str(s))):
+    # What rounding left goes to the largest climbs first, and between equal ones to the
+    # lower cap (a fine step on even caps keeps them even, whatever the names).
+    for s in sorted(wanted, key=lambda s: (-wanted[s], previous[s], str(s))):
         if sum(given.values()) >= allowed:
             break
         given[s] += 1
     for s, d in given.items():
         new[s] = previous[s] + d
+
+
+def _even_out(caps: dict[Scope, int], scopes: list[Scope]) -> dict[Scope, tuple[int, int]]:
+    """Share the caps of ``scopes`` evenly in place, their sum kept (whole Mbit/s, the odd
+    ones to the larger caps); return what moved, as (before, after). At the link's knee
+    the workloads that fill their caps share it max-min fairly, not as the first cut left
+    them: a cut from a bursty upload's peak left it more than its share, idle between
+    uploads, while the steady dashboard beside it was held under its own."""
+    if not scopes:
+        return {}
+    base, extra = divmod(sum(caps[s] for s in scopes), len(scopes))
+    moved: dict[Scope, tuple[int, int]] = {}
+    for i, s in enumerate(sorted(scopes, key=lambda s: (-caps[s], str(s)))):
+        share = base + (1 if i < extra else 0)
+        if share != caps[s]:
+            moved[s] = (caps[s], share)
+            caps[s] = share
+    return moved
 
 
 def _over(state: SignalState) -> float:

@@ -92,13 +92,16 @@ def decide(
     stats: Mapping[str, WindowStats | None],
     limits: Mapping[str, int],
     usage: Mapping[str, float],
+    placements: Mapping[str, frozenset[str]] | None = None,
 ) -> Decision:
-    """One cluster-scope step with limits and usage keyed by workload name."""
-    return p.decide(
-        now_ns=now_ns,
-        observation=Observation(stats=stats, usage={Scope(k): v for k, v in usage.items()}),
-        limits={Scope(k): v for k, v in limits.items()},
+    """One cluster-scope step with limits and usage keyed by workload name (and where
+    each workload's pods run, if told)."""
+    obs = Observation(
+        stats=stats,
+        usage={Scope(k): v for k, v in usage.items()},
+        placements=placements or {},
     )
+    return p.decide(now_ns=now_ns, observation=obs, limits={Scope(k): v for k, v in limits.items()})
 
 
 def named(limits: Mapping[Scope, int]) -> dict[str, int]:
@@ -852,6 +855,67 @@ def test_an_unused_cap_keeps_the_peak_and_the_fair_share() -> None:
     t = _at_the_knee(p, limits, knee)
     d = _after_a_dwell(p, t, limits, {"telemetry": 20.0, "erp": 10.0})
     assert named(d.limits) == limits
+
+
+def test_at_the_knee_the_caps_in_use_even_out_and_an_undo_keeps_them_even() -> None:
+    # The first cut left the bursty upload 56 and the dashboard 38; both fill their caps.
+    p = policy(usage_window_s=0.0)
+    t = _at_the_knee(p, {"telemetry": 60, "erp": 36}, {"telemetry": 60.0, "erp": 36.0})
+    at = {"telemetry": 56, "erp": 38}  # 94: the margin under the 96 Mbit/s knee
+    d = _after_a_dwell(p, t, at, {"telemetry": 54.0, "erp": 38.0})
+    got = named(d.limits)
+    assert d.action == "increase"
+    # 47 each, the sum kept, then one fine step (1 % of the knee) on top.
+    assert sorted(got.values()) == [47, 48]
+    assert any("the caps in use even out" in r for r in d.reasons)
+    # The step passes the knee: undone, back to the even caps, not to 56 and 38.
+    queue = {**healthy(), "robot-control": window("robot-control", queue_ms=0.8)}
+    after = decide(p, now_ns=t + 6 * S + STEP_NS, stats=queue, limits=got, usage=dict(got))
+    assert named(after.limits) == {"telemetry": 47, "erp": 47}
+
+
+@pytest.mark.parametrize(
+    ("placements", "evens"),
+    [
+        ({"telemetry": frozenset({"node-a"}), "erp": frozenset({"node-a"})}, True),
+        # Cluster-wide caps bind each pod on its own node: telemetry's 56 is what its
+        # node-a pod may send, not a share of one link with erp's pods on node-b.
+        ({"telemetry": frozenset({"node-a", "node-b"}), "erp": frozenset({"node-b"})}, False),
+        ({"telemetry": frozenset({"node-a"}), "erp": frozenset({"node-b"})}, False),
+    ],
+)
+def test_cluster_wide_caps_even_out_only_on_one_node(
+    placements: dict[str, frozenset[str]], evens: bool
+) -> None:
+    p = policy(usage_window_s=0.0)
+    knee, bad = (
+        {"telemetry": 60, "erp": 36},
+        {"robot-control": window("robot-control", jitter_ms=1.5)},
+    )
+    used = {"telemetry": 60.0, "erp": 36.0}
+    cut = decide(
+        p, now_ns=10 * S, stats={**healthy(), **bad}, limits=knee, usage=used, placements=placements
+    )
+    assert cut.action == "decrease"
+    t = 10 * S + round(BURST_MEMORY_S * 1e9) + S
+    at, used = {"telemetry": 56, "erp": 38}, {"telemetry": 54.0, "erp": 38.0}
+    decide(p, now_ns=t, stats=healthy(), limits=at, usage=used, placements=placements)
+    d = decide(p, now_ns=t + 6 * S, stats=healthy(), limits=at, usage=used, placements=placements)
+    assert d.action == "increase"
+    assert any("even out" in r for r in d.reasons) is evens
+    assert (named(d.limits)["telemetry"] < 56) is evens
+
+
+def test_under_the_knee_the_caps_climb_as_they_are() -> None:
+    # Room left under the knee: each climbs, nothing moves from one to the other.
+    p = policy(usage_window_s=0.0)
+    t = _at_the_knee(p, {"telemetry": 60, "erp": 36}, {"telemetry": 60.0, "erp": 36.0})
+    d = _after_a_dwell(p, t, {"telemetry": 40, "erp": 20}, {"telemetry": 40.0, "erp": 20.0})
+    got = named(d.limits)
+    assert d.action == "increase"
+    assert got["telemetry"] >= 40
+    assert got["erp"] >= 20
+    assert not any("even out" in r for r in d.reasons)
 
 
 @pytest.mark.parametrize("link", [100, 400])
