@@ -652,6 +652,8 @@ class AsymmetricAimd:
                 # The step climbs from even caps; undone, it leaves them even.
                 evened = _even_out(base, climbing) if self._one_link(name, climbing) else {}
                 if evened:
+                    for s in climbing:  # each one's climb, from its even cap
+                        new[s] = p.clamp(new[s] + base[s] - previous[s])
                     moved = ", ".join(f"{s} {a} -> {b}" for s, (a, b) in evened.items())
                     reasons.append(f"{where}at the knee, the caps in use even out: {moved}")
             budget = ceiling - load if load < math.floor(ceiling) else fine
