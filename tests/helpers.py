@@ -1,5 +1,5 @@
 """Helpers the tests share: waiting for a condition, a free loopback port, the detnet
-command line, and a child process's readiness line.
+command line, a child process's readiness line, and ``ip``/``tc`` in a namespace.
 
 Every bound here only stops a broken test from hanging; none is a timed assertion.
 """
@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import inspect
 import socket
+import subprocess
 import sys
 from collections.abc import Awaitable, Callable
 
@@ -78,3 +79,18 @@ async def ready_line(
             f"no line with {marker!r} within {timeout_s} s; it said: {''.join(said)[-2000:]!r}"
         ) from None
     raise AssertionError(f"the child's output ended before {marker!r}: {''.join(said)[-2000:]!r}")
+
+
+def ip(*args: str) -> None:
+    """Run ``ip ARGS`` (root); a failure raises with its stderr captured."""
+    subprocess.run(["ip", *args], check=True, capture_output=True)
+
+
+def root_qdisc(ns: str, dev: str) -> str:
+    """``tc qdisc show`` of ``dev``'s root qdisc in namespace ``ns``."""
+    return subprocess.run(
+        ["tc", "-n", ns, "qdisc", "show", "dev", dev, "root"],
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout

@@ -19,7 +19,7 @@ import pytest
 
 from detnet.lab.kubeapi import ApiServerEmulator
 from tests.conftest import IS_ROOT, requires_tool
-from tests.helpers import until
+from tests.helpers import ip, until
 
 pytestmark = [
     pytest.mark.root,
@@ -45,10 +45,6 @@ class Pods:
     sender: subprocess.Popen[bytes]
 
 
-def _ip(*args: str) -> None:
-    subprocess.run(["ip", *args], check=True, capture_output=True)
-
-
 @pytest.fixture
 def pods() -> Iterator[Pods]:
     prefix = f"detnet-standin-it-{os.getpid()}-"
@@ -57,16 +53,16 @@ def pods() -> Iterator[Pods]:
     procs: list[subprocess.Popen[bytes]] = []
     try:
         for ns in (mine, theirs, sink):
-            _ip("netns", "add", ns)
+            ip("netns", "add", ns)
             made.append(ns)
-            _ip("-n", ns, "link", "set", "lo", "up")
+            ip("-n", ns, "link", "set", "lo", "up")
         for i, ns in enumerate((mine, theirs)):
-            _ip("-n", ns, "link", "add", "eth0", "type", "veth", "peer", "name", f"p{i}",
+            ip("-n", ns, "link", "add", "eth0", "type", "veth", "peer", "name", f"p{i}",
                 "netns", sink)  # fmt: skip
-            _ip("-n", ns, "addr", "add", f"198.18.200.{4 * i + 2}/30", "dev", "eth0")
-            _ip("-n", sink, "addr", "add", f"198.18.200.{4 * i + 1}/30", "dev", f"p{i}")
-            _ip("-n", ns, "link", "set", "eth0", "up")
-            _ip("-n", sink, "link", "set", f"p{i}", "up")
+            ip("-n", ns, "addr", "add", f"198.18.200.{4 * i + 2}/30", "dev", "eth0")
+            ip("-n", sink, "addr", "add", f"198.18.200.{4 * i + 1}/30", "dev", f"p{i}")
+            ip("-n", ns, "link", "set", "eth0", "up")
+            ip("-n", sink, "link", "set", f"p{i}", "up")
         traffic = [sys.executable, "-m", "detnet.lab.traffic"]
         procs.append(subprocess.Popen(
             ["ip", "netns", "exec", sink, *traffic, "sink", "--listen", f"0.0.0.0:{SINK_PORT}"],

@@ -18,22 +18,10 @@ from detnet.controller.enforce.tc import TcEnforcer
 from detnet.controller.workloads import Scope, TcDevice
 from detnet.lab.topology import set_tbf
 from tests.conftest import requires_root
+from tests.helpers import ip, root_qdisc
 
 pytestmark = [requires_root, pytest.mark.root]
 BULK = Scope("bulk")
-
-
-def _ip(*args: str) -> None:
-    subprocess.run(["ip", *args], check=True, capture_output=True)
-
-
-def _qdisc(ns: str, dev: str) -> str:
-    return subprocess.run(
-        ["tc", "-n", ns, "qdisc", "show", "dev", dev, "root"],
-        check=True,
-        capture_output=True,
-        text=True,
-    ).stdout
 
 
 def _tx_bytes(ns: str, dev: str) -> int:
@@ -52,13 +40,13 @@ def pair() -> Iterator[tuple[str, str]]:
     a, b = f"detnet-test-tca-{os.getpid()}", f"detnet-test-tcb-{os.getpid()}"
     try:
         for name in (a, b):
-            _ip("netns", "add", name)
-            _ip("-n", name, "link", "set", "lo", "up")
-        _ip("-n", a, "link", "add", "va", "type", "veth", "peer", "name", "vb", "netns", b)
-        _ip("-n", a, "addr", "add", "198.18.250.5/30", "dev", "va")
-        _ip("-n", b, "addr", "add", "198.18.250.6/30", "dev", "vb")
-        _ip("-n", a, "link", "set", "va", "up")
-        _ip("-n", b, "link", "set", "vb", "up")
+            ip("netns", "add", name)
+            ip("-n", name, "link", "set", "lo", "up")
+        ip("-n", a, "link", "add", "va", "type", "veth", "peer", "name", "vb", "netns", b)
+        ip("-n", a, "addr", "add", "198.18.250.5/30", "dev", "va")
+        ip("-n", b, "addr", "add", "198.18.250.6/30", "dev", "vb")
+        ip("-n", a, "link", "set", "va", "up")
+        ip("-n", b, "link", "set", "vb", "up")
         yield a, b
     finally:
         for name in (a, b):
@@ -119,7 +107,7 @@ async def test_the_tc_enforcers_cuts_never_block_the_queue(bulk: str) -> None:
             await enforcer.apply({BULK: 200})
             await asyncio.sleep(0.5)  # a standing queue of packets cut to a 25 kB bucket
             await enforcer.apply({BULK: 10})
-            shown = _qdisc(a, "va")
+            shown = root_qdisc(a, "va")
             assert re.search(r"qdisc tbf [12]: root .*rate 10Mbit", shown)
             assert shown.count("qdisc") == 1  # grafted over the old one, not stacked
             await asyncio.sleep(0.3)  # what was queued before the cut leaves
@@ -139,7 +127,7 @@ async def test_the_labs_cuts_never_block_the_queue(bulk: str) -> None:
         set_tbf(a, "va", rate_mbps=200, buffer_ms=20)
         await asyncio.sleep(0.5)
         set_tbf(a, "va", rate_mbps=10, buffer_ms=20)
-        shown = _qdisc(a, "va")
+        shown = root_qdisc(a, "va")
         assert re.search(r"qdisc tbf [12]: root .*rate 10Mbit", shown)
         assert shown.count("qdisc") == 1
         await asyncio.sleep(0.3)

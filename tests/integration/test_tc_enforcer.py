@@ -15,47 +15,35 @@ from detnet.controller.enforce.tc import TcEnforcer
 from detnet.controller.errors import EnforcementError
 from detnet.controller.workloads import Scope, TcDevice
 from tests.conftest import requires_root
+from tests.helpers import ip, root_qdisc
 
 pytestmark = [requires_root, pytest.mark.root]
 BULK = Scope("bulk")
-
-
-def _ip(*args: str) -> None:
-    subprocess.run(["ip", *args], check=True, capture_output=True)
 
 
 @pytest.fixture
 def netns() -> Iterator[str]:
     """A namespace with veth va (198.18.250.1) <-> vb (198.18.250.2), both up."""
     name = f"detnet-test-tc-{os.getpid()}"
-    _ip("netns", "add", name)
+    ip("netns", "add", name)
     try:
-        _ip("-n", name, "link", "add", "va", "type", "veth", "peer", "name", "vb")
-        _ip("-n", name, "addr", "add", "198.18.250.1/30", "dev", "va")
-        _ip("-n", name, "addr", "add", "198.18.250.2/30", "dev", "vb")
+        ip("-n", name, "link", "add", "va", "type", "veth", "peer", "name", "vb")
+        ip("-n", name, "addr", "add", "198.18.250.1/30", "dev", "va")
+        ip("-n", name, "addr", "add", "198.18.250.2/30", "dev", "vb")
         for dev in ("lo", "va", "vb"):
-            _ip("-n", name, "link", "set", dev, "up")
+            ip("-n", name, "link", "set", dev, "up")
         yield name
     finally:
         subprocess.run(["ip", "netns", "del", name], check=False)
-
-
-def _qdisc(ns: str, dev: str) -> str:
-    return subprocess.run(
-        ["tc", "-n", ns, "qdisc", "show", "dev", dev, "root"],
-        check=True,
-        capture_output=True,
-        text=True,
-    ).stdout
 
 
 async def test_sets_changes_and_reads_back_rate(netns: str) -> None:
     enforcer = TcEnforcer({"bulk": TcDevice(device="va", netns=netns)})
     assert await enforcer.start() == {}  # veth starts with noqueue: nothing to resume
     await enforcer.apply({BULK: 80})
-    assert re.search(r"qdisc tbf 1: root .*rate 80Mbit", _qdisc(netns, "va"))
+    assert re.search(r"qdisc tbf 1: root .*rate 80Mbit", root_qdisc(netns, "va"))
     await enforcer.apply({BULK: 25})
-    shown = _qdisc(netns, "va")
+    shown = root_qdisc(netns, "va")
     assert re.search(r"qdisc tbf 1: root .*rate 25Mbit", shown)
     assert shown.count("qdisc") == 1  # changed in place, not stacked
     await enforcer.close()
@@ -64,7 +52,7 @@ async def test_sets_changes_and_reads_back_rate(netns: str) -> None:
     again = TcEnforcer({"bulk": TcDevice(device="va", netns=netns)})
     assert await again.start() == {BULK: 25}
     await again.close(restore={BULK: 1000})
-    assert re.search(r"rate 1Gbit", _qdisc(netns, "va"))
+    assert re.search(r"rate 1Gbit", root_qdisc(netns, "va"))
 
 
 async def test_changes_a_foreign_tbf_in_place(netns: str) -> None:
@@ -75,7 +63,7 @@ async def test_changes_a_foreign_tbf_in_place(netns: str) -> None:
     )
     assert await enforcer.start() == {BULK: 10}
     await enforcer.apply({BULK: 40})
-    assert re.search(r"qdisc tbf 5: root .*rate 40Mbit burst 30000b", _qdisc(netns, "va"))
+    assert re.search(r"qdisc tbf 5: root .*rate 40Mbit burst 30000b", root_qdisc(netns, "va"))
     await enforcer.close()
 
 
@@ -84,7 +72,7 @@ async def test_usage_counts_tx_bytes(netns: str) -> None:
     # (and are counted) whenever it resolves, maybe after the first reading.
     show = ["ip", "-n", netns, "-j", "link", "show", "dev", "vb"]
     mac = json.loads(subprocess.run(show, check=True, capture_output=True, text=True).stdout)  # noqa: ASYNC221
-    _ip("-n", netns, "neigh", "replace", "198.18.250.2", "lladdr", mac[0]["address"],
+    ip("-n", netns, "neigh", "replace", "198.18.250.2", "lladdr", mac[0]["address"],
         "dev", "va", "nud", "permanent")  # fmt: skip
     enforcer = TcEnforcer({"bulk": TcDevice(device="va", netns=netns)})
     await enforcer.start()
@@ -129,7 +117,7 @@ async def test_bad_limits_change_nothing(netns: str) -> None:
         await enforcer.apply({Scope("a"): 50, Scope("ghost"): 10})
     with pytest.raises(EnforcementError, match=r"must be 1\.\.34000"):
         await enforcer.apply({Scope("a"): 50, Scope("b"): 0})
-    assert "tbf" not in _qdisc(netns, "va")
+    assert "tbf" not in root_qdisc(netns, "va")
     await enforcer.close()
 
 

@@ -961,15 +961,21 @@ def _probing(
     return raised
 
 
+def _at_a_knee_of_200(p: AsymmetricAimd) -> dict[str, int]:
+    """The knee noted at 100 + 100 (a violation at 10 s with both caps bitten); the caps
+    then at its margin."""
+    bad = {**healthy(), "robot-control": window("robot-control", jitter_ms=1.5)}
+    full = {"telemetry": 100.0, "erp": 100.0}
+    decide(p, now_ns=10 * S, stats=bad, limits={"telemetry": 100, "erp": 100}, usage=full)
+    return {"telemetry": 98, "erp": 98}
+
+
 def test_each_step_past_a_confirmed_knee_waits_twice_as_long_as_the_last() -> None:
     # The knee at 100 + 100, noted at a violation with both caps bitten; the caps stand
     # at its margin. Every fine step past it is trimmed at the next control step: the
     # dwell before the next one doubles, up to MAX_DWELL_DOUBLINGS times.
     p = policy(usage_window_s=0.0)
-    bad = {**healthy(), "robot-control": window("robot-control", jitter_ms=1.5)}
-    full = {"telemetry": 100.0, "erp": 100.0}
-    decide(p, now_ns=10 * S, stats=bad, limits={"telemetry": 100, "erp": 100}, usage=full)
-    limits = {"telemetry": 98, "erp": 98}
+    limits = _at_a_knee_of_200(p)
     raised = _probing(p, limits, until_s=250)
     gaps = [b - a for a, b in itertools.pairwise(raised)]
     dwell = PARAMS.increase_interval_s
@@ -989,10 +995,7 @@ def test_fine_steps_that_stand_come_faster_until_one_is_undone() -> None:
     # MAX_DWELL_HALVINGS times and never under a cooldown. The fifth passes the knee and
     # is undone: the dwell is back to increase_interval, doubled.
     p = policy(usage_window_s=0.0)
-    bad = {**healthy(), "robot-control": window("robot-control", jitter_ms=1.5)}
-    full = {"telemetry": 100.0, "erp": 100.0}
-    decide(p, now_ns=10 * S, stats=bad, limits={"telemetry": 100, "erp": 100}, usage=full)
-    limits = {"telemetry": 98, "erp": 98}
+    limits = _at_a_knee_of_200(p)
     raised = _probing(p, limits, until_s=60, passes=lambda i: i == 4)
     gaps = [round(b - a, 2) for a, b in itertools.pairwise(raised)]
     dwell, cooldown = PARAMS.increase_interval_s, PARAMS.decrease_cooldown_s
