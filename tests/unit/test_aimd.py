@@ -85,6 +85,9 @@ def healthy() -> dict[str, WindowStats | None]:
     return {"robot-control": window("robot-control"), "safety-scanner": window("safety-scanner")}
 
 
+Placements = Mapping[str, frozenset[str]] | None  # per workload, the nodes of its pods
+
+
 def decide(
     p: AsymmetricAimd,
     *,
@@ -92,7 +95,7 @@ def decide(
     stats: Mapping[str, WindowStats | None],
     limits: Mapping[str, int],
     usage: Mapping[str, float],
-    placements: Mapping[str, frozenset[str]] | None = None,
+    placements: Placements = None,
 ) -> Decision:
     """One cluster-scope step with limits and usage keyed by workload name (and where
     each workload's pods run, if told)."""
@@ -800,20 +803,33 @@ def test_a_bursty_workload_between_bursts_keeps_its_room() -> None:
     assert limits["erp"] >= 68
 
 
-def _at_the_knee(p: AsymmetricAimd, limits: dict[str, int], used: dict[str, float]) -> int:
+def _at_the_knee(
+    p: AsymmetricAimd,
+    limits: dict[str, int],
+    used: dict[str, float],
+    placements: Placements = None,
+) -> int:
     """Note the group's knee at the summed usage (a violation with every cap bitten) at
     10 s; the time from which that reading is out of the burst memory."""
     bad = {**healthy(), "robot-control": window("robot-control", jitter_ms=1.5)}
-    assert decide(p, now_ns=10 * S, stats=bad, limits=limits, usage=used).action == "decrease"
+    d = decide(p, now_ns=10 * S, stats=bad, limits=limits, usage=used, placements=placements)
+    assert d.action == "decrease"
     return 10 * S + round(BURST_MEMORY_S * 1e9) + S
 
 
 def _after_a_dwell(
-    p: AsymmetricAimd, t: int, limits: dict[str, int], used: dict[str, float]
+    p: AsymmetricAimd,
+    t: int,
+    limits: dict[str, int],
+    used: dict[str, float],
+    placements: Placements = None,
 ) -> Decision:
     """Healthy at ``limits`` (the caps climbed back) from ``t`` until past the dwell."""
-    decide(p, now_ns=t, stats=healthy(), limits=limits, usage=used)
-    return decide(p, now_ns=t + 6 * S, stats=healthy(), limits=limits, usage=used)
+    decide(p, now_ns=t, stats=healthy(), limits=limits, usage=used, placements=placements)
+    later = t + 6 * S
+    return decide(
+        p, now_ns=later, stats=healthy(), limits=limits, usage=used, placements=placements
+    )
 
 
 def test_at_the_knee_an_unused_cap_goes_to_the_workloads_using_theirs() -> None:
@@ -888,19 +904,10 @@ def test_cluster_wide_caps_even_out_only_on_one_node(
     placements: dict[str, frozenset[str]], evens: bool
 ) -> None:
     p = policy(usage_window_s=0.0)
-    knee, bad = (
-        {"telemetry": 60, "erp": 36},
-        {"robot-control": window("robot-control", jitter_ms=1.5)},
-    )
-    used = {"telemetry": 60.0, "erp": 36.0}
-    cut = decide(
-        p, now_ns=10 * S, stats={**healthy(), **bad}, limits=knee, usage=used, placements=placements
-    )
-    assert cut.action == "decrease"
-    t = 10 * S + round(BURST_MEMORY_S * 1e9) + S
+    knee = {"telemetry": 60.0, "erp": 36.0}
+    t = _at_the_knee(p, {"telemetry": 60, "erp": 36}, knee, placements)
     at, used = {"telemetry": 56, "erp": 38}, {"telemetry": 54.0, "erp": 38.0}
-    decide(p, now_ns=t, stats=healthy(), limits=at, usage=used, placements=placements)
-    d = decide(p, now_ns=t + 6 * S, stats=healthy(), limits=at, usage=used, placements=placements)
+    d = _after_a_dwell(p, t, at, used, placements)
     assert d.action == "increase"
     assert any("even out" in r for r in d.reasons) is evens
     assert (named(d.limits)["telemetry"] < 56) is evens
